@@ -1,0 +1,121 @@
+//! A provider address with a connection that comes back after it drops.
+//!
+//! Reconnection is lazy and single-flight: the first call after a drop makes
+//! one connect attempt while concurrent calls wait for its outcome. After a
+//! failed attempt the endpoint backs off (exponential, with jitter, see
+//! [`crate::Backoff`]); calls during the back-off fail at once with a retryable
+//! [`Error::Connect`] so the cluster layer can try another provider instead of
+//! waiting. No background task is involved, so an unused endpoint costs
+//! nothing.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tokio::time::Instant;
+
+use crate::{Connection, ConnectionConfig, Error};
+
+#[derive(Debug)]
+pub struct Endpoint {
+    addr: SocketAddr,
+    config: ConnectionConfig,
+    current: Mutex<Option<Connection>>,
+    reconnect: tokio::sync::Mutex<Reconnect>,
+}
+
+#[derive(Debug)]
+struct Reconnect {
+    failures: u32,
+    retry_at: Option<Instant>,
+    rng: SmallRng,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, config: ConnectionConfig) -> Endpoint {
+        Endpoint {
+            addr,
+            config,
+            current: Mutex::new(None),
+            reconnect: tokio::sync::Mutex::new(Reconnect {
+                failures: 0,
+                retry_at: None,
+                rng: SmallRng::from_os_rng(),
+            }),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The live connection, if there is one (no connect attempt).
+    pub fn current(&self) -> Option<Connection> {
+        let current = self.current.lock().expect("endpoint lock");
+        current.as_ref().filter(|c| !c.is_closed()).cloned()
+    }
+
+    /// Calls pending on the current connection.
+    pub fn in_flight(&self) -> usize {
+        self.current().map_or(0, |c| c.in_flight())
+    }
+
+    /// The live connection, connecting first if needed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connect`] if the attempt fails or the endpoint is backing off
+    /// after earlier failures.
+    pub async fn connection(&self) -> Result<Connection, Error> {
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        let mut state = self.reconnect.lock().await;
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        if let Some(at) = state.retry_at {
+            let now = Instant::now();
+            if now < at {
+                return Err(Error::Connect {
+                    addr: self.addr,
+                    reason: format!("{} failed attempts; next in {:?}", state.failures, at - now),
+                });
+            }
+        }
+        match Connection::connect(self.addr, &self.config).await {
+            Ok(conn) => {
+                state.failures = 0;
+                state.retry_at = None;
+                *self.current.lock().expect("endpoint lock") = Some(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                let failures = state.failures;
+                let delay = self.config.backoff.delay(failures, &mut state.rng);
+                state.failures = state.failures.saturating_add(1);
+                state.retry_at = Some(Instant::now() + delay);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn failed_connect_backs_off_then_retries() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let endpoint = Endpoint::new(addr, ConnectionConfig::default());
+        let first = endpoint.connection().await.unwrap_err();
+        assert!(!first.to_string().contains("failed attempts"), "{first}");
+        let second = endpoint.connection().await.unwrap_err();
+        assert!(second.to_string().contains("1 failed attempts"), "{second}");
+        assert!(second.is_retryable());
+    }
+}

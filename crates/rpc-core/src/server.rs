@@ -1,0 +1,581 @@
+//! The provider side: accept connections, decode requests, run service
+//! methods, write answers.
+//!
+//! # Dispatch modes
+//!
+//! Dubbo names five ways to hand work from the IO thread to a thread pool. On
+//! tokio each connection's reader is already a task on a work-stealing pool,
+//! so the names map as follows (see [`Dispatch`]):
+//!
+//! | name         | here                                                                       |
+//! |--------------|----------------------------------------------------------------------------|
+//! | `direct`     | the method runs on the connection's reader task, one request at a time     |
+//! | `all`        | every request is spawned as its own task (at most `max_concurrent`)        |
+//! | `message`    | same as `all`: connect/disconnect/heartbeat events never leave the IO task here, so "only messages go to the pool" is what `all` already does |
+//! | `execution`  | a bounded pool: `threads` run, `queue` wait, beyond that the answer is `Busy` |
+//! | `connection` | one ordered worker per connection with a bounded queue; full -> `Busy`    |
+//!
+//! # Bounds
+//!
+//! At most `max_connections` connections (the accept loop waits for a free
+//! slot). Per connection at most `write_queue` answers wait for the writer.
+//! `all` waits for a free slot (TCP back-pressure on the sender) when
+//! `max_concurrent` requests run; `execution` and `connection` answer `Busy`.
+//!
+//! # Shutdown
+//!
+//! [`Server::serve`] stops accepting when its `shutdown` future resolves,
+//! stops reading new requests, lets in-flight requests finish and their
+//! answers flush for up to `grace_period`, then abandons what is left.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use tern_proto::rpc::RequestBody;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::codec::{FrameCodec, FrameReader};
+use crate::codegen::BoxFuture;
+use crate::frame::{self, Frame, Kind};
+use crate::{Code, ServiceKey, Status};
+
+/// A service as the server sees it: an interface name and methods that take
+/// and return encoded payloads. Generated `XxxServer` types implement it.
+pub trait Service: Send + Sync + 'static {
+    /// Fully qualified interface name, e.g. `demo.Greeter`.
+    fn interface(&self) -> &'static str;
+    /// Method names as declared in the .proto file.
+    fn methods(&self) -> &'static [&'static str];
+    /// Runs `method`; an unknown name answers [`Code::MethodNotFound`].
+    fn call(&self, method: &str, request: Request<Bytes>) -> BoxFuture<Bytes>;
+}
+
+/// An incoming call: the message plus what came with it.
+#[derive(Debug, Clone)]
+pub struct Request<T> {
+    message: T,
+    attachments: HashMap<String, String>,
+    peer: Option<SocketAddr>,
+    deadline: Option<Instant>,
+}
+
+impl<T> Request<T> {
+    /// A request with no attachments, peer or deadline (for tests).
+    pub fn new(message: T) -> Request<T> {
+        Request {
+            message,
+            attachments: HashMap::new(),
+            peer: None,
+            deadline: None,
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.message
+    }
+
+    pub fn into_inner(self) -> T {
+        self.message
+    }
+
+    pub fn attachments(&self) -> &HashMap<String, String> {
+        &self.attachments
+    }
+
+    /// The caller's address.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// When the caller stops waiting; work past it is wasted.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    pub fn try_map<U, E>(self, f: impl FnOnce(T) -> Result<U, E>) -> Result<Request<U>, E> {
+        Ok(Request {
+            message: f(self.message)?,
+            attachments: self.attachments,
+            peer: self.peer,
+            deadline: self.deadline,
+        })
+    }
+}
+
+/// How requests are handed from a connection's reader to the method; see the
+/// module docs for the Dubbo names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatch {
+    /// Run on the reader task; requests of one connection run one at a time.
+    Direct,
+    /// Spawn a task per request, at most `max_concurrent` at once server-wide;
+    /// at the limit the readers wait.
+    All { max_concurrent: usize },
+    /// A bounded pool: `threads` requests run at once, `queue` more wait;
+    /// beyond that the answer is `Busy`.
+    Execution { threads: usize, queue: usize },
+    /// One worker per connection running its requests in order; `queue`
+    /// requests wait; beyond that the answer is `Busy`.
+    Connection { queue: usize },
+}
+
+impl Default for Dispatch {
+    fn default() -> Dispatch {
+        Dispatch::All {
+            max_concurrent: 10_000,
+        }
+    }
+}
+
+impl FromStr for Dispatch {
+    type Err = String;
+
+    /// Parses a Dubbo dispatcher name with default bounds.
+    fn from_str(s: &str) -> Result<Dispatch, String> {
+        match s {
+            "direct" => Ok(Dispatch::Direct),
+            "all" | "message" => Ok(Dispatch::default()),
+            "execution" => Ok(Dispatch::Execution {
+                threads: 200,
+                queue: 0,
+            }),
+            "connection" => Ok(Dispatch::Connection { queue: 1024 }),
+            other => Err(format!(
+                "unknown dispatch mode {other:?}: expected direct, all, message, execution or connection"
+            )),
+        }
+    }
+}
+
+/// Settings of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub max_connections: usize,
+    pub max_frame_len: usize,
+    pub dispatch: Dispatch,
+    /// Answers queued per connection before handlers wait for the writer.
+    pub write_queue: usize,
+    /// Most frames written per syscall.
+    pub write_batch: usize,
+    /// A connection with no frame for this long is closed (clients ping
+    /// every few seconds while idle).
+    pub idle_timeout: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub grace_period: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            max_connections: 10_000,
+            max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
+            dispatch: Dispatch::default(),
+            write_queue: 4096,
+            write_batch: 512,
+            idle_timeout: Duration::from_secs(60),
+            grace_period: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves a set of services on a listener.
+pub struct Server {
+    config: ServerConfig,
+    services: HashMap<ServiceKey, Arc<dyn Service>>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Server {
+    pub fn new(config: ServerConfig) -> Server {
+        Server {
+            config,
+            services: HashMap::new(),
+        }
+    }
+
+    /// Adds `service` under its interface name and the given version and
+    /// group; returns the key it is served under.
+    pub fn add_service(&mut self, version: &str, group: &str, service: impl Service) -> ServiceKey {
+        let key = ServiceKey::new(service.interface(), version, group);
+        self.services.insert(key.clone(), Arc::new(service));
+        key
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.services.keys()
+    }
+
+    /// Accepts and serves connections until `shutdown` resolves, then shuts
+    /// down gracefully (see the module docs).
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let config = self.config;
+        let ctx = Arc::new(Ctx {
+            services: self.services,
+            dispatch: DispatchState::new(config.dispatch),
+            config: config.clone(),
+            stop: CancellationToken::new(),
+            force: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        let slots = Arc::new(Semaphore::new(config.max_connections));
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                _ = &mut shutdown => break,
+                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+            };
+            let (stream, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause, don't spin.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let ctx2 = ctx.clone();
+            ctx.tracker.spawn(async move {
+                serve_connection(ctx2, stream, peer).await;
+                drop(permit);
+            });
+        }
+        drop(listener);
+        info!(
+            in_flight_tasks = ctx.tracker.len(),
+            "server stopping; finishing in-flight calls"
+        );
+        ctx.stop.cancel();
+        ctx.tracker.close();
+        if tokio::time::timeout(config.grace_period, ctx.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                abandoned_tasks = ctx.tracker.len(),
+                grace_period = ?config.grace_period,
+                "grace period over; abandoning in-flight calls"
+            );
+            ctx.force.cancel();
+            ctx.tracker.wait().await;
+        }
+        info!("server stopped");
+    }
+}
+
+/// What every connection of a server shares.
+struct Ctx {
+    services: HashMap<ServiceKey, Arc<dyn Service>>,
+    dispatch: DispatchState,
+    config: ServerConfig,
+    /// Stop reading new requests.
+    stop: CancellationToken,
+    /// Abandon in-flight work (grace period over).
+    force: CancellationToken,
+    tracker: TaskTracker,
+}
+
+enum DispatchState {
+    Direct,
+    All {
+        running: Arc<Semaphore>,
+    },
+    Execution {
+        admitted: Arc<Semaphore>,
+        running: Arc<Semaphore>,
+    },
+    Connection {
+        queue: usize,
+    },
+}
+
+impl DispatchState {
+    fn new(dispatch: Dispatch) -> DispatchState {
+        match dispatch {
+            Dispatch::Direct => DispatchState::Direct,
+            Dispatch::All { max_concurrent } => DispatchState::All {
+                running: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            },
+            Dispatch::Execution { threads, queue } => DispatchState::Execution {
+                admitted: Arc::new(Semaphore::new(threads.max(1) + queue)),
+                running: Arc::new(Semaphore::new(threads.max(1))),
+            },
+            Dispatch::Connection { queue } => DispatchState::Connection {
+                queue: queue.max(1),
+            },
+        }
+    }
+}
+
+async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
+    debug!(%peer, "accepted connection");
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<Bytes>(ctx.config.write_queue.max(1));
+    ctx.tracker.spawn(write_loop(
+        wr,
+        rx,
+        ctx.config.write_batch,
+        ctx.force.clone(),
+        peer,
+    ));
+
+    // `connection` dispatch: one ordered worker for this connection.
+    let ordered = match ctx.dispatch {
+        DispatchState::Connection { queue } => {
+            let (otx, mut orx) = mpsc::channel::<Frame>(queue);
+            let (ctx2, tx2) = (ctx.clone(), tx.clone());
+            ctx.tracker.spawn(async move {
+                while let Some(frame) = orx.recv().await {
+                    let answer = handle(&ctx2, peer, frame).await;
+                    if tx2.send(answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Some(otx)
+        }
+        _ => None,
+    };
+
+    let mut frames = FrameReader::new(rd, FrameCodec::new(ctx.config.max_frame_len));
+    loop {
+        let next = tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            next = tokio::time::timeout(ctx.config.idle_timeout, frames.next()) => next,
+        };
+        let frame = match next {
+            Err(_) => {
+                info!(%peer, idle_timeout = ?ctx.config.idle_timeout, "closing idle connection");
+                break;
+            }
+            Ok(None) => {
+                debug!(%peer, "connection closed by peer");
+                break;
+            }
+            Ok(Some(Err(e))) => {
+                warn!(%peer, reason = %e, "closing connection: bad frame");
+                break;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let id = frame.header.request_id;
+        match frame.header.kind {
+            Kind::Heartbeat if frame.header.flags & frame::FLAG_ACK == 0 => {
+                if tx.send(frame::encode_heartbeat(id, true)).await.is_err() {
+                    break;
+                }
+            }
+            Kind::Heartbeat => {}
+            Kind::Response => {
+                warn!(%peer, id, "closing connection: a consumer sent a response frame");
+                break;
+            }
+            Kind::Request => {
+                if !dispatch(&ctx, peer, frame, &tx, ordered.as_ref()).await {
+                    break;
+                }
+            }
+        }
+    }
+    // Dropping our sender lets the writer finish once in-flight handlers
+    // (which hold clones) have sent their answers.
+}
+
+/// Hands one request to the configured dispatch mode. Returns false when the
+/// connection's writer is gone.
+async fn dispatch(
+    ctx: &Arc<Ctx>,
+    peer: SocketAddr,
+    frame: Frame,
+    tx: &mpsc::Sender<Bytes>,
+    ordered: Option<&mpsc::Sender<Frame>>,
+) -> bool {
+    let id = frame.header.request_id;
+    match &ctx.dispatch {
+        DispatchState::Direct => {
+            let answer = handle(ctx, peer, frame).await;
+            tx.send(answer).await.is_ok()
+        }
+        DispatchState::All { running } => {
+            let Ok(permit) = running.clone().acquire_owned().await else {
+                return false;
+            };
+            let (ctx2, tx2) = (ctx.clone(), tx.clone());
+            ctx.tracker.spawn(async move {
+                let answer = handle(&ctx2, peer, frame).await;
+                drop(permit);
+                let _ = tx2.send(answer).await;
+            });
+            true
+        }
+        DispatchState::Execution { admitted, running } => {
+            let Ok(admission) = admitted.clone().try_acquire_owned() else {
+                let busy = frame::encode_response(
+                    id,
+                    Code::Busy,
+                    "execution pool and its queue are full",
+                    &[],
+                );
+                return tx.send(busy).await.is_ok();
+            };
+            let (ctx2, tx2, running) = (ctx.clone(), tx.clone(), running.clone());
+            ctx.tracker.spawn(async move {
+                let Ok(permit) = running.acquire_owned().await else {
+                    return;
+                };
+                let answer = handle(&ctx2, peer, frame).await;
+                drop((permit, admission));
+                let _ = tx2.send(answer).await;
+            });
+            true
+        }
+        DispatchState::Connection { .. } => {
+            let ordered = ordered.expect("connection dispatch has a worker");
+            match ordered.try_send(frame) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let busy =
+                        frame::encode_response(id, Code::Busy, "connection queue is full", &[]);
+                    tx.send(busy).await.is_ok()
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        }
+    }
+}
+
+/// Runs one request and returns its encoded answer frame.
+async fn handle(ctx: &Ctx, peer: SocketAddr, frame: Frame) -> Bytes {
+    let id = frame.header.request_id;
+    let body = match RequestBody::decode(frame.body) {
+        Ok(body) => body,
+        Err(e) => {
+            let message = format!("cannot decode request body: {e}");
+            return frame::encode_response(id, Code::BadRequest, &message, &[]);
+        }
+    };
+    let key = ServiceKey {
+        interface: body.interface,
+        version: body.version,
+        group: body.group,
+    };
+    let Some(service) = ctx.services.get(&key) else {
+        return frame::encode_response(id, Code::ServiceNotFound, &key.to_string(), &[]);
+    };
+    let timeout = (body.timeout_ms > 0).then(|| Duration::from_millis(body.timeout_ms.into()));
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let request = Request {
+        message: body.payload,
+        attachments: body.attachments,
+        peer: Some(peer),
+        deadline,
+    };
+    let call = CatchUnwind(service.call(&body.method, request));
+    let result = tokio::select! {
+        result = call => result.unwrap_or_else(|panic| {
+            warn!(service = %key, method = %body.method, panic, "service method panicked");
+            Err(Status::internal(format!("{key}/{} panicked", body.method)))
+        }),
+        _ = sleep_until(deadline) => Err(Status::new(
+            Code::Timeout,
+            format!("{key}/{} exceeded its deadline of {:?}", body.method, timeout.unwrap_or_default()),
+        )),
+        _ = ctx.force.cancelled() => Err(Status::new(Code::Internal, "provider shut down")),
+    };
+    match result {
+        Ok(payload) => frame::encode_response(id, Code::Ok, "", &payload),
+        Err(status) => frame::encode_response(id, status.code(), status.message(), &[]),
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Bytes>,
+    batch_size: usize,
+    force: CancellationToken,
+    peer: SocketAddr,
+) {
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let n = tokio::select! {
+            _ = force.cancelled() => break,
+            n = rx.recv_many(&mut batch, batch_size) => n,
+        };
+        if n == 0 {
+            break;
+        }
+        for answer in batch.drain(..) {
+            buf.extend_from_slice(&answer);
+        }
+        let written = tokio::select! {
+            _ = force.cancelled() => break,
+            written = wr.write_all(&buf) => written,
+        };
+        if let Err(e) = written {
+            debug!(%peer, error = %e, "write failed; dropping connection");
+            break;
+        }
+        buf.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Turns a panic in a service method into an error answer instead of a lost
+/// task (and, in `direct` mode, a lost connection).
+struct CatchUnwind(BoxFuture<Bytes>);
+
+impl Future for CatchUnwind {
+    type Output = Result<Result<Bytes, Status>, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic".to_owned());
+                Poll::Ready(Err(message))
+            }
+        }
+    }
+}
