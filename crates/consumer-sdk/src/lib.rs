@@ -1,1 +1,278 @@
+//! What a client links to call services.
+//!
+//! A [`Consumer`] holds the connections to providers (one multiplexed
+//! connection per provider address, shared by every reference). A
+//! [`Reference`] is the invoker behind a generated client: it picks a provider
+//! for each call, applies the deadline, and tries another provider when the
+//! error says that is safe ([`rpc_core::Error::is_retryable`]).
+//!
+//! This first cut takes a static provider list ("direct" mode, which stays as
+//! the no-registry mode).
+//!
+//! ```no_run
+//! # use rpc_core::{Invoker, Stub};
+//! # #[derive(Clone)] struct GreeterClient<I>(I);
+//! # impl<I> Stub for GreeterClient<I> { type Invoker = I; const INTERFACE: &'static str = "demo.Greeter"; fn from_invoker(i: I) -> Self { GreeterClient(i) } }
+//! # fn run() -> Result<(), consumer_sdk::ConsumerError> {
+//! use consumer_sdk::{Consumer, ConsumerConfig};
+//! use std::time::Duration;
+//!
+//! let consumer = Consumer::new(ConsumerConfig::default());
+//! let greeter = consumer
+//!     .reference::<GreeterClient<_>>()
+//!     .version("1.0.0")
+//!     .timeout(Duration::from_millis(500))
+//!     .direct(["127.0.0.1:20880".parse().unwrap()])
+//!     .build()?;
+//! # Ok(()) }
+//! ```
 
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rpc_core::frame::RequestHead;
+use rpc_core::{
+    CallOptions, ConnectionConfig, Endpoint, Error, InvalidServiceKey, Invoker, ServiceKey, Stub,
+};
+use tokio::time::Instant;
+use tracing::debug;
+
+/// Settings shared by every reference of a consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The application name this consumer reports.
+    pub app: String,
+    pub connection: ConnectionConfig,
+    /// Deadline of a call when neither the reference nor the call sets one.
+    pub default_timeout: Duration,
+    /// Extra providers tried after a retryable failure.
+    pub default_retries: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> ConsumerConfig {
+        ConsumerConfig {
+            app: "app".to_owned(),
+            connection: ConnectionConfig::default(),
+            default_timeout: Duration::from_secs(3),
+            default_retries: 2,
+        }
+    }
+}
+
+/// Why a reference could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumerError {
+    #[error(transparent)]
+    InvalidService(#[from] InvalidServiceKey),
+    #[error("reference to {service}: no provider address given")]
+    NoProviders { service: String },
+    #[error("reference to {service}: timeout must be more than zero")]
+    ZeroTimeout { service: String },
+}
+
+/// The calling side of an application; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    inner: Arc<ConsumerInner>,
+}
+
+#[derive(Debug)]
+struct ConsumerInner {
+    config: ConsumerConfig,
+    /// One endpoint per provider address, shared by references; entries die
+    /// with the last reference that uses them.
+    endpoints: Mutex<HashMap<SocketAddr, Weak<Endpoint>>>,
+}
+
+impl Consumer {
+    pub fn new(config: ConsumerConfig) -> Consumer {
+        Consumer {
+            inner: Arc::new(ConsumerInner {
+                config,
+                endpoints: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &ConsumerConfig {
+        &self.inner.config
+    }
+
+    /// Starts building a typed client `S` (a generated `XxxClient<_>`).
+    pub fn reference<S: Stub<Invoker = Reference>>(&self) -> ReferenceBuilder<S> {
+        ReferenceBuilder {
+            consumer: self.clone(),
+            version: String::new(),
+            group: String::new(),
+            timeout: self.inner.config.default_timeout,
+            retries: self.inner.config.default_retries,
+            providers: Vec::new(),
+            _stub: PhantomData,
+        }
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> Arc<Endpoint> {
+        let mut endpoints = self.inner.endpoints.lock().expect("endpoints lock");
+        if let Some(endpoint) = endpoints.get(&addr).and_then(Weak::upgrade) {
+            return endpoint;
+        }
+        endpoints.retain(|_, e| e.strong_count() > 0);
+        let endpoint = Arc::new(Endpoint::new(addr, self.inner.config.connection.clone()));
+        endpoints.insert(addr, Arc::downgrade(&endpoint));
+        endpoint
+    }
+}
+
+/// Builds a reference; see [`Consumer::reference`].
+#[derive(Debug)]
+pub struct ReferenceBuilder<S> {
+    consumer: Consumer,
+    version: String,
+    group: String,
+    timeout: Duration,
+    retries: usize,
+    providers: Vec<SocketAddr>,
+    _stub: PhantomData<fn() -> S>,
+}
+
+impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = group.into();
+        self
+    }
+
+    /// Deadline of each call (retries included).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Other providers tried after a retryable failure (0 = fail fast).
+    pub fn retries(mut self, retries: usize) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// Calls these providers directly, without a registry.
+    pub fn direct(mut self, providers: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.providers = providers.into_iter().collect();
+        self
+    }
+
+    /// # Errors
+    ///
+    /// An invalid version or group, an empty provider list, a zero timeout.
+    pub fn build(self) -> Result<S, ConsumerError> {
+        let key = ServiceKey::new(S::INTERFACE, self.version, self.group);
+        key.validate()?;
+        if self.providers.is_empty() {
+            return Err(ConsumerError::NoProviders {
+                service: key.to_string(),
+            });
+        }
+        if self.timeout.is_zero() {
+            return Err(ConsumerError::ZeroTimeout {
+                service: key.to_string(),
+            });
+        }
+        let endpoints = self
+            .providers
+            .iter()
+            .map(|&a| self.consumer.endpoint(a))
+            .collect();
+        Ok(S::from_invoker(Reference {
+            inner: Arc::new(ReferenceInner {
+                key,
+                timeout: self.timeout,
+                retries: self.retries,
+                endpoints,
+                next: AtomicUsize::new(0),
+            }),
+        }))
+    }
+}
+
+/// The invoker behind a typed client: provider choice, deadline, retries.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    inner: Arc<ReferenceInner>,
+}
+
+#[derive(Debug)]
+struct ReferenceInner {
+    key: ServiceKey,
+    timeout: Duration,
+    retries: usize,
+    endpoints: Vec<Arc<Endpoint>>,
+    next: AtomicUsize,
+}
+
+impl Reference {
+    pub fn service(&self) -> &ServiceKey {
+        &self.inner.key
+    }
+
+    pub fn providers(&self) -> Vec<SocketAddr> {
+        self.inner.endpoints.iter().map(|e| e.addr()).collect()
+    }
+
+    /// Calls waiting for an answer, over all providers of this reference.
+    pub fn in_flight(&self) -> usize {
+        self.inner.endpoints.iter().map(|e| e.in_flight()).sum()
+    }
+}
+
+impl Invoker for Reference {
+    async fn invoke(
+        &self,
+        method: &'static str,
+        payload: Bytes,
+        options: &CallOptions,
+    ) -> Result<Bytes, Error> {
+        let inner = &*self.inner;
+        let timeout = options.timeout.unwrap_or(inner.timeout);
+        let deadline = Instant::now() + timeout;
+        let count = inner.endpoints.len();
+        let first = inner.next.fetch_add(1, Ordering::Relaxed);
+        let tries = 1 + inner.retries.min(count.saturating_sub(1));
+        let head = RequestHead {
+            service: &inner.key,
+            method,
+            timeout_ms: 0,
+            attachments: &options.attachments,
+        };
+        let mut last_error = Error::NoProvider(inner.key.to_string());
+        for attempt in 0..tries {
+            let endpoint = &inner.endpoints[(first + attempt) % count];
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Error::Timeout(timeout));
+            }
+            let result = match endpoint.connection().await {
+                Ok(conn) => conn.call(head, &payload, remaining).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if e.is_retryable() && attempt + 1 < tries => {
+                    debug!(service = %inner.key, method, provider = %endpoint.addr(), error = %e, "retrying on another provider");
+                    last_error = e;
+                }
+                Err(Error::Timeout(_)) => return Err(Error::Timeout(timeout)),
+                other => return other,
+            }
+        }
+        Err(last_error)
+    }
+}

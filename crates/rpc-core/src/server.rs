@@ -226,6 +226,11 @@ impl Server {
         key
     }
 
+    /// Replaces the settings (the services stay).
+    pub fn set_config(&mut self, config: ServerConfig) {
+        self.config = config;
+    }
+
     pub fn services(&self) -> impl Iterator<Item = &ServiceKey> {
         self.services.keys()
     }
