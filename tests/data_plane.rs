@@ -150,7 +150,8 @@ async fn late_answering_provider() -> (SocketAddr, mpsc::Sender<()>, mpsc::Recei
                 first = false;
                 release_rx.recv().await.unwrap();
             }
-            let answer = frame::encode_response(id, Code::Ok, "", b"");
+            let mut answer = BytesMut::new();
+            frame::encode_response(&mut answer, id, Code::Ok, "", b"");
             wr.write_all(&answer).await.unwrap();
         }
     });

@@ -1,1 +1,56 @@
-fn main() {}
+//! Benchmarks of this framework against peers measured in the same run.
+//!
+//! - `bench rpc`: the data plane against tonic and a raw TCP echo (see
+//!   [`rpc`]).
+//!
+//! Each system under test runs in its own process (`bench serve ...`,
+//! started by the driver); the driver process generates the load.
+
+mod load;
+mod proc_stats;
+mod raw;
+mod rpc;
+mod systems;
+
+use clap::{Parser, Subcommand};
+
+/// Generated messages and stubs (this framework's and tonic's).
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/bench.rs"));
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "Benchmarks against peers, measured in the same run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Data plane: this framework vs tonic vs raw TCP.
+    Rpc(rpc::RpcArgs),
+    /// Runs one system's echo server (started by the driver).
+    #[command(hide = true)]
+    Serve(systems::ServeArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Rpc(args) => runtime.block_on(rpc::run(args)),
+        Command::Serve(args) => runtime.block_on(systems::serve(args)),
+    }
+}

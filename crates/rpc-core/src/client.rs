@@ -4,9 +4,10 @@
 //! pending slot (`request id -> oneshot`), queues its encoded frame for the
 //! writer task and waits for the reader task to complete the slot.
 //!
-//! - **Batching.** The writer drains up to [`ConnectionConfig::write_batch`]
-//!   queued frames and writes them with one syscall; under load this is where
-//!   throughput comes from.
+//! - **Batching.** Calls encode their frames straight into the connection's
+//!   shared write buffer (see `outbox`); the writer task writes everything
+//!   buffered with one syscall. Under load this is where throughput comes
+//!   from.
 //! - **Deadlines.** Every call has one. A call that times out, or whose future
 //!   is dropped, frees its slot at once; a late answer finds no slot and is
 //!   dropped.
@@ -16,9 +17,9 @@
 //! - **Heartbeats.** When nothing has been read for `heartbeat_interval` the
 //!   writer sends a ping; when nothing has been read for `heartbeat_timeout`
 //!   the reader closes the connection.
-//! - **Bounds.** The write queue holds `write_queue` frames (callers wait for
-//!   room, inside their deadline); at most `max_in_flight` calls are pending
-//!   (beyond that a call fails with [`Error::TooManyInFlight`]).
+//! - **Bounds.** The write buffer holds about `write_buffer` bytes (callers
+//!   wait for room, inside their deadline); at most `max_in_flight` calls are
+//!   pending (beyond that a call fails with [`Error::TooManyInFlight`]).
 //!
 //! Tasks: the reader and writer are owned by the connection; when the last
 //! [`Connection`] clone is dropped both stop and the socket closes.
@@ -37,7 +38,7 @@ use tern_proto::rpc::ResponseBody;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, trace};
@@ -45,6 +46,7 @@ use tracing::{debug, trace};
 use crate::backoff::Backoff;
 use crate::codec::{FrameCodec, FrameReader};
 use crate::frame::{self, Frame, Kind, RequestHead};
+use crate::outbox::Outbox;
 use crate::{Code, Error};
 
 /// Settings of a client connection.
@@ -55,10 +57,8 @@ pub struct ConnectionConfig {
     pub max_frame_len: usize,
     /// Most calls pending at once on one connection.
     pub max_in_flight: usize,
-    /// Frames queued for the writer before callers wait.
-    pub write_queue: usize,
-    /// Most frames written per syscall.
-    pub write_batch: usize,
+    /// Bytes buffered for the writer before callers wait.
+    pub write_buffer: usize,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     /// Delays between reconnect attempts (see [`crate::Endpoint`]).
@@ -71,8 +71,7 @@ impl Default for ConnectionConfig {
             connect_timeout: Duration::from_secs(3),
             max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
             max_in_flight: 65_536,
-            write_queue: 4096,
-            write_batch: 512,
+            write_buffer: 1024 * 1024,
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),
             backoff: Backoff::default(),
@@ -89,7 +88,6 @@ pub struct Connection {
 #[derive(Debug)]
 struct Inner {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Bytes>,
     /// Stops the reader and writer when the last handle goes.
     _stop: DropGuard,
 }
@@ -100,6 +98,7 @@ struct Shared {
     next_id: AtomicU64,
     max_in_flight: usize,
     pending: Mutex<Pending>,
+    outbox: Outbox,
     closed: CancellationToken,
     /// Milliseconds since `epoch` at which the last frame was read.
     last_read_ms: AtomicU64,
@@ -136,24 +135,23 @@ impl Connection {
 
     fn from_stream(stream: TcpStream, peer: SocketAddr, config: &ConnectionConfig) -> Connection {
         let (rd, wr) = stream.into_split();
-        let (tx, rx) = mpsc::channel(config.write_queue.max(1));
         let shared = Arc::new(Shared {
             peer,
             next_id: AtomicU64::new(1),
             max_in_flight: config.max_in_flight,
             pending: Mutex::new(Pending::default()),
+            outbox: Outbox::new(config.write_buffer),
             closed: CancellationToken::new(),
             last_read_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         });
         tokio::spawn(read_loop(shared.clone(), rd, config.clone()));
-        tokio::spawn(write_loop(shared.clone(), wr, rx, config.clone()));
+        tokio::spawn(write_loop(shared.clone(), wr, config.clone()));
         debug!(%peer, "connected");
         let stop = shared.closed.clone().drop_guard();
         Connection {
             inner: Arc::new(Inner {
                 shared,
-                tx,
                 _stop: stop,
             }),
         }
@@ -216,10 +214,11 @@ impl Connection {
             id: Some(id),
         };
         let timeout_ms = timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
-        let frame = frame::encode_request(id, &RequestHead { timeout_ms, ..head }, payload);
+        let head = RequestHead { timeout_ms, ..head };
 
         let exchange = async {
-            if self.inner.tx.send(frame).await.is_err() {
+            let encode = |buf: &mut BytesMut| frame::encode_request(buf, id, &head, payload);
+            if shared.outbox.push(encode).await.is_err() {
                 return Err(shared.closed_error_now());
             }
             rx.await.map_err(|_| shared.closed_error_now())
@@ -294,6 +293,7 @@ impl Shared {
         };
         // Dropping the senders wakes every waiting call with an error.
         drop(calls);
+        self.outbox.close();
         self.closed.cancel();
     }
 
@@ -348,14 +348,8 @@ async fn read_loop(shared: Arc<Shared>, rd: OwnedReadHalf, config: ConnectionCon
     shared.close(reason);
 }
 
-async fn write_loop(
-    shared: Arc<Shared>,
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Bytes>,
-    config: ConnectionConfig,
-) {
-    let mut batch = Vec::with_capacity(config.write_batch);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+async fn write_loop(shared: Arc<Shared>, mut wr: OwnedWriteHalf, config: ConnectionConfig) {
+    let mut out = BytesMut::with_capacity(64 * 1024);
     let mut tick = tokio::time::interval(config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ping_id = 0u64;
@@ -363,33 +357,28 @@ async fn write_loop(
         tokio::select! {
             biased;
             _ = shared.closed.cancelled() => break,
-            n = rx.recv_many(&mut batch, config.write_batch) => {
-                if n == 0 {
+            more = shared.outbox.take(&mut out) => {
+                if !more {
                     break;
-                }
-                for frame in batch.drain(..) {
-                    buf.extend_from_slice(&frame);
                 }
             }
             _ = tick.tick() => {
-                if shared.idle_for() >= config.heartbeat_interval {
-                    ping_id += 1;
-                    buf.extend_from_slice(&frame::encode_heartbeat(ping_id, false));
+                if shared.idle_for() < config.heartbeat_interval {
+                    continue;
                 }
+                ping_id += 1;
+                frame::encode_heartbeat(&mut out, ping_id, false);
             }
-        }
-        if buf.is_empty() {
-            continue;
         }
         let written = tokio::select! {
             _ = shared.closed.cancelled() => break,
-            written = wr.write_all(&buf) => written,
+            written = wr.write_all(&out) => written,
         };
         if let Err(e) = written {
             shared.close(format!("write failed: {e}"));
             break;
         }
-        buf.clear();
+        out.clear();
     }
     let _ = wr.shutdown().await;
 }

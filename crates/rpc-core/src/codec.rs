@@ -162,6 +162,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Whether [`FrameReader::next`] would return without reading from the
+    /// stream (a whole frame, or a bad header, is buffered). A server uses it
+    /// to flush its answers once per batch of requests.
+    pub fn has_buffered_frame(&self) -> bool {
+        let buf = &self.buf[..];
+        if buf.len() < HEADER_LEN {
+            return buf.len() >= 2 && buf[..2] != MAGIC;
+        }
+        let body_len = u32::from_be_bytes(buf[14..18].try_into().expect("4 bytes")) as usize;
+        buf.len() >= HEADER_LEN + body_len || body_len > self.codec.max_frame_len
+    }
+
     /// The next frame; `None` at a clean EOF (between frames).
     pub async fn next(&mut self) -> Option<Result<Frame, FrameError>> {
         loop {

@@ -110,8 +110,8 @@ pub struct RequestHead<'a> {
     pub attachments: &'a HashMap<String, String>,
 }
 
-/// Encodes a complete Request frame into one buffer.
-pub fn encode_request(request_id: u64, head: &RequestHead<'_>, payload: &[u8]) -> Bytes {
+/// Appends a complete Request frame to `dst`.
+pub fn encode_request(dst: &mut BytesMut, request_id: u64, head: &RequestHead<'_>, payload: &[u8]) {
     let key = head.service;
     let attachments_len: usize = head
         .attachments
@@ -129,7 +129,9 @@ pub fn encode_request(request_id: u64, head: &RequestHead<'_>, payload: &[u8]) -
         }
         + attachments_len
         + str_len(7, payload);
-    let mut buf = BytesMut::with_capacity(HEADER_LEN + body_len);
+    dst.reserve(HEADER_LEN + body_len);
+    let start = dst.len();
+    let buf = dst;
     Header {
         kind: Kind::Request,
         status: 0,
@@ -137,28 +139,34 @@ pub fn encode_request(request_id: u64, head: &RequestHead<'_>, payload: &[u8]) -
         request_id,
         body_len: body_len as u32,
     }
-    .encode(&mut buf);
-    put_str(1, key.interface.as_bytes(), &mut buf);
-    put_str(2, key.version.as_bytes(), &mut buf);
-    put_str(3, key.group.as_bytes(), &mut buf);
-    put_str(4, head.method.as_bytes(), &mut buf);
+    .encode(buf);
+    put_str(1, key.interface.as_bytes(), buf);
+    put_str(2, key.version.as_bytes(), buf);
+    put_str(3, key.group.as_bytes(), buf);
+    put_str(4, head.method.as_bytes(), buf);
     if head.timeout_ms != 0 {
-        encode_key(5, WireType::Varint, &mut buf);
-        encode_varint(head.timeout_ms.into(), &mut buf);
+        encode_key(5, WireType::Varint, buf);
+        encode_varint(head.timeout_ms.into(), buf);
     }
     for (k, v) in head.attachments {
-        put_map_entry(6, k, v, &mut buf);
+        put_map_entry(6, k, v, buf);
     }
-    put_str(7, payload, &mut buf);
-    debug_assert_eq!(buf.len(), HEADER_LEN + body_len);
-    buf.freeze()
+    put_str(7, payload, buf);
+    debug_assert_eq!(buf.len() - start, HEADER_LEN + body_len);
 }
 
-/// Encodes a complete Response frame: `Ok` with a payload, or a failure
-/// status with a message.
-pub fn encode_response(request_id: u64, status: Code, message: &str, payload: &[u8]) -> Bytes {
+/// Appends a complete Response frame to `dst`: `Ok` with a payload, or a
+/// failure status with a message.
+pub fn encode_response(
+    dst: &mut BytesMut,
+    request_id: u64,
+    status: Code,
+    message: &str,
+    payload: &[u8],
+) {
     let body_len = str_len(1, message) + str_len(3, payload);
-    let mut buf = BytesMut::with_capacity(HEADER_LEN + body_len);
+    dst.reserve(HEADER_LEN + body_len);
+    let buf = dst;
     Header {
         kind: Kind::Response,
         status: status as u8,
@@ -166,15 +174,13 @@ pub fn encode_response(request_id: u64, status: Code, message: &str, payload: &[
         request_id,
         body_len: body_len as u32,
     }
-    .encode(&mut buf);
-    put_str(1, message.as_bytes(), &mut buf);
-    put_str(3, payload, &mut buf);
-    buf.freeze()
+    .encode(buf);
+    put_str(1, message.as_bytes(), buf);
+    put_str(3, payload, buf);
 }
 
-/// Encodes a Heartbeat (a ping, or with `ack` its reply).
-pub fn encode_heartbeat(request_id: u64, ack: bool) -> Bytes {
-    let mut buf = BytesMut::with_capacity(HEADER_LEN);
+/// Appends a Heartbeat (a ping, or with `ack` its reply) to `dst`.
+pub fn encode_heartbeat(dst: &mut BytesMut, request_id: u64, ack: bool) {
     Header {
         kind: Kind::Heartbeat,
         status: 0,
@@ -182,8 +188,7 @@ pub fn encode_heartbeat(request_id: u64, ack: bool) -> Bytes {
         request_id,
         body_len: 0,
     }
-    .encode(&mut buf);
-    buf.freeze()
+    .encode(dst);
 }
 
 /// Length of a length-delimited field; 0 when empty (proto3 omits defaults).
@@ -227,8 +232,9 @@ mod tests {
     use tern_proto::rpc::{RequestBody, ResponseBody};
     use tokio_util::codec::Decoder;
 
-    fn decode_one(bytes: Bytes) -> Frame {
-        let mut buf = BytesMut::from(&bytes[..]);
+    fn decode_one(encode: impl FnOnce(&mut BytesMut)) -> Frame {
+        let mut buf = BytesMut::new();
+        encode(&mut buf);
         let frame = FrameCodec::default().decode(&mut buf).unwrap().unwrap();
         assert!(buf.is_empty());
         frame
@@ -244,7 +250,7 @@ mod tests {
         ) {
             let key = ServiceKey::new(interface.clone(), version.clone(), group.clone());
             let head = RequestHead { service: &key, method: &method, timeout_ms, attachments: &attachments };
-            let frame = decode_one(encode_request(id, &head, &payload));
+            let frame = decode_one(|b| encode_request(b, id, &head, &payload));
             prop_assert_eq!(frame.header.kind, Kind::Request);
             prop_assert_eq!(frame.header.request_id, id);
             let body = RequestBody::decode(frame.body).unwrap();
@@ -258,7 +264,7 @@ mod tests {
             message in ".{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300),
             id in any::<u64>(),
         ) {
-            let frame = decode_one(encode_response(id, Code::Busy, &message, &payload));
+            let frame = decode_one(|b| encode_response(b, id, Code::Busy, &message, &payload));
             prop_assert_eq!(frame.header.status, Code::Busy as u8);
             let body = ResponseBody::decode(frame.body).unwrap();
             prop_assert_eq!(body.message, message);
@@ -268,9 +274,10 @@ mod tests {
 
     #[test]
     fn heartbeat_is_a_bare_header() {
-        let bytes = encode_heartbeat(7, true);
+        let mut bytes = BytesMut::new();
+        encode_heartbeat(&mut bytes, 7, true);
         assert_eq!(bytes.len(), HEADER_LEN);
-        let frame = decode_one(bytes);
+        let frame = decode_one(|b| b.extend_from_slice(&bytes));
         assert_eq!(frame.header.kind, Kind::Heartbeat);
         assert_eq!(frame.header.flags, FLAG_ACK);
     }

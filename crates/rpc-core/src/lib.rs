@@ -19,6 +19,7 @@ pub mod endpoint;
 pub mod error;
 pub mod frame;
 pub mod invoke;
+mod outbox;
 pub mod server;
 mod service_key;
 

@@ -18,7 +18,8 @@
 //! # Bounds
 //!
 //! At most `max_connections` connections (the accept loop waits for a free
-//! slot). Per connection at most `write_queue` answers wait for the writer.
+//! slot). Per connection about `write_buffer` bytes of answers wait for the
+//! writer.
 //! `all` waits for a free slot (TCP back-pressure on the sender) when
 //! `max_concurrent` requests run; `execution` and `connection` answer `Busy`.
 //!
@@ -43,7 +44,7 @@ use bytes::{Bytes, BytesMut};
 use prost::Message;
 use tern_proto::rpc::RequestBody;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
@@ -54,6 +55,7 @@ use tracing::{debug, info, warn};
 use crate::codec::{FrameCodec, FrameReader};
 use crate::codegen::BoxFuture;
 use crate::frame::{self, Frame, Kind};
+use crate::outbox::{Closed, Outbox};
 use crate::{Code, ServiceKey, Status};
 
 /// A service as the server sees it: an interface name and methods that take
@@ -170,10 +172,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_frame_len: usize,
     pub dispatch: Dispatch,
-    /// Answers queued per connection before handlers wait for the writer.
-    pub write_queue: usize,
-    /// Most frames written per syscall.
-    pub write_batch: usize,
+    /// Answer bytes buffered per connection before handlers wait for the
+    /// writer.
+    pub write_buffer: usize,
     /// A connection with no frame for this long is closed (clients ping
     /// every few seconds while idle).
     pub idle_timeout: Duration,
@@ -187,8 +188,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
             dispatch: Dispatch::default(),
-            write_queue: 4096,
-            write_batch: 512,
+            write_buffer: 1024 * 1024,
             idle_timeout: Duration::from_secs(60),
             grace_period: Duration::from_secs(10),
         }
@@ -343,24 +343,25 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     debug!(%peer, "accepted connection");
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::channel::<Bytes>(ctx.config.write_queue.max(1));
-    ctx.tracker.spawn(write_loop(
-        wr,
-        rx,
-        ctx.config.write_batch,
-        ctx.force.clone(),
-        peer,
-    ));
+    let mut frames = FrameReader::new(rd, FrameCodec::new(ctx.config.max_frame_len));
+    if let DispatchState::Direct = ctx.dispatch {
+        return serve_direct(&ctx, frames, wr, peer).await;
+    }
+
+    let outbox = Arc::new(Outbox::new(ctx.config.write_buffer));
+    ctx.tracker
+        .spawn(write_loop(wr, outbox.clone(), ctx.force.clone(), peer));
+    let answers = Arc::new(Answers(outbox));
 
     // `connection` dispatch: one ordered worker for this connection.
     let ordered = match ctx.dispatch {
         DispatchState::Connection { queue } => {
             let (otx, mut orx) = mpsc::channel::<Frame>(queue);
-            let (ctx2, tx2) = (ctx.clone(), tx.clone());
+            let (ctx2, answers2) = (ctx.clone(), answers.clone());
             ctx.tracker.spawn(async move {
                 while let Some(frame) = orx.recv().await {
                     let answer = handle(&ctx2, peer, frame).await;
-                    if tx2.send(answer).await.is_err() {
+                    if answers2.send(answer).await.is_err() {
                         break;
                     }
                 }
@@ -370,48 +371,134 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         _ => None,
     };
 
-    let mut frames = FrameReader::new(rd, FrameCodec::new(ctx.config.max_frame_len));
+    while let Some(frame) = next_request(&ctx, &mut frames, peer).await {
+        let sent = match frame.header.kind {
+            Kind::Heartbeat => {
+                let id = frame.header.request_id;
+                answers
+                    .0
+                    .push(|buf| frame::encode_heartbeat(buf, id, true))
+                    .await
+                    .is_ok()
+            }
+            _ => dispatch(&ctx, peer, frame, &answers, ordered.as_ref()).await,
+        };
+        if !sent {
+            break;
+        }
+    }
+    // Dropping our handle lets the writer finish once in-flight handlers
+    // (which hold clones) have sent their answers.
+}
+
+/// The answer side of a connection. When the last handle goes (the reader
+/// and every in-flight handler are done) the outbox closes and the writer
+/// drains it and stops.
+struct Answers(Arc<Outbox>);
+
+impl Answers {
+    async fn send(&self, answer: Answer) -> Result<(), Closed> {
+        self.0.push(|buf| answer.encode(buf)).await
+    }
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The outcome of one request, to be written back.
+struct Answer {
+    id: u64,
+    result: Result<Bytes, Status>,
+}
+
+impl Answer {
+    fn busy(id: u64, why: &str) -> Answer {
+        Answer {
+            id,
+            result: Err(Status::busy(why)),
+        }
+    }
+
+    fn encode(&self, buf: &mut BytesMut) {
+        match &self.result {
+            Ok(payload) => frame::encode_response(buf, self.id, Code::Ok, "", payload),
+            Err(status) => {
+                frame::encode_response(buf, self.id, status.code(), status.message(), &[])
+            }
+        }
+    }
+}
+
+/// `direct` dispatch: run each request on this task and write the answers
+/// ourselves, one write per batch of requests that arrived together.
+async fn serve_direct(
+    ctx: &Ctx,
+    mut frames: FrameReader<OwnedReadHalf>,
+    mut wr: OwnedWriteHalf,
+    peer: SocketAddr,
+) {
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    while let Some(frame) = next_request(ctx, &mut frames, peer).await {
+        match frame.header.kind {
+            Kind::Heartbeat => frame::encode_heartbeat(&mut out, frame.header.request_id, true),
+            _ => handle(ctx, peer, frame).await.encode(&mut out),
+        }
+        if frames.has_buffered_frame() && out.len() < ctx.config.write_buffer {
+            continue;
+        }
+        let written = tokio::select! {
+            _ = ctx.force.cancelled() => break,
+            written = wr.write_all(&out) => written,
+        };
+        if let Err(e) = written {
+            debug!(%peer, error = %e, "write failed; dropping connection");
+            return;
+        }
+        out.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Reads the next request or ping; `None` when the connection should close
+/// (EOF, bad frame, idle, shutting down), after logging why.
+async fn next_request(
+    ctx: &Ctx,
+    frames: &mut FrameReader<OwnedReadHalf>,
+    peer: SocketAddr,
+) -> Option<Frame> {
     loop {
         let next = tokio::select! {
-            _ = ctx.stop.cancelled() => break,
+            _ = ctx.stop.cancelled() => return None,
             next = tokio::time::timeout(ctx.config.idle_timeout, frames.next()) => next,
         };
         let frame = match next {
             Err(_) => {
                 info!(%peer, idle_timeout = ?ctx.config.idle_timeout, "closing idle connection");
-                break;
+                return None;
             }
             Ok(None) => {
                 debug!(%peer, "connection closed by peer");
-                break;
+                return None;
             }
             Ok(Some(Err(e))) => {
                 warn!(%peer, reason = %e, "closing connection: bad frame");
-                break;
+                return None;
             }
             Ok(Some(Ok(frame))) => frame,
         };
-        let id = frame.header.request_id;
         match frame.header.kind {
-            Kind::Heartbeat if frame.header.flags & frame::FLAG_ACK == 0 => {
-                if tx.send(frame::encode_heartbeat(id, true)).await.is_err() {
-                    break;
-                }
-            }
+            Kind::Request => return Some(frame),
+            Kind::Heartbeat if frame.header.flags & frame::FLAG_ACK == 0 => return Some(frame),
             Kind::Heartbeat => {}
             Kind::Response => {
-                warn!(%peer, id, "closing connection: a consumer sent a response frame");
-                break;
-            }
-            Kind::Request => {
-                if !dispatch(&ctx, peer, frame, &tx, ordered.as_ref()).await {
-                    break;
-                }
+                warn!(%peer, id = frame.header.request_id, "closing connection: a consumer sent a response frame");
+                return None;
             }
         }
     }
-    // Dropping our sender lets the writer finish once in-flight handlers
-    // (which hold clones) have sent their answers.
 }
 
 /// Hands one request to the configured dispatch mode. Returns false when the
@@ -420,45 +507,37 @@ async fn dispatch(
     ctx: &Arc<Ctx>,
     peer: SocketAddr,
     frame: Frame,
-    tx: &mpsc::Sender<Bytes>,
+    answers: &Arc<Answers>,
     ordered: Option<&mpsc::Sender<Frame>>,
 ) -> bool {
     let id = frame.header.request_id;
     match &ctx.dispatch {
-        DispatchState::Direct => {
-            let answer = handle(ctx, peer, frame).await;
-            tx.send(answer).await.is_ok()
-        }
+        DispatchState::Direct => unreachable!("direct dispatch is served by serve_direct"),
         DispatchState::All { running } => {
             let Ok(permit) = running.clone().acquire_owned().await else {
                 return false;
             };
-            let (ctx2, tx2) = (ctx.clone(), tx.clone());
+            let (ctx2, answers2) = (ctx.clone(), answers.clone());
             ctx.tracker.spawn(async move {
                 let answer = handle(&ctx2, peer, frame).await;
                 drop(permit);
-                let _ = tx2.send(answer).await;
+                let _ = answers2.send(answer).await;
             });
             true
         }
         DispatchState::Execution { admitted, running } => {
             let Ok(admission) = admitted.clone().try_acquire_owned() else {
-                let busy = frame::encode_response(
-                    id,
-                    Code::Busy,
-                    "execution pool and its queue are full",
-                    &[],
-                );
-                return tx.send(busy).await.is_ok();
+                let busy = Answer::busy(id, "execution pool and its queue are full");
+                return answers.send(busy).await.is_ok();
             };
-            let (ctx2, tx2, running) = (ctx.clone(), tx.clone(), running.clone());
+            let (ctx2, answers2, running) = (ctx.clone(), answers.clone(), running.clone());
             ctx.tracker.spawn(async move {
                 let Ok(permit) = running.acquire_owned().await else {
                     return;
                 };
                 let answer = handle(&ctx2, peer, frame).await;
                 drop((permit, admission));
-                let _ = tx2.send(answer).await;
+                let _ = answers2.send(answer).await;
             });
             true
         }
@@ -466,25 +545,26 @@ async fn dispatch(
             let ordered = ordered.expect("connection dispatch has a worker");
             match ordered.try_send(frame) {
                 Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    let busy =
-                        frame::encode_response(id, Code::Busy, "connection queue is full", &[]);
-                    tx.send(busy).await.is_ok()
-                }
+                Err(mpsc::error::TrySendError::Full(_)) => answers
+                    .send(Answer::busy(id, "connection queue is full"))
+                    .await
+                    .is_ok(),
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         }
     }
 }
 
-/// Runs one request and returns its encoded answer frame.
-async fn handle(ctx: &Ctx, peer: SocketAddr, frame: Frame) -> Bytes {
+/// Runs one request.
+async fn handle(ctx: &Ctx, peer: SocketAddr, frame: Frame) -> Answer {
     let id = frame.header.request_id;
+    let answer = |result| Answer { id, result };
     let body = match RequestBody::decode(frame.body) {
         Ok(body) => body,
         Err(e) => {
-            let message = format!("cannot decode request body: {e}");
-            return frame::encode_response(id, Code::BadRequest, &message, &[]);
+            return answer(Err(Status::bad_request(format!(
+                "cannot decode request body: {e}"
+            ))));
         }
     };
     let key = ServiceKey {
@@ -493,7 +573,7 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, frame: Frame) -> Bytes {
         group: body.group,
     };
     let Some(service) = ctx.services.get(&key) else {
-        return frame::encode_response(id, Code::ServiceNotFound, &key.to_string(), &[]);
+        return answer(Err(Status::new(Code::ServiceNotFound, key.to_string())));
     };
     let timeout = (body.timeout_ms > 0).then(|| Duration::from_millis(body.timeout_ms.into()));
     let deadline = timeout.map(|t| Instant::now() + t);
@@ -503,22 +583,25 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, frame: Frame) -> Bytes {
         peer: Some(peer),
         deadline,
     };
-    let call = CatchUnwind(service.call(&body.method, request));
-    let result = tokio::select! {
-        result = call => result.unwrap_or_else(|panic| {
-            warn!(service = %key, method = %body.method, panic, "service method panicked");
-            Err(Status::internal(format!("{key}/{} panicked", body.method)))
-        }),
-        _ = sleep_until(deadline) => Err(Status::new(
-            Code::Timeout,
-            format!("{key}/{} exceeded its deadline of {:?}", body.method, timeout.unwrap_or_default()),
-        )),
-        _ = ctx.force.cancelled() => Err(Status::new(Code::Internal, "provider shut down")),
+    let mut call = CatchUnwind(service.call(&body.method, request));
+    // Most methods finish on their first poll; only those that wait get a
+    // deadline timer and a shutdown watch.
+    let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut call).poll(cx))).await;
+    let outcome = match first {
+        Poll::Ready(outcome) => outcome,
+        Poll::Pending => tokio::select! {
+            outcome = call => outcome,
+            _ = sleep_until(deadline) => Ok(Err(Status::new(
+                Code::Timeout,
+                format!("{key}/{} exceeded its deadline of {:?}", body.method, timeout.unwrap_or_default()),
+            ))),
+            _ = ctx.force.cancelled() => Ok(Err(Status::new(Code::Internal, "provider shut down"))),
+        },
     };
-    match result {
-        Ok(payload) => frame::encode_response(id, Code::Ok, "", &payload),
-        Err(status) => frame::encode_response(id, status.code(), status.message(), &[]),
-    }
+    answer(outcome.unwrap_or_else(|panic| {
+        warn!(service = %key, method = %body.method, panic, "service method panicked");
+        Err(Status::internal(format!("{key}/{} panicked", body.method)))
+    }))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -530,33 +613,29 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 async fn write_loop(
     mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Bytes>,
-    batch_size: usize,
+    outbox: Arc<Outbox>,
     force: CancellationToken,
     peer: SocketAddr,
 ) {
-    let mut batch = Vec::with_capacity(batch_size);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
-        let n = tokio::select! {
+        let more = tokio::select! {
             _ = force.cancelled() => break,
-            n = rx.recv_many(&mut batch, batch_size) => n,
+            more = outbox.take(&mut out) => more,
         };
-        if n == 0 {
+        if !more {
             break;
-        }
-        for answer in batch.drain(..) {
-            buf.extend_from_slice(&answer);
         }
         let written = tokio::select! {
             _ = force.cancelled() => break,
-            written = wr.write_all(&buf) => written,
+            written = wr.write_all(&out) => written,
         };
         if let Err(e) = written {
             debug!(%peer, error = %e, "write failed; dropping connection");
+            outbox.close();
             break;
         }
-        buf.clear();
+        out.clear();
     }
     let _ = wr.shutdown().await;
 }

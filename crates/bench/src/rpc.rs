@@ -1,0 +1,202 @@
+//! `bench rpc`: the data plane against tonic and raw TCP.
+//!
+//! For each system, one after another: start its echo server in a child
+//! process, then from this process run a closed loop (`--concurrency`
+//! callers over `--connections` connections), a serial run (one caller) and
+//! a fixed-rate run (`--rate` calls/s). The last line is
+//! `RESULT rpc qps_vs_tonic=<x> qps_vs_raw=<y> p99_vs_tonic=<z> serial_p50_us=<n>`:
+//! closed-loop QPS and fixed-rate p99 as ratios this framework / peer.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+
+use crate::load::{self, Outcome, Window};
+use crate::systems::{Clients, System};
+
+#[derive(Debug, clap::Args)]
+pub struct RpcArgs {
+    /// Measured seconds of each run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds before each measured run.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Concurrent callers in the closed loop.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Payload bytes per call.
+    #[arg(long, default_value_t = 128)]
+    payload: usize,
+    /// Connections the callers share.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Calls per second of the fixed-rate run.
+    #[arg(long, default_value_t = 20_000)]
+    rate: u32,
+    /// Dispatch mode of this framework's provider.
+    #[arg(long, default_value = "all")]
+    dispatch: String,
+    /// Systems to measure.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "tern,tonic,raw"
+    )]
+    systems: Vec<System>,
+}
+
+/// The three runs of one system.
+struct Report {
+    system: System,
+    closed: Outcome,
+    serial: Outcome,
+    fixed: Outcome,
+}
+
+struct ServerProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ServerProcess {
+    fn start(system: System, dispatch: &str) -> anyhow::Result<ServerProcess> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args([
+                "serve",
+                "--system",
+                system.name_arg(),
+                "--dispatch",
+                dispatch,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the server process")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .with_context(|| format!("server printed {line:?}"))?
+            .parse()?;
+        Ok(ServerProcess { child, addr })
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl System {
+    fn name_arg(self) -> &'static str {
+        match self {
+            System::Tern => "tern",
+            System::Tonic => "tonic",
+            System::Raw => "raw",
+        }
+    }
+}
+
+pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
+    let window = Window {
+        warmup: Duration::from_secs_f64(args.warmup),
+        duration: Duration::from_secs_f64(args.duration),
+    };
+    let payload = Bytes::from(vec![0xA5u8; args.payload]);
+    println!(
+        "rpc benchmark: {} connection(s), concurrency {}, payload {} B, warm-up {:?}, measured {:?}, fixed rate {}/s, dispatch {}",
+        args.connections,
+        args.concurrency,
+        args.payload,
+        window.warmup,
+        window.duration,
+        args.rate,
+        args.dispatch
+    );
+    let mut reports = Vec::new();
+    for &system in &args.systems {
+        let server = ServerProcess::start(system, &args.dispatch)?;
+        let pids = [server.child.id(), std::process::id()];
+        let clients = Arc::new(Clients::connect(system, server.addr, args.connections).await?);
+        eprintln!("measuring {} ...", system.name());
+        let closed = load::closed_loop(
+            clients.clone(),
+            args.concurrency,
+            payload.clone(),
+            &window,
+            &pids,
+        )
+        .await?;
+        let serial = load::closed_loop(clients.clone(), 1, payload.clone(), &window, &pids).await?;
+        let fixed =
+            load::fixed_rate(clients.clone(), args.rate, payload.clone(), &window, &pids).await?;
+        drop(clients);
+        drop(server);
+        reports.push(Report {
+            system,
+            closed,
+            serial,
+            fixed,
+        });
+    }
+    print_table(&reports);
+
+    let find = |s: System| reports.iter().find(|r| r.system == s);
+    let ratio = |ours: f64, theirs: f64| {
+        if theirs > 0.0 {
+            format!("{:.2}", ours / theirs)
+        } else {
+            "n/a".into()
+        }
+    };
+    let (tern, tonic, raw) = (find(System::Tern), find(System::Tonic), find(System::Raw));
+    let tern_qps = tern.map_or(0.0, |r| r.closed.qps());
+    let tern_p99 = tern.map_or(0.0, |r| r.fixed.quantile_us(0.99));
+    println!(
+        "RESULT rpc qps_vs_tonic={} qps_vs_raw={} p99_vs_tonic={} serial_p50_us={:.0}",
+        ratio(tern_qps, tonic.map_or(0.0, |r| r.closed.qps())),
+        ratio(tern_qps, raw.map_or(0.0, |r| r.closed.qps())),
+        ratio(tern_p99, tonic.map_or(0.0, |r| r.fixed.quantile_us(0.99))),
+        tern.map_or(0.0, |r| r.serial.quantile_us(0.5)),
+    );
+    Ok(())
+}
+
+fn print_table(reports: &[Report]) {
+    println!();
+    println!(
+        "{:<8} {:<11} {:>10} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10}",
+        "system", "run", "qps", "errors", "p50 us", "p99 us", "p999 us", "srv cpu%", "cli cpu%"
+    );
+    for report in reports {
+        for (run, o) in [
+            ("closed", &report.closed),
+            ("serial", &report.serial),
+            ("fixed-rate", &report.fixed),
+        ] {
+            println!(
+                "{:<8} {:<11} {:>10.0} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>10.0}",
+                report.system.name(),
+                run,
+                o.qps(),
+                o.errors,
+                o.quantile_us(0.5),
+                o.quantile_us(0.99),
+                o.quantile_us(0.999),
+                o.cpu.first().copied().unwrap_or(0.0),
+                o.cpu.get(1).copied().unwrap_or(0.0),
+            );
+        }
+    }
+    println!();
+}

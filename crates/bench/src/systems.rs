@@ -1,0 +1,177 @@
+//! The systems under test: an echo server and a client for each.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use bytes::Bytes;
+use consumer_sdk::{Consumer, ConsumerConfig, Reference};
+use provider_sdk::Provider;
+use rpc_core::{Dispatch, Request, Status};
+
+use crate::proto::{self, EchoReply, EchoRequest};
+use crate::raw::{self, RawClient};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum System {
+    /// This framework (provider-sdk / consumer-sdk).
+    Tern,
+    /// tonic (gRPC over HTTP/2).
+    Tonic,
+    /// Raw length-prefixed echo over tokio TCP.
+    Raw,
+}
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Tern => "tern",
+            System::Tonic => "tonic",
+            System::Raw => "raw-tcp",
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[arg(long, value_enum)]
+    system: System,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    addr: SocketAddr,
+    /// Dispatch mode of this framework's provider.
+    #[arg(long, default_value = "all")]
+    dispatch: String,
+}
+
+struct EchoService;
+
+impl proto::Echo for EchoService {
+    async fn echo(&self, request: Request<EchoRequest>) -> Result<EchoReply, Status> {
+        Ok(EchoReply {
+            payload: request.into_inner().payload,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl proto::echo_server::Echo for EchoService {
+    async fn echo(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        Ok(tonic::Response::new(EchoReply {
+            payload: request.into_inner().payload,
+        }))
+    }
+}
+
+/// Runs one system's echo server; prints `listening <addr>` when ready.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    match args.system {
+        System::Tern => {
+            let dispatch: Dispatch = args.dispatch.parse().map_err(anyhow::Error::msg)?;
+            let provider = Provider::builder()
+                .app("bench")
+                .bind(args.addr.to_string())
+                .dispatch(dispatch)
+                .service(proto::EchoServer::new(EchoService))
+                .start()
+                .await?;
+            println!("listening {}", provider.local_addr());
+            std::future::pending::<()>().await;
+        }
+        System::Tonic => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::bind(args.addr)?.with_nodelay(Some(true));
+            println!("listening {}", incoming.local_addr()?);
+            tonic::transport::Server::builder()
+                .add_service(proto::echo_server::EchoServer::new(EchoService))
+                .serve_with_incoming(incoming)
+                .await?;
+        }
+        System::Raw => {
+            let listener = tokio::net::TcpListener::bind(args.addr).await?;
+            println!("listening {}", listener.local_addr()?);
+            raw::serve(listener).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Clients of one system, one per connection.
+#[derive(Debug)]
+pub enum Clients {
+    Tern(Vec<proto::EchoClient<Reference>>),
+    Tonic(Vec<proto::echo_client::EchoClient<tonic::transport::Channel>>),
+    Raw(Vec<RawClient>),
+}
+
+impl Clients {
+    pub async fn connect(
+        system: System,
+        addr: SocketAddr,
+        connections: usize,
+    ) -> anyhow::Result<Clients> {
+        let connections = connections.max(1);
+        Ok(match system {
+            System::Tern => {
+                let mut clients = Vec::new();
+                for _ in 0..connections {
+                    // One consumer per connection: a consumer shares one
+                    // connection per provider among its references.
+                    let client = Consumer::new(ConsumerConfig::default())
+                        .reference::<proto::EchoClient<_>>()
+                        .direct([addr])
+                        .build()?;
+                    clients.push(client);
+                }
+                Clients::Tern(clients)
+            }
+            System::Tonic => {
+                let mut clients = Vec::new();
+                for _ in 0..connections {
+                    let channel =
+                        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                            .tcp_nodelay(true)
+                            .connect()
+                            .await
+                            .with_context(|| format!("connecting to tonic at {addr}"))?;
+                    clients.push(proto::echo_client::EchoClient::new(channel));
+                }
+                Clients::Tonic(clients)
+            }
+            System::Raw => {
+                let mut clients = Vec::new();
+                for _ in 0..connections {
+                    clients.push(RawClient::connect(addr).await?);
+                }
+                Clients::Raw(clients)
+            }
+        })
+    }
+
+    /// One echo call on connection `conn`; checks the echoed length.
+    pub async fn call(&self, conn: usize, payload: &Bytes) -> anyhow::Result<()> {
+        let echoed = match self {
+            Clients::Tern(c) => {
+                let request = EchoRequest {
+                    payload: payload.clone(),
+                };
+                c[conn % c.len()].echo(request).await?.payload.len()
+            }
+            Clients::Tonic(c) => {
+                let request = EchoRequest {
+                    payload: payload.clone(),
+                };
+                let mut client = c[conn % c.len()].clone();
+                client.echo(request).await?.into_inner().payload.len()
+            }
+            Clients::Raw(c) => c[conn % c.len()].call(payload).await?.len(),
+        };
+        anyhow::ensure!(
+            echoed == payload.len(),
+            "echoed {echoed} bytes of {}",
+            payload.len()
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! A connection's shared write buffer.
+//!
+//! Callers (client side) and handlers (server side) encode their frames
+//! straight into one buffer under a short lock; the connection's writer task
+//! swaps the whole buffer out and writes it with one syscall. No per-frame
+//! allocation, no per-frame channel hop, and the batching comes for free:
+//! whatever was encoded while the previous write was in progress goes out in
+//! the next one.
+//!
+//! Bound: once the buffer holds `high_water` bytes, pushers wait until the
+//! writer has taken it (so a peer that stops reading holds back callers,
+//! within their deadlines, rather than growing memory). A frame is never
+//! split, so the buffer may exceed `high_water` by one frame.
+//!
+//! The lock is a `std::sync::Mutex`, never held across an `.await`.
+
+use std::sync::Mutex;
+
+use bytes::BytesMut;
+use tokio::sync::Notify;
+
+/// The writer went away; nothing more can be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closed;
+
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the writer when the buffer stops being empty.
+    ready: Notify,
+    /// Wakes pushers waiting for room.
+    room: Notify,
+    high_water: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    buf: BytesMut,
+    closed: bool,
+}
+
+impl Outbox {
+    pub(crate) fn new(high_water: usize) -> Outbox {
+        Outbox {
+            state: Mutex::new(State {
+                buf: BytesMut::with_capacity(64 * 1024),
+                closed: false,
+            }),
+            ready: Notify::new(),
+            room: Notify::new(),
+            high_water: high_water.max(1),
+        }
+    }
+
+    /// Encodes one frame with `encode` into the buffer, waiting for room
+    /// first if the buffer is full.
+    pub(crate) async fn push(&self, encode: impl FnOnce(&mut BytesMut)) -> Result<(), Closed> {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Register before checking, so a wake between check and await is kept.
+            room.as_mut().enable();
+            {
+                let mut state = self.state.lock().expect("outbox lock");
+                if state.closed {
+                    return Err(Closed);
+                }
+                if state.buf.len() < self.high_water {
+                    let was_empty = state.buf.is_empty();
+                    encode(&mut state.buf);
+                    drop(state);
+                    if was_empty {
+                        self.ready.notify_one();
+                    }
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Waits for frames, then swaps them into `out` (which must be empty).
+    /// Returns false once the outbox is closed and drained.
+    pub(crate) async fn take(&self, out: &mut BytesMut) -> bool {
+        debug_assert!(out.is_empty());
+        loop {
+            {
+                let mut state = self.state.lock().expect("outbox lock");
+                if !state.buf.is_empty() {
+                    std::mem::swap(&mut state.buf, out);
+                    drop(state);
+                    self.room.notify_waiters();
+                    return true;
+                }
+                if state.closed {
+                    return false;
+                }
+            }
+            // `notify_one` keeps a permit if we are not waiting yet.
+            self.ready.notified().await;
+            // Let tasks woken by the last read add their frames first, so
+            // one write carries them all.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Refuses further frames; the writer drains what is buffered and stops.
+    pub(crate) fn close(&self) {
+        self.state.lock().expect("outbox lock").closed = true;
+        self.ready.notify_one();
+        self.room.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn frames_pushed_before_a_take_come_out_together_in_order() {
+        let outbox = Outbox::new(1024);
+        outbox.push(|b| b.put_slice(b"one ")).await.unwrap();
+        outbox.push(|b| b.put_slice(b"two")).await.unwrap();
+        let mut out = BytesMut::new();
+        assert!(outbox.take(&mut out).await);
+        assert_eq!(&out[..], b"one two");
+    }
+
+    #[tokio::test]
+    async fn full_outbox_makes_pushers_wait_for_the_writer() {
+        let outbox = Arc::new(Outbox::new(4));
+        outbox.push(|b| b.put_slice(b"12345")).await.unwrap();
+        let pusher = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.push(|b| b.put_slice(b"6")).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            !pusher.is_finished(),
+            "pusher waits while the buffer is over high water"
+        );
+        let mut out = BytesMut::new();
+        assert!(outbox.take(&mut out).await);
+        assert_eq!(&out[..], b"12345");
+        pusher.await.unwrap().unwrap();
+        out.clear();
+        assert!(outbox.take(&mut out).await);
+        assert_eq!(&out[..], b"6");
+    }
+
+    #[tokio::test]
+    async fn close_drains_then_ends_and_refuses_pushes() {
+        let outbox = Outbox::new(64);
+        outbox.push(|b| b.put_slice(b"last")).await.unwrap();
+        outbox.close();
+        assert_eq!(outbox.push(|b| b.put_slice(b"x")).await, Err(Closed));
+        let mut out = BytesMut::new();
+        assert!(outbox.take(&mut out).await);
+        out.clear();
+        assert!(!outbox.take(&mut out).await);
+    }
+}
