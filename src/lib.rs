@@ -8,6 +8,12 @@
 //!
 //! [`demo`] holds the generated stubs of the services in `proto/demo`, used by
 //! the examples and the end-to-end tests.
+//!
+//! The README's quickstart is compiled and run as a doc test below.
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 pub use consumer_sdk as consumer;
 pub use provider_sdk as provider;
