@@ -30,18 +30,32 @@ async fn start_provider(name: &str) -> anyhow::Result<Provider> {
     let provider = Provider::builder()
         .app(name)
         .bind("127.0.0.1:0")
-        .service_with(GreeterServer::new(Hello { name: name.to_owned() }), "1.0.0", "")
+        .service_with(
+            GreeterServer::new(Hello {
+                name: name.to_owned(),
+            }),
+            "1.0.0",
+            "",
+        )
         .start()
         .await?;
     Ok(provider)
 }
 
 /// Makes `n` calls; returns how many each provider served and how many failed.
-async fn call_many(client: &GreeterClient<Reference>, n: usize) -> (BTreeMap<String, usize>, usize) {
+async fn call_many(
+    client: &GreeterClient<Reference>,
+    n: usize,
+) -> (BTreeMap<String, usize>, usize) {
     let mut served = BTreeMap::new();
     let mut failed = 0;
     for i in 0..n {
-        match client.say_hello(HelloRequest { name: format!("call-{i}") }).await {
+        match client
+            .say_hello(HelloRequest {
+                name: format!("call-{i}"),
+            })
+            .await
+        {
             Ok(reply) => *served.entry(reply.served_by).or_insert(0) += 1,
             Err(e) => {
                 failed += 1;
@@ -55,7 +69,9 @@ async fn call_many(client: &GreeterClient<Reference>, n: usize) -> (BTreeMap<Str
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .init();
     let t0 = Instant::now();
 
@@ -97,9 +113,14 @@ async fn main() -> anyhow::Result<()> {
     let stopped = providers.remove(0);
     let stopping = Instant::now();
     stopped.shutdown().await;
-    println!("   provider-a stopped in {:.1} ms", stopping.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "   provider-a stopped in {:.1} ms",
+        stopping.elapsed().as_secs_f64() * 1e3
+    );
     let (served, failed) = call_many(&client, 1000).await;
-    println!("   1,000 more calls, failed: {failed} (each call to the stopped provider retried on another)");
+    println!(
+        "   1,000 more calls, failed: {failed} (each call to the stopped provider retried on another)"
+    );
     for (provider, count) in &served {
         println!("   {provider}: {count} calls");
     }
@@ -108,6 +129,9 @@ async fn main() -> anyhow::Result<()> {
         provider.shutdown().await;
     }
     println!("== done in {:.2} s", t0.elapsed().as_secs_f64());
-    anyhow::ensure!(failed == 0, "{failed} calls failed after the provider stopped");
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} calls failed after the provider stopped"
+    );
     Ok(())
 }

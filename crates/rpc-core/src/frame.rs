@@ -272,6 +272,48 @@ mod tests {
         }
     }
 
+    /// The example in docs/PROTOCOL.md, byte for byte.
+    #[test]
+    fn documented_example_matches_the_encoder() {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/PROTOCOL.md"
+        ))
+        .unwrap();
+        let example = doc
+            .split("```text\n")
+            .nth(1)
+            .unwrap()
+            .split("```")
+            .next()
+            .unwrap();
+        let hex: String = example
+            .lines()
+            .flat_map(|line| line.split("  ").next())
+            .flat_map(|bytes| bytes.split_whitespace())
+            .collect();
+        let expected: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+
+        let key = ServiceKey::new("demo.Greeter", "1.0.0", "");
+        let head = RequestHead {
+            service: &key,
+            method: "SayHello",
+            timeout_ms: 500,
+            attachments: &HashMap::new(),
+        };
+        let mut wire = BytesMut::new();
+        encode_request(
+            &mut wire,
+            1,
+            &head,
+            &[0x0a, 0x05, b'w', b'o', b'r', b'l', b'd'],
+        );
+        assert_eq!(&wire[..], &expected[..]);
+    }
+
     #[test]
     fn heartbeat_is_a_bare_header() {
         let mut bytes = BytesMut::new();
