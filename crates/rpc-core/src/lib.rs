@@ -20,6 +20,7 @@ pub mod error;
 pub mod frame;
 pub mod invoke;
 mod outbox;
+pub mod registry;
 pub mod server;
 mod service_key;
 

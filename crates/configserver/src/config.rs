@@ -1,0 +1,202 @@
+//! Command line, environment and TOML configuration of the binary.
+//!
+//! Precedence: flags, then `CONFIGSERVER_*` environment variables, then the
+//! file given with `--config`, then built-in defaults. The file uses the flag
+//! names, e.g.:
+//!
+//! ```toml
+//! listen = "0.0.0.0:9600"
+//! admin-listen = "127.0.0.1:9601"
+//! heartbeat-interval-ms = 1000
+//! heartbeat-timeout-ms = 3000
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::server::ServerConfig;
+
+/// The registry daemon: live service map, pushed address deltas, admin API.
+#[derive(Debug, clap::Parser)]
+#[command(name = "configserver", version)]
+pub struct Cli {
+    /// TOML file with any of the settings below (flag names as keys).
+    #[arg(long, short, env = "CONFIGSERVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Every setting is optional here; unset ones come from the file or defaults.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// Address nodes connect to (gRPC) [default: 0.0.0.0:9600].
+    #[arg(long, env = "CONFIGSERVER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address of the admin HTTP API [default: 0.0.0.0:9601].
+    #[arg(long, env = "CONFIGSERVER_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// How often nodes send heartbeats [default: 1000].
+    #[arg(long, env = "CONFIGSERVER_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// A node silent this long is expired [default: 3000].
+    #[arg(long, env = "CONFIGSERVER_HEARTBEAT_TIMEOUT_MS")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Changes within this window are pushed as one delta [default: 5].
+    #[arg(long, env = "CONFIGSERVER_COALESCE_MS")]
+    pub coalesce_ms: Option<u64>,
+    /// Deltas kept per service for reconnecting or lagging nodes [default: 64].
+    #[arg(long, env = "CONFIGSERVER_HISTORY_LEN")]
+    pub history_len: Option<usize>,
+    /// After a start, snapshots are partial for this long while providers
+    /// re-register [default: 5000].
+    #[arg(long, env = "CONFIGSERVER_STARTUP_GRACE_MS")]
+    pub startup_grace_ms: Option<u64>,
+    /// Largest control message accepted, in bytes [default: 1048576].
+    #[arg(long, env = "CONFIGSERVER_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Largest provider instance accepted, in bytes [default: 16384].
+    #[arg(long, env = "CONFIGSERVER_MAX_INSTANCE_BYTES")]
+    pub max_instance_bytes: Option<usize>,
+}
+
+impl Settings {
+    /// Settings from a TOML file.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, or a key or value is wrong (named in the error).
+    pub fn from_file(path: &Path) -> anyhow::Result<Settings> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// `self` where set, else `fallback`.
+    pub fn or(self, fallback: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(fallback.listen),
+            admin_listen: self.admin_listen.or(fallback.admin_listen),
+            heartbeat_interval_ms: self.heartbeat_interval_ms.or(fallback.heartbeat_interval_ms),
+            heartbeat_timeout_ms: self.heartbeat_timeout_ms.or(fallback.heartbeat_timeout_ms),
+            coalesce_ms: self.coalesce_ms.or(fallback.coalesce_ms),
+            history_len: self.history_len.or(fallback.history_len),
+            startup_grace_ms: self.startup_grace_ms.or(fallback.startup_grace_ms),
+            max_message_bytes: self.max_message_bytes.or(fallback.max_message_bytes),
+            max_instance_bytes: self.max_instance_bytes.or(fallback.max_instance_bytes),
+        }
+    }
+
+    /// The server configuration: these settings over the defaults.
+    pub fn into_config(self) -> ServerConfig {
+        let mut config = ServerConfig::default();
+        let ms = Duration::from_millis;
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = self.admin_listen {
+            config.admin_listen = v;
+        }
+        if let Some(v) = self.heartbeat_interval_ms {
+            config.heartbeat_interval = ms(v);
+        }
+        if let Some(v) = self.heartbeat_timeout_ms {
+            config.heartbeat_timeout = ms(v);
+        }
+        if let Some(v) = self.coalesce_ms {
+            config.coalesce = ms(v);
+        }
+        if let Some(v) = self.history_len {
+            config.registry.history_len = v;
+        }
+        if let Some(v) = self.startup_grace_ms {
+            config.registry.startup_grace = ms(v);
+        }
+        if let Some(v) = self.max_message_bytes {
+            config.max_message_bytes = v;
+        }
+        if let Some(v) = self.max_instance_bytes {
+            config.registry.max_instance_bytes = v;
+        }
+        config
+    }
+}
+
+impl Cli {
+    /// Flags and environment over the file over the defaults.
+    ///
+    /// # Errors
+    ///
+    /// A bad configuration file.
+    pub fn resolve(self) -> anyhow::Result<ServerConfig> {
+        let file = match &self.config {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        Ok(self.settings.or(file).into_config())
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+///
+/// # Errors
+///
+/// Bad configuration, or an address that cannot be bound.
+pub fn main() -> anyhow::Result<()> {
+    use clap::Parser;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    run(Cli::parse())
+}
+
+/// Runs the daemon with parsed arguments until SIGINT or SIGTERM.
+///
+/// # Errors
+///
+/// Bad configuration, or an address that cannot be bound.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.resolve()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let server = crate::ConfigServer::start(config).await?;
+        println!("configserver listening {} admin {}", server.local_addr(), server.admin_addr());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received; shutting down");
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let file: Settings = toml::from_str("heartbeat-interval-ms = 500\nheartbeat-timeout-ms = 2000\nhistory-len = 8").unwrap();
+        let flags = Settings {
+            heartbeat_timeout_ms: Some(4000),
+            ..Settings::default()
+        };
+        let config = flags.or(file).into_config();
+        assert_eq!(config.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(config.heartbeat_timeout, Duration::from_millis(4000));
+        assert_eq!(config.registry.history_len, 8);
+        assert_eq!(config.coalesce, ServerConfig::default().coalesce);
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let err = toml::from_str::<Settings>("heartbeat-intervl-ms = 5").unwrap_err();
+        assert!(err.to_string().contains("heartbeat-intervl-ms"), "{err}");
+    }
+}

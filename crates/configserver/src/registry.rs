@@ -1,0 +1,795 @@
+//! The live map `service -> providers, consumers`, its revisions and the
+//! bounded history of recent deltas.
+//!
+//! # How a change travels
+//!
+//! 1. A session registers, unregisters, or goes away. The change lands in the
+//!    service's *pending* set and the service is marked dirty;
+//!    [`Registry::changed`] wakes the flusher.
+//! 2. The flusher waits the coalescing window, then [`Registry::flush`]es:
+//!    each dirty service with a net change gets a new revision and one
+//!    [`Delta`] (kept in a bounded history), and each subscriber session is
+//!    marked dirty for that service.
+//! 3. Each session's push task asks [`Registry::catch_up`] for what its node
+//!    lacks: the deltas since the revision it was last sent, or one fresh
+//!    snapshot when the history no longer covers it or the node is far behind.
+//!
+//! A subscriber that reads slowly therefore never builds a backlog: it holds
+//! at most one "dirty" mark per service, and catches up with deltas or one
+//! snapshot when it is ready.
+//!
+//! All state sits behind one `std::sync::Mutex`, never held across an
+//! `.await`. Lock order: the registry, then a session's [`PushQueue`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use rpc_core::ServiceKey;
+use rpc_core::registry::convert::{addr_of, instance_addr};
+use tern_proto::registry::{self as pb, Delta, Instance, ServerMessage, Snapshot, server_message};
+use tokio::sync::Notify;
+use tracing::{debug, info};
+
+use crate::metrics::Metrics;
+
+/// Session identifier, unique within one server run.
+pub type SessionId = u64;
+
+/// Limits and timings of the registry.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Deltas kept per service for nodes that reconnect or lag.
+    pub history_len: usize,
+    /// A node further behind than this many deltas gets a snapshot instead.
+    pub max_catch_up_deltas: usize,
+    /// After a start, snapshots are partial for this long (see
+    /// `Snapshot.partial`): providers are still re-registering.
+    pub startup_grace: Duration,
+    /// Largest encoded instance accepted.
+    pub max_instance_bytes: usize,
+    /// Most instances one session may register, and most subscriptions.
+    pub max_per_session: usize,
+    /// Highest weight accepted.
+    pub max_weight: u32,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> RegistryConfig {
+        RegistryConfig {
+            history_len: 64,
+            max_catch_up_deltas: 8,
+            startup_grace: Duration::from_secs(5),
+            max_instance_bytes: 16 * 1024,
+            max_per_session: 10_000,
+            max_weight: 10_000,
+        }
+    }
+}
+
+/// A refused request. The message names the bad value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Duplicate(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl RegistryError {
+    /// The `Error.kind` sent to the node.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RegistryError::Invalid(_) => "invalid",
+            RegistryError::Duplicate(_) => "duplicate",
+            RegistryError::TooLarge(_) => "too_large",
+            RegistryError::NotFound(_) => "not_found",
+        }
+    }
+}
+
+/// What a node said about itself in Hello.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    pub app: String,
+    pub role: i32,
+    pub host: String,
+    pub zone: String,
+    pub peer: Option<SocketAddr>,
+}
+
+/// Services a session must be sent, and what it was last sent of each.
+#[derive(Debug, Default)]
+pub struct PushQueue {
+    state: Mutex<PushState>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct PushState {
+    dirty: BTreeSet<ServiceKey>,
+    /// Revision last sent per subscribed service; `None` = send a snapshot.
+    sent: HashMap<ServiceKey, Option<u64>>,
+}
+
+impl PushQueue {
+    fn mark(&self, key: &ServiceKey, reset: bool) {
+        let mut state = self.state.lock().expect("push lock");
+        if reset {
+            state.sent.insert(key.clone(), None);
+        }
+        state.dirty.insert(key.clone());
+        drop(state);
+        self.notify.notify_one();
+    }
+
+    /// Waits until some service is dirty, then takes the dirty set with the
+    /// revision last sent of each.
+    pub async fn next(&self) -> Vec<(ServiceKey, Option<u64>)> {
+        loop {
+            {
+                let mut state = self.state.lock().expect("push lock");
+                if !state.dirty.is_empty() {
+                    let dirty = std::mem::take(&mut state.dirty);
+                    return dirty
+                        .into_iter()
+                        .filter_map(|k| state.sent.get(&k).copied().map(|sent| (k, sent)))
+                        .collect();
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    /// Records what was sent (ignored if the node unsubscribed meanwhile).
+    pub fn sent(&self, key: &ServiceKey, revision: u64) {
+        let mut state = self.state.lock().expect("push lock");
+        if let Some(sent) = state.sent.get_mut(key) {
+            *sent = Some(revision);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SessionEntry {
+    node: NodeInfo,
+    registered: BTreeSet<(ServiceKey, String)>,
+    subscribed: BTreeSet<ServiceKey>,
+    push: Arc<PushQueue>,
+}
+
+#[derive(Debug, Default)]
+struct ServiceEntry {
+    providers: BTreeMap<String, (Instance, SessionId)>,
+    consumers: BTreeMap<SessionId, NodeInfo>,
+    subscribers: BTreeSet<SessionId>,
+    revision: u64,
+    history: VecDeque<Arc<Delta>>,
+    pending: Pending,
+}
+
+/// Net change since the last flush.
+#[derive(Debug, Default)]
+struct Pending {
+    added: BTreeMap<String, Instance>,
+    updated: BTreeMap<String, Instance>,
+    removed: BTreeSet<String>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty()
+    }
+
+    fn add(&mut self, addr: &str, instance: Instance, existed_at_flush: bool) {
+        self.removed.remove(addr);
+        if existed_at_flush {
+            self.updated.insert(addr.to_owned(), instance);
+        } else {
+            self.added.insert(addr.to_owned(), instance);
+        }
+    }
+
+    fn remove(&mut self, addr: &str) {
+        self.updated.remove(addr);
+        // Added and removed within one window: the subscribers never hear of it.
+        if self.added.remove(addr).is_none() {
+            self.removed.insert(addr.to_owned());
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    services: HashMap<ServiceKey, ServiceEntry>,
+    sessions: HashMap<SessionId, SessionEntry>,
+    dirty: BTreeSet<ServiceKey>,
+    next_session: SessionId,
+}
+
+/// The registry of one ConfigServer.
+#[derive(Debug)]
+pub struct Registry {
+    state: Mutex<State>,
+    config: RegistryConfig,
+    epoch: String,
+    started: Instant,
+    grace_over: AtomicBool,
+    /// Woken on every change; the flusher waits on it.
+    pub changed: Notify,
+    pub metrics: Metrics,
+}
+
+// === impl Registry ===
+
+impl Registry {
+    pub fn new(config: RegistryConfig) -> Registry {
+        let epoch = format!("{:016x}", rand::random::<u64>());
+        Registry {
+            state: Mutex::new(State::default()),
+            grace_over: AtomicBool::new(config.startup_grace.is_zero()),
+            config,
+            epoch,
+            started: Instant::now(),
+            changed: Notify::new(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("registry lock")
+    }
+
+    pub fn open_session(&self, node: NodeInfo) -> (SessionId, Arc<PushQueue>) {
+        let mut state = self.lock();
+        state.next_session += 1;
+        let id = state.next_session;
+        let push = Arc::new(PushQueue::default());
+        info!(session = id, app = %node.app, host = %node.host, peer = ?node.peer, "session opened");
+        state.sessions.insert(
+            id,
+            SessionEntry {
+                node,
+                registered: BTreeSet::new(),
+                subscribed: BTreeSet::new(),
+                push: push.clone(),
+            },
+        );
+        self.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        (id, push)
+    }
+
+    /// Removes a session's instances, subscriptions and consumer entries.
+    pub fn close_session(&self, id: SessionId, reason: &str) {
+        let mut state = self.lock();
+        let Some(session) = state.sessions.remove(&id) else { return };
+        let mut changed = false;
+        for (key, addr) in &session.registered {
+            changed |= remove_provider(&mut state, key, addr, id);
+        }
+        for key in &session.subscribed {
+            if let Some(entry) = state.services.get_mut(key) {
+                entry.subscribers.remove(&id);
+                entry.consumers.remove(&id);
+            }
+        }
+        drop(state);
+        info!(
+            session = id,
+            app = %session.node.app,
+            instances = session.registered.len(),
+            subscriptions = session.subscribed.len(),
+            reason,
+            "session closed"
+        );
+        self.metrics.sessions_closed.fetch_add(1, Ordering::Relaxed);
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Validates and stores a provider instance.
+    ///
+    /// # Errors
+    ///
+    /// A bad service key, host, port or weight, an instance over the size
+    /// limit, an address another session holds, or too many registrations.
+    pub fn register(&self, id: SessionId, key: ServiceKey, mut instance: Instance) -> Result<(), RegistryError> {
+        key.validate().map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        self.validate_instance(&key, &instance)?;
+        if instance.protocol.is_empty() {
+            instance.protocol = "tern".to_owned();
+        }
+        let addr = instance_addr(&instance);
+        let mut state = self.lock();
+        let session = state.sessions.get(&id).ok_or_else(|| RegistryError::NotFound(format!("session {id}")))?;
+        if instance.app.is_empty() {
+            instance.app = session.node.app.clone();
+        }
+        if session.registered.len() >= self.config.max_per_session && !session.registered.contains(&(key.clone(), addr.clone())) {
+            return Err(RegistryError::TooLarge(format!(
+                "session {id} already registers {} instances, the limit",
+                session.registered.len()
+            )));
+        }
+        let entry = state.services.entry(key.clone()).or_default();
+        match entry.providers.get(&addr) {
+            Some((_, owner)) if *owner != id => {
+                return Err(RegistryError::Duplicate(format!(
+                    "{key} provider {addr} is already registered by session {owner}"
+                )));
+            }
+            Some((existing, _)) if *existing == instance => return Ok(()),
+            _ => {}
+        }
+        let existed_at_flush = entry.providers.contains_key(&addr) && !entry.pending.added.contains_key(&addr)
+            || entry.pending.removed.contains(&addr);
+        entry.pending.add(&addr, instance.clone(), existed_at_flush);
+        entry.providers.insert(addr.clone(), (instance, id));
+        state.dirty.insert(key.clone());
+        if let Some(session) = state.sessions.get_mut(&id) {
+            session.registered.insert((key.clone(), addr.clone()));
+        }
+        drop(state);
+        debug!(session = id, service = %key, %addr, "registered");
+        self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// # Errors
+    ///
+    /// [`RegistryError::NotFound`] if this session does not hold that instance.
+    pub fn unregister(&self, id: SessionId, key: &ServiceKey, host: &str, port: u32) -> Result<(), RegistryError> {
+        let addr = addr_of(host, port);
+        let mut state = self.lock();
+        let held = state
+            .sessions
+            .get_mut(&id)
+            .is_some_and(|s| s.registered.remove(&(key.clone(), addr.clone())));
+        if !held {
+            return Err(RegistryError::NotFound(format!("{key} provider {addr} is not registered by this session")));
+        }
+        remove_provider(&mut state, key, &addr, id);
+        drop(state);
+        debug!(session = id, service = %key, %addr, "unregistered");
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// Subscribes a session to a service and schedules what it must be sent:
+    /// the deltas since `known` (epoch, revision) if the history covers
+    /// them, else a snapshot.
+    ///
+    /// # Errors
+    ///
+    /// A bad service key, or too many subscriptions.
+    pub fn subscribe(&self, id: SessionId, key: ServiceKey, known: Option<(&str, u64)>) -> Result<(), RegistryError> {
+        key.validate().map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let mut state = self.lock();
+        let session = state.sessions.get_mut(&id).ok_or_else(|| RegistryError::NotFound(format!("session {id}")))?;
+        if session.subscribed.len() >= self.config.max_per_session && !session.subscribed.contains(&key) {
+            return Err(RegistryError::TooLarge(format!(
+                "session {id} already has {} subscriptions, the limit",
+                session.subscribed.len()
+            )));
+        }
+        session.subscribed.insert(key.clone());
+        let (node, push) = (session.node.clone(), session.push.clone());
+        let entry = state.services.entry(key.clone()).or_default();
+        entry.subscribers.insert(id);
+        entry.consumers.insert(id, node);
+        let resume = known.and_then(|(epoch, revision)| {
+            let covered = epoch == self.epoch
+                && revision <= entry.revision
+                && (revision == entry.revision || entry.history.front().is_some_and(|d| d.from_revision <= revision));
+            covered.then_some(revision)
+        });
+        {
+            let mut push_state = push.state.lock().expect("push lock");
+            push_state.sent.insert(key.clone(), resume);
+            push_state.dirty.insert(key.clone());
+        }
+        drop(state);
+        push.notify.notify_one();
+        debug!(session = id, service = %key, resume = ?resume, "subscribed");
+        Ok(())
+    }
+
+    pub fn unsubscribe(&self, id: SessionId, key: &ServiceKey) {
+        let mut state = self.lock();
+        if let Some(session) = state.sessions.get_mut(&id) {
+            session.subscribed.remove(key);
+            session.push.state.lock().expect("push lock").sent.remove(key);
+        }
+        if let Some(entry) = state.services.get_mut(key) {
+            entry.subscribers.remove(&id);
+            entry.consumers.remove(&id);
+        }
+    }
+
+    /// Turns pending changes into revisions and deltas and marks the
+    /// subscribers of each changed service.
+    pub fn flush(&self) {
+        let mut state = self.lock();
+        let dirty = std::mem::take(&mut state.dirty);
+        let mut notified = 0usize;
+        let mut pushes = Vec::new();
+        for key in dirty {
+            let Some(entry) = state.services.get_mut(&key) else { continue };
+            if entry.pending.is_empty() {
+                continue;
+            }
+            let pending = std::mem::take(&mut entry.pending);
+            let delta = Delta {
+                service: Some((&key).into()),
+                epoch: self.epoch.clone(),
+                from_revision: entry.revision,
+                to_revision: entry.revision + 1,
+                added: pending.added.into_values().collect(),
+                removed: pending.removed.into_iter().collect(),
+                updated: pending.updated.into_values().collect(),
+            };
+            entry.revision += 1;
+            entry.history.push_back(Arc::new(delta));
+            while entry.history.len() > self.config.history_len {
+                entry.history.pop_front();
+            }
+            notified += entry.subscribers.len();
+            pushes.push((key, entry.subscribers.iter().copied().collect::<Vec<_>>()));
+        }
+        for (key, subscribers) in pushes {
+            for id in subscribers {
+                if let Some(session) = state.sessions.get(&id) {
+                    session.push.mark(&key, false);
+                }
+            }
+        }
+        drop(state);
+        if notified > 0 {
+            debug!(notified, "flushed changes");
+        }
+    }
+
+    /// What a subscriber that was last sent `sent` of `key` needs now:
+    /// deltas, a snapshot, or nothing. Returns the messages and the revision
+    /// they bring the subscriber to.
+    pub fn catch_up(&self, key: &ServiceKey, sent: Option<u64>) -> (Vec<ServerMessage>, u64) {
+        let partial = !self.grace_over.load(Ordering::Relaxed);
+        let state = self.lock();
+        let Some(entry) = state.services.get(key) else {
+            return (vec![self.snapshot_message(key, 0, Vec::new(), partial)], 0);
+        };
+        if let Some(sent) = sent {
+            if sent == entry.revision {
+                return (Vec::new(), sent);
+            }
+            let behind = (entry.revision - sent.min(entry.revision)) as usize;
+            let first = entry.history.front().map_or(u64::MAX, |d| d.from_revision);
+            if sent < entry.revision && first <= sent && behind <= self.config.max_catch_up_deltas {
+                let deltas = entry
+                    .history
+                    .iter()
+                    .filter(|d| d.from_revision >= sent)
+                    .map(|d| ServerMessage {
+                        request_id: 0,
+                        body: Some(server_message::Body::Delta(Delta::clone(d))),
+                    })
+                    .collect();
+                return (deltas, entry.revision);
+            }
+        }
+        let providers = entry.providers.values().map(|(i, _)| i.clone()).collect();
+        (vec![self.snapshot_message(key, entry.revision, providers, partial)], entry.revision)
+    }
+
+    fn snapshot_message(&self, key: &ServiceKey, revision: u64, providers: Vec<Instance>, partial: bool) -> ServerMessage {
+        ServerMessage {
+            request_id: 0,
+            body: Some(server_message::Body::Snapshot(Snapshot {
+                service: Some(key.into()),
+                epoch: self.epoch.clone(),
+                revision,
+                providers,
+                partial,
+            })),
+        }
+    }
+
+    /// Whether the startup grace period is still running.
+    pub fn in_grace(&self) -> bool {
+        !self.grace_over.load(Ordering::Relaxed)
+    }
+
+    /// When the startup grace period ends: every subscriber gets a complete
+    /// snapshot, so removals the grace period held back now apply.
+    pub fn end_grace(&self) {
+        if self.grace_over.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let state = self.lock();
+        for session in state.sessions.values() {
+            for key in &session.subscribed {
+                session.push.mark(key, true);
+            }
+        }
+        info!(after = ?self.started.elapsed(), "startup grace period over; sending complete snapshots");
+    }
+
+    /// `(service, revision, providers, consumers)` of every service.
+    pub fn overview(&self) -> Vec<(ServiceKey, u64, usize, usize)> {
+        let state = self.lock();
+        let mut services: Vec<_> = state
+            .services
+            .iter()
+            .filter(|(_, e)| !e.providers.is_empty() || !e.consumers.is_empty())
+            .map(|(k, e)| (k.clone(), e.revision, e.providers.len(), e.consumers.len()))
+            .collect();
+        services.sort();
+        services
+    }
+
+    /// Providers and consumers of one service.
+    pub fn detail(&self, key: &ServiceKey) -> Option<(u64, Vec<Instance>, Vec<NodeInfo>)> {
+        let state = self.lock();
+        let entry = state.services.get(key)?;
+        Some((
+            entry.revision,
+            entry.providers.values().map(|(i, _)| i.clone()).collect(),
+            entry.consumers.values().cloned().collect(),
+        ))
+    }
+
+    /// `(sessions, services, providers, subscriptions)` now.
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
+        let state = self.lock();
+        let providers = state.services.values().map(|e| e.providers.len()).sum();
+        let subscriptions = state.services.values().map(|e| e.subscribers.len()).sum();
+        (state.sessions.len(), state.services.len(), providers, subscriptions)
+    }
+
+    fn validate_instance(&self, key: &ServiceKey, instance: &Instance) -> Result<(), RegistryError> {
+        let size = instance.encoded_len();
+        if size > self.config.max_instance_bytes {
+            return Err(RegistryError::TooLarge(format!(
+                "{key} instance is {size} bytes, more than {}",
+                self.config.max_instance_bytes
+            )));
+        }
+        let host = &instance.host;
+        let host_ok = host.parse::<std::net::IpAddr>().is_ok()
+            || (!host.is_empty()
+                && host.len() <= 253
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+                && !host.starts_with(['.', '-']));
+        if !host_ok {
+            return Err(RegistryError::Invalid(format!("{key} instance has invalid host {host:?}")));
+        }
+        if instance.port == 0 || instance.port > u32::from(u16::MAX) {
+            return Err(RegistryError::Invalid(format!(
+                "{key} instance {host} has invalid port {}",
+                instance.port
+            )));
+        }
+        if instance.weight > self.config.max_weight {
+            return Err(RegistryError::Invalid(format!(
+                "{key} instance {host}:{} has weight {}, more than {}",
+                instance.port, instance.weight, self.config.max_weight
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Removes `addr` from `key` if `owner` holds it; true if something changed.
+fn remove_provider(state: &mut State, key: &ServiceKey, addr: &str, owner: SessionId) -> bool {
+    let Some(entry) = state.services.get_mut(key) else { return false };
+    match entry.providers.get(addr) {
+        Some((_, holder)) if *holder == owner => {}
+        _ => return false,
+    }
+    entry.providers.remove(addr);
+    entry.pending.remove(addr);
+    state.dirty.insert(key.clone());
+    true
+}
+
+/// Encoded size of a message, for the bytes-pushed metric.
+pub fn message_len(message: &ServerMessage) -> usize {
+    message.encoded_len()
+}
+
+/// The request-level answers sent to a node.
+pub fn ack(request_id: u64) -> ServerMessage {
+    ServerMessage {
+        request_id,
+        body: Some(server_message::Body::Ack(pb::Ack {})),
+    }
+}
+
+pub fn error(request_id: u64, kind: &str, message: String) -> ServerMessage {
+    ServerMessage {
+        request_id,
+        body: Some(server_message::Body::Error(pb::Error {
+            kind: kind.to_owned(),
+            message,
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(port: u32) -> Instance {
+        Instance {
+            host: "127.0.0.1".into(),
+            port,
+            weight: 100,
+            ..Instance::default()
+        }
+    }
+
+    fn registry() -> Registry {
+        Registry::new(RegistryConfig {
+            startup_grace: Duration::ZERO,
+            history_len: 4,
+            ..RegistryConfig::default()
+        })
+    }
+
+    fn key() -> ServiceKey {
+        ServiceKey::new("demo.Greeter", "1.0.0", "")
+    }
+
+    fn delta_of(messages: &[ServerMessage]) -> Vec<&Delta> {
+        messages
+            .iter()
+            .filter_map(|m| match &m.body {
+                Some(server_message::Body::Delta(d)) => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn snapshot_of(messages: &[ServerMessage]) -> Option<&Snapshot> {
+        messages.iter().find_map(|m| match &m.body {
+            Some(server_message::Body::Snapshot(s)) => Some(s),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn subscriber_gets_snapshot_then_one_delta_per_flush() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        let (consumer, push) = registry.open_session(NodeInfo::default());
+        registry.register(provider, key(), instance(1)).unwrap();
+        registry.flush();
+        registry.subscribe(consumer, key(), None).unwrap();
+        let (messages, rev) = registry.catch_up(&key(), None);
+        assert_eq!(snapshot_of(&messages).unwrap().providers.len(), 1);
+        assert_eq!(rev, 1);
+        push.sent(&key(), rev);
+
+        registry.register(provider, key(), instance(2)).unwrap();
+        registry.register(provider, key(), instance(3)).unwrap();
+        registry.flush();
+        let (messages, rev) = registry.catch_up(&key(), Some(1));
+        let deltas = delta_of(&messages);
+        assert_eq!(deltas.len(), 1, "two registrations in one window coalesce");
+        assert_eq!(deltas[0].added.len(), 2);
+        assert_eq!((deltas[0].from_revision, deltas[0].to_revision, rev), (1, 2, 2));
+    }
+
+    #[test]
+    fn add_then_remove_within_a_window_is_no_change() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        registry.register(provider, key(), instance(1)).unwrap();
+        registry.unregister(provider, &key(), "127.0.0.1", 1).unwrap();
+        registry.flush();
+        assert_eq!(registry.catch_up(&key(), Some(0)).1, 0);
+    }
+
+    #[test]
+    fn closing_a_session_removes_its_instances() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        registry.register(provider, key(), instance(1)).unwrap();
+        registry.flush();
+        registry.close_session(provider, "test");
+        registry.flush();
+        let (messages, _) = registry.catch_up(&key(), Some(1));
+        assert_eq!(delta_of(&messages)[0].removed, vec!["127.0.0.1:1".to_owned()]);
+    }
+
+    #[test]
+    fn lagging_subscriber_past_history_gets_one_snapshot() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        for port in 1..=10 {
+            registry.register(provider, key(), instance(port)).unwrap();
+            registry.flush();
+        }
+        let (messages, rev) = registry.catch_up(&key(), Some(2));
+        assert_eq!(messages.len(), 1);
+        assert_eq!(snapshot_of(&messages).unwrap().providers.len(), 10);
+        assert_eq!(rev, 10);
+        // Within the history: the missing deltas only.
+        let (messages, _) = registry.catch_up(&key(), Some(8));
+        assert_eq!(delta_of(&messages).len(), 2);
+    }
+
+    #[test]
+    fn resubscribe_with_known_revision_resumes_from_history() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        let (consumer, push) = registry.open_session(NodeInfo::default());
+        registry.register(provider, key(), instance(1)).unwrap();
+        registry.flush();
+        registry.register(provider, key(), instance(2)).unwrap();
+        registry.flush();
+        let epoch = registry.epoch().to_owned();
+        registry.subscribe(consumer, key(), Some((&epoch, 1))).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let due = rt.block_on(push.next());
+        assert_eq!(due, vec![(key(), Some(1))]);
+        registry.subscribe(consumer, key(), Some(("another-epoch", 1))).unwrap();
+        assert_eq!(rt.block_on(push.next()), vec![(key(), None)]);
+    }
+
+    #[test]
+    fn bad_registrations_name_the_value_and_store_nothing() {
+        let registry = registry();
+        let (a, _) = registry.open_session(NodeInfo::default());
+        let (b, _) = registry.open_session(NodeInfo::default());
+        let err = registry.register(a, ServiceKey::new("bad key", "", ""), instance(1)).unwrap_err();
+        assert!(err.to_string().contains(r#"interface "bad key" contains ' '"#), "{err}");
+        let err = registry.register(a, key(), Instance { port: 70000, ..instance(1) }).unwrap_err();
+        assert!(err.to_string().contains("invalid port 70000"), "{err}");
+        let err = registry.register(a, key(), Instance { host: "no host!".into(), ..instance(1) }).unwrap_err();
+        assert!(err.to_string().contains(r#"invalid host "no host!""#), "{err}");
+        let err = registry.register(a, key(), Instance { weight: 20_000, ..instance(1) }).unwrap_err();
+        assert!(err.to_string().contains("weight 20000"), "{err}");
+        let mut huge = instance(1);
+        huge.metadata.insert("blob".into(), "x".repeat(100_000));
+        let err = registry.register(a, key(), huge).unwrap_err();
+        assert_eq!(err.kind(), "too_large");
+        assert!(registry.overview().is_empty(), "nothing stored");
+
+        registry.register(a, key(), instance(1)).unwrap();
+        let err = registry.register(b, key(), instance(1)).unwrap_err();
+        assert_eq!(err.kind(), "duplicate");
+        assert!(err.to_string().contains("127.0.0.1:1 is already registered by session"), "{err}");
+    }
+
+    #[test]
+    fn grace_period_snapshots_are_partial_until_it_ends() {
+        let registry = Registry::new(RegistryConfig::default());
+        let (consumer, push) = registry.open_session(NodeInfo::default());
+        registry.subscribe(consumer, key(), None).unwrap();
+        assert!(snapshot_of(&registry.catch_up(&key(), None).0).unwrap().partial);
+        push.sent(&key(), 0);
+        registry.end_grace();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(rt.block_on(push.next()), vec![(key(), None)]);
+        assert!(!snapshot_of(&registry.catch_up(&key(), None).0).unwrap().partial);
+    }
+}

@@ -1,0 +1,175 @@
+//! A running ConfigServer: the gRPC registry endpoint, the admin HTTP API,
+//! the push flusher and the startup grace timer, with one shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_proto::registry::registry_server::RegistryServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+use crate::registry::{Registry, RegistryConfig};
+use crate::session::{Heartbeats, RegistryService};
+
+/// Settings of a [`ConfigServer`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where nodes connect (gRPC).
+    pub listen: SocketAddr,
+    /// Where the admin HTTP API listens.
+    pub admin_listen: SocketAddr,
+    /// How often nodes heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A node silent this long is expired.
+    pub heartbeat_timeout: Duration,
+    /// Changes within this window go out as one delta.
+    pub coalesce: Duration,
+    /// Largest control message accepted.
+    pub max_message_bytes: usize,
+    pub registry: RegistryConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9600)),
+            admin_listen: SocketAddr::from(([0, 0, 0, 0], 9601)),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(3),
+            coalesce: Duration::from_millis(5),
+            max_message_bytes: 1024 * 1024,
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("heartbeat timeout {timeout:?} must be longer than the interval {interval:?}")]
+    Heartbeats { interval: Duration, timeout: Duration },
+}
+
+/// A running ConfigServer.
+#[derive(Debug)]
+pub struct ConfigServer {
+    registry: Arc<Registry>,
+    local_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl ConfigServer {
+    /// Binds both listeners and starts serving.
+    ///
+    /// # Errors
+    ///
+    /// An address that cannot be bound, or inconsistent heartbeat settings.
+    pub async fn start(config: ServerConfig) -> Result<ConfigServer, StartError> {
+        if config.heartbeat_timeout <= config.heartbeat_interval {
+            return Err(StartError::Heartbeats {
+                interval: config.heartbeat_interval,
+                timeout: config.heartbeat_timeout,
+            });
+        }
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+        };
+        let grpc = bind(config.listen).await?;
+        let admin = bind(config.admin_listen).await?;
+        let local_addr = grpc.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind { addr: config.admin_listen, source })?;
+
+        let registry = Arc::new(Registry::new(config.registry.clone()));
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let heartbeats = Heartbeats {
+            interval: config.heartbeat_interval,
+            timeout: config.heartbeat_timeout,
+        };
+
+        let service = RegistryService::new(registry.clone(), heartbeats, shutdown.clone(), tracker.clone());
+        let grpc_service = RegistryServer::new(service).max_decoding_message_size(config.max_message_bytes);
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let token = shutdown.clone();
+        tracker.spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(grpc_service)
+                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                error!(error = %e, "registry endpoint failed");
+            }
+        });
+
+        let token = shutdown.clone();
+        let router = crate::admin::router(registry.clone());
+        tracker.spawn(async move {
+            let served = axum::serve(admin, router).with_graceful_shutdown(token.cancelled_owned()).await;
+            if let Err(e) = served {
+                error!(error = %e, "admin endpoint failed");
+            }
+        });
+
+        tracker.spawn(flusher(registry.clone(), config.coalesce, shutdown.clone()));
+        let (grace_registry, grace, token) = (registry.clone(), config.registry.startup_grace, shutdown.clone());
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => grace_registry.end_grace(),
+                _ = token.cancelled() => {}
+            }
+        });
+        info!(%local_addr, %admin_addr, epoch = registry.epoch(), "configserver started");
+        Ok(ConfigServer {
+            registry,
+            local_addr,
+            admin_addr,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// The registry (gRPC) address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Stops serving: sessions end (nodes reconnect elsewhere), listeners close.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
+            error!("tasks still running 10 s after shutdown");
+        }
+        info!("configserver stopped");
+    }
+}
+
+/// Waits for changes, lets them gather for the coalescing window, flushes.
+async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = registry.changed.notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if !window.is_zero() {
+            tokio::time::sleep(window).await;
+        }
+        registry.flush();
+    }
+}

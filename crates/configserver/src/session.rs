@@ -1,0 +1,213 @@
+//! One node's control-plane stream: Hello, then requests in, pushes out.
+//!
+//! The session ends when the node closes the stream, when nothing arrives
+//! within the heartbeat timeout (a crashed, partitioned or stopped node), on
+//! a protocol error, or when the server shuts down; in every case the
+//! registry drops the node's instances and subscriptions at once.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rpc_core::ServiceKey;
+use tern_proto::registry::registry_server::Registry as RegistryRpc;
+use tern_proto::registry::{NodeMessage, ServerMessage, Welcome, node_message, server_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::registry::{self, NodeInfo, PushQueue, Registry, SessionId};
+
+/// Messages queued towards one node before the session waits for it to read.
+const OUTBOUND_QUEUE: usize = 64;
+
+/// Heartbeat timings announced to nodes.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeats {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// The gRPC `Registry` service.
+#[derive(Debug, Clone)]
+pub struct RegistryService {
+    registry: Arc<Registry>,
+    heartbeats: Heartbeats,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl RegistryService {
+    pub fn new(registry: Arc<Registry>, heartbeats: Heartbeats, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+        RegistryService {
+            registry,
+            heartbeats,
+            shutdown,
+            tracker,
+        }
+    }
+}
+
+type Outbound = ReceiverStream<Result<ServerMessage, Status>>;
+
+#[tonic::async_trait]
+impl RegistryRpc for RegistryService {
+    type SessionStream = Pin<Box<Outbound>>;
+
+    async fn session(&self, request: Request<Streaming<NodeMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = this.shutdown.cancelled() => {}
+                _ = run(this.registry.clone(), this.heartbeats, inbound, tx, peer) => {}
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type Tx = mpsc::Sender<Result<ServerMessage, Status>>;
+
+async fn run(registry: Arc<Registry>, heartbeats: Heartbeats, mut inbound: Streaming<NodeMessage>, tx: Tx, peer: Option<SocketAddr>) {
+    // The first message must be Hello.
+    let first = tokio::time::timeout(heartbeats.timeout, inbound.message()).await;
+    let (request_id, hello) = match first {
+        Ok(Ok(Some(NodeMessage {
+            request_id,
+            body: Some(node_message::Body::Hello(hello)),
+        }))) => (request_id, hello),
+        other => {
+            let why = match other {
+                Err(_) => "no Hello within the heartbeat timeout".to_owned(),
+                Ok(Err(status)) => format!("stream error before Hello: {status}"),
+                Ok(Ok(None)) => return,
+                Ok(Ok(Some(_))) => "the first message must be Hello".to_owned(),
+            };
+            warn!(?peer, reason = %why, "refusing session");
+            let _ = tx.send(Ok(registry::error(0, "protocol", why))).await;
+            return;
+        }
+    };
+    let node = NodeInfo {
+        app: hello.app,
+        role: hello.role,
+        host: hello.host,
+        zone: hello.zone,
+        peer,
+    };
+    let (id, push) = registry.open_session(node);
+    let welcome = ServerMessage {
+        request_id,
+        body: Some(server_message::Body::Welcome(Welcome {
+            session_id: id.to_string(),
+            epoch: registry.epoch().to_owned(),
+            heartbeat_interval_ms: heartbeats.interval.as_millis() as u32,
+            heartbeat_timeout_ms: heartbeats.timeout.as_millis() as u32,
+        })),
+    };
+    let reason = if tx.send(Ok(welcome)).await.is_err() {
+        "node went away".to_owned()
+    } else {
+        tokio::select! {
+            reason = read_loop(&registry, id, heartbeats, &mut inbound, &tx) => reason,
+            reason = push_loop(&registry, &push, &tx) => reason,
+        }
+    };
+    registry.close_session(id, &reason);
+}
+
+/// Handles the node's requests until the session ends; returns why.
+async fn read_loop(registry: &Registry, id: SessionId, heartbeats: Heartbeats, inbound: &mut Streaming<NodeMessage>, tx: &Tx) -> String {
+    loop {
+        let message = match tokio::time::timeout(heartbeats.timeout, inbound.message()).await {
+            Err(_) => {
+                registry.metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
+                info!(session = id, timeout = ?heartbeats.timeout, "no heartbeat; expiring session");
+                return format!("no message within {:?}", heartbeats.timeout);
+            }
+            Ok(Ok(None)) => return "closed by node".to_owned(),
+            Ok(Err(status)) => {
+                warn!(session = id, error = %status, "stream error");
+                return format!("stream error: {}", status.message());
+            }
+            Ok(Ok(Some(message))) => message,
+        };
+        let request_id = message.request_id;
+        let result = match message.body {
+            Some(node_message::Body::Register(r)) => match (r.service, r.instance) {
+                (Some(key), Some(instance)) => registry.register(id, ServiceKey::from(&key), instance),
+                _ => Err(registry::RegistryError::Invalid("Register needs a service and an instance".into())),
+            },
+            Some(node_message::Body::Unregister(u)) => match u.service {
+                Some(key) => registry.unregister(id, &ServiceKey::from(&key), &u.host, u.port),
+                None => Err(registry::RegistryError::Invalid("Unregister needs a service".into())),
+            },
+            Some(node_message::Body::Subscribe(s)) => match s.service {
+                Some(key) => {
+                    let known = (!s.known_epoch.is_empty()).then_some((s.known_epoch.as_str(), s.known_revision));
+                    registry.subscribe(id, ServiceKey::from(&key), known)
+                }
+                None => Err(registry::RegistryError::Invalid("Subscribe needs a service".into())),
+            },
+            Some(node_message::Body::Unsubscribe(u)) => {
+                if let Some(key) = u.service {
+                    registry.unsubscribe(id, &ServiceKey::from(&key));
+                }
+                Ok(())
+            }
+            Some(node_message::Body::Heartbeat(hb)) => {
+                let echo = ServerMessage {
+                    request_id,
+                    body: Some(server_message::Body::Heartbeat(hb)),
+                };
+                if tx.send(Ok(echo)).await.is_err() {
+                    return "node went away".to_owned();
+                }
+                continue;
+            }
+            Some(node_message::Body::Hello(_)) => Err(registry::RegistryError::Invalid("Hello sent twice".into())),
+            None => Err(registry::RegistryError::Invalid("empty message (unknown kind?)".into())),
+        };
+        let answer = match result {
+            Ok(()) if request_id == 0 => continue,
+            Ok(()) => registry::ack(request_id),
+            Err(e) => {
+                registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
+                debug!(session = id, error = %e, "request refused");
+                registry::error(request_id, e.kind(), e.to_string())
+            }
+        };
+        if tx.send(Ok(answer)).await.is_err() {
+            return "node went away".to_owned();
+        }
+    }
+}
+
+/// Sends the node what it lacks of each dirty service, as it becomes ready.
+async fn push_loop(registry: &Registry, push: &PushQueue, tx: &Tx) -> String {
+    loop {
+        for (key, sent) in push.next().await {
+            let (messages, revision) = registry.catch_up(&key, sent);
+            for message in messages {
+                let metrics = &registry.metrics;
+                metrics.pushed_messages.fetch_add(1, Ordering::Relaxed);
+                metrics.pushed_bytes.fetch_add(registry::message_len(&message) as u64, Ordering::Relaxed);
+                if matches!(message.body, Some(server_message::Body::Snapshot(_))) {
+                    metrics.pushed_snapshots.fetch_add(1, Ordering::Relaxed);
+                }
+                if tx.send(Ok(message)).await.is_err() {
+                    return "node went away".to_owned();
+                }
+            }
+            push.sent(&key, revision);
+        }
+    }
+}
