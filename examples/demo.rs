@@ -1,17 +1,30 @@
 //! The whole story in one command: `cargo run --example demo`.
 //!
-//! Three providers of `demo.Greeter` and one consumer that calls them
-//! directly. The demo narrates, with measured times, how calls spread over
-//! the providers and what happens when one of them stops.
+//! A ConfigServer, three providers (child processes of this demo) and a
+//! consumer that calls them directly. The demo narrates, with measured
+//! times: calls spread over the providers; one provider killed hard; a new
+//! provider joining; the ConfigServer stopping (calls go on) and returning
+//! (registrations rebuilt). It exits 0 only if no call failed.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use configserver::{ConfigServer, RegistryConfig, ServerConfig};
+use rpc_core::registry::{Role, SessionConfig};
 use rpc_core::{Request, Status};
 use tern::consumer::{Consumer, ConsumerConfig, Reference};
 use tern::demo::{Greeter, GreeterClient, GreeterServer, HelloReply, HelloRequest};
 use tern::provider::Provider;
+
+const VERSION: &str = "1.0.0";
+
+// === provider role (a child process) ===
 
 struct Hello {
     name: String,
@@ -26,112 +39,303 @@ impl Greeter for Hello {
     }
 }
 
-async fn start_provider(name: &str) -> anyhow::Result<Provider> {
+async fn run_provider(name: String, registry: String) -> anyhow::Result<()> {
     let provider = Provider::builder()
-        .app(name)
+        .app(name.clone())
         .bind("127.0.0.1:0")
-        .service_with(
-            GreeterServer::new(Hello {
-                name: name.to_owned(),
-            }),
-            "1.0.0",
-            "",
-        )
+        .registry(SessionConfig::new([registry], name.clone(), Role::Provider))
+        .service_with(GreeterServer::new(Hello { name }), VERSION, "")
         .start()
         .await?;
-    Ok(provider)
+    println!("listening {}", provider.local_addr());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    term.recv().await;
+    provider.shutdown().await;
+    Ok(())
 }
 
-/// Makes `n` calls; returns how many each provider served and how many failed.
-async fn call_many(
-    client: &GreeterClient<Reference>,
-    n: usize,
-) -> (BTreeMap<String, usize>, usize) {
-    let mut served = BTreeMap::new();
-    let mut failed = 0;
-    for i in 0..n {
+/// A provider child process, killed (hard) when dropped.
+struct ProviderProcess {
+    name: String,
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ProviderProcess {
+    fn start(name: &str, registry: SocketAddr) -> anyhow::Result<ProviderProcess> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["provider", name, &registry.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a provider process")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .with_context(|| format!("provider said {line:?}"))?;
+        Ok(ProviderProcess {
+            name: name.to_owned(),
+            addr: addr.parse()?,
+            child,
+        })
+    }
+
+    fn kill_hard(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?; // SIGKILL
+        self.child.wait()?;
+        Ok(())
+    }
+
+    fn stop_gracefully(mut self) -> anyhow::Result<()> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for ProviderProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === consumer side ===
+
+/// Calls made by the background load, by provider, and failures.
+#[derive(Default)]
+struct Tally {
+    calls: AtomicU64,
+    failed: AtomicU64,
+    served: Mutex<BTreeMap<String, u64>>,
+}
+
+/// Calls the greeter back to back until `stop`, recording who answered.
+async fn steady_load(client: GreeterClient<Reference>, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
         match client
             .say_hello(HelloRequest {
                 name: format!("call-{i}"),
             })
             .await
         {
-            Ok(reply) => *served.entry(reply.served_by).or_insert(0) += 1,
+            Ok(reply) => {
+                *tally.served.lock().unwrap().entry(reply.served_by).or_default() += 1;
+            }
             Err(e) => {
-                failed += 1;
-                eprintln!("  call {i} failed: {e}");
+                tally.failed.fetch_add(1, Ordering::Relaxed);
+                eprintln!("   call failed: {e}");
             }
         }
+        tally.calls.fetch_add(1, Ordering::Relaxed);
+        // A steady pace (~2,000 calls/s per caller), not a flood.
+        tokio::time::sleep(Duration::from_micros(500)).await;
     }
-    (served, failed)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
-    let t0 = Instant::now();
+async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(start.elapsed())
+}
 
-    println!("== starting three providers of demo.Greeter:1.0.0");
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+async fn start_configserver(listen: SocketAddr) -> anyhow::Result<ConfigServer> {
+    Ok(ConfigServer::start(ServerConfig {
+        listen,
+        admin_listen: "127.0.0.1:0".parse()?,
+        registry: RegistryConfig {
+            startup_grace: Duration::from_secs(2),
+            ..RegistryConfig::default()
+        },
+        ..ServerConfig::default()
+    })
+    .await?)
+}
+
+async fn run_demo() -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    println!("== ConfigServer");
+    let server = start_configserver("127.0.0.1:0".parse()?).await?;
+    let registry_addr = server.local_addr();
+    println!("   listening on {registry_addr} (admin API on {})", server.admin_addr());
+
+    println!("== three providers of demo.Greeter:{VERSION}, each its own process");
     let mut providers = Vec::new();
     for name in ["provider-a", "provider-b", "provider-c"] {
-        let provider = start_provider(name).await?;
-        println!("   {name} serving on {}", provider.local_addr());
-        providers.push(provider);
+        let p = ProviderProcess::start(name, registry_addr)?;
+        println!("   {name} (pid {}) serving on {}", p.child.id(), p.addr);
+        providers.push(p);
     }
 
     let consumer = Consumer::new(ConsumerConfig {
         app: "demo-consumer".into(),
+        registry: Some(SessionConfig::new(
+            [registry_addr.to_string()],
+            "demo-consumer",
+            Role::Consumer,
+        )),
         ..ConsumerConfig::default()
     });
     let client = consumer
         .reference::<GreeterClient<_>>()
-        .version("1.0.0")
+        .version(VERSION)
         .timeout(Duration::from_secs(1))
-        .direct(providers.iter().map(Provider::local_addr))
-        .build()
-        .context("building the reference")?;
+        .build()?;
+    let reference = client.invoker().clone();
+    let found = reference
+        .wait_for_providers(Duration::from_secs(5), |p| p.len() == 3)
+        .await;
+    anyhow::ensure!(found, "consumer did not learn of the three providers");
+    println!(
+        "   consumer learned of {} providers from the ConfigServer",
+        reference.providers().len()
+    );
 
-    println!("== 3,000 calls straight from consumer to providers");
+    println!("== 3,000 calls, straight from consumer to providers");
     let started = Instant::now();
-    let (served, failed) = call_many(&client, 3000).await;
-    let elapsed = started.elapsed();
+    let mut spread = BTreeMap::new();
+    for i in 0..3000 {
+        let reply = client
+            .say_hello(HelloRequest {
+                name: format!("call-{i}"),
+            })
+            .await?;
+        *spread.entry(reply.served_by).or_insert(0) += 1;
+    }
     println!(
-        "   {} calls in {:.1} ms ({:.0} µs each), failed: {failed}",
-        3000,
-        elapsed.as_secs_f64() * 1e3,
-        elapsed.as_secs_f64() * 1e6 / 3000.0
+        "   done in {} ({:.0} µs per call)",
+        ms(started.elapsed()),
+        started.elapsed().as_secs_f64() * 1e6 / 3000.0
     );
-    for (provider, count) in &served {
+    for (provider, count) in &spread {
         println!("   {provider}: {count} calls");
     }
 
-    println!("== stopping provider-a gracefully; the consumer still lists it");
-    let stopped = providers.remove(0);
+    // Steady load for the rest of the story.
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        load.spawn(steady_load(client.clone(), tally.clone(), stop.clone()));
+    }
+    wait_until("the load is running", Duration::from_secs(5), || {
+        tally.calls.load(Ordering::Relaxed) > 100
+    })
+    .await?;
+
+    println!("== provider-a killed hard (SIGKILL) under load");
+    let killed_addr = providers[0].addr;
+    let failed_before = tally.failed.load(Ordering::Relaxed);
+    providers[0].kill_hard()?;
+    let gone = wait_until("the consumer drops provider-a", Duration::from_secs(10), || {
+        !reference.providers().contains(&killed_addr)
+    })
+    .await?;
+    println!("   consumer's provider list updated after {}", ms(gone));
+    println!(
+        "   failed calls: {}",
+        tally.failed.load(Ordering::Relaxed) - failed_before
+    );
+    providers.remove(0);
+
+    println!("== provider-d starts");
+    let started = Instant::now();
+    let d = ProviderProcess::start("provider-d", registry_addr)?;
+    let reached = wait_until("a call reaches provider-d", Duration::from_secs(10), || {
+        tally.served.lock().unwrap().contains_key("provider-d")
+    })
+    .await;
+    println!(
+        "   first call reached provider-d {} after it was started",
+        ms(started.elapsed())
+    );
+    reached?;
+    providers.push(d);
+
+    println!("== the ConfigServer stops");
+    server.shutdown().await;
+    let calls_before = tally.calls.load(Ordering::Relaxed);
+    let failed_before = tally.failed.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!(
+        "   calls go on: {} calls in the next second, {} failed, {} providers still known",
+        tally.calls.load(Ordering::Relaxed) - calls_before,
+        tally.failed.load(Ordering::Relaxed) - failed_before,
+        reference.providers().len()
+    );
+
+    println!("== the ConfigServer returns (empty memory, same address)");
+    let restarted = Instant::now();
+    let server = start_configserver(registry_addr).await?;
+    let rebuilt = wait_until("providers re-register", Duration::from_secs(10), || {
+        server.registry().counts().2 == 3
+    })
+    .await?;
+    println!(
+        "   registrations rebuilt {} after the restart: 3 providers back",
+        ms(rebuilt)
+    );
+    println!("   consumer kept {} providers meanwhile", reference.providers().len());
+    let _ = restarted;
+
+    println!("== graceful stop of provider-b under load");
+    let failed_before = tally.failed.load(Ordering::Relaxed);
+    let b = providers.remove(0);
     let stopping = Instant::now();
-    stopped.shutdown().await;
+    let b_name = b.name.clone();
+    tokio::task::spawn_blocking(move || b.stop_gracefully()).await??;
     println!(
-        "   provider-a stopped in {:.1} ms",
-        stopping.elapsed().as_secs_f64() * 1e3
+        "   {b_name} stopped in {}, failed calls: {}",
+        ms(stopping.elapsed()),
+        tally.failed.load(Ordering::Relaxed) - failed_before
     );
-    let (served, failed) = call_many(&client, 1000).await;
-    println!(
-        "   1,000 more calls, failed: {failed} (each call to the stopped provider retried on another)"
+
+    stop.store(true, Ordering::Relaxed);
+    while load.join_next().await.is_some() {}
+    let (calls, failed) = (
+        tally.calls.load(Ordering::Relaxed),
+        tally.failed.load(Ordering::Relaxed),
     );
-    for (provider, count) in &served {
+    println!("== totals under load: {calls} calls, {failed} failed");
+    for (provider, count) in tally.served.lock().unwrap().iter() {
         println!("   {provider}: {count} calls");
     }
-
-    for provider in providers {
-        provider.shutdown().await;
+    for p in providers {
+        tokio::task::spawn_blocking(move || p.stop_gracefully()).await??;
     }
-    println!("== done in {:.2} s", t0.elapsed().as_secs_f64());
-    anyhow::ensure!(
-        failed == 0,
-        "{failed} calls failed after the provider stopped"
-    );
+    server.shutdown().await;
+    println!("== done in {:.1} s", t0.elapsed().as_secs_f64());
+    anyhow::ensure!(failed == 0, "{failed} calls failed");
     Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("provider") {
+        let (name, registry) = (
+            args.get(2).cloned().unwrap_or_default(),
+            args.get(3).cloned().unwrap_or_default(),
+        );
+        return runtime.block_on(run_provider(name, registry));
+    }
+    runtime.block_on(run_demo())
 }

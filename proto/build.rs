@@ -7,8 +7,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let fds = protox::compile(protos, ["."])?;
-    tonic_prost_build::configure()
-        .bytes(".tern.rpc")
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().bytes(".tern.rpc").compile_fds(fds)?;
     Ok(())
 }

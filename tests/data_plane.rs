@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use rpc_core::codec::{FrameCodec, FrameReader};
 use rpc_core::frame::{self, RequestHead};
-use rpc_core::{
-    Code, Connection, ConnectionConfig, Dispatch, Error, Request, ServerConfig, ServiceKey, Status,
-};
+use rpc_core::{Code, Connection, ConnectionConfig, Dispatch, Error, Request, ServerConfig, ServiceKey, Status};
 use tern::consumer::{Consumer, ConsumerConfig, Reference};
 use tern::demo::{Echo, EchoClient, EchoReply, EchoRequest, EchoServer};
 use tern::provider::Provider;
@@ -58,10 +56,7 @@ impl Echo for TestEcho {
             let _ = started.send(request.id).await;
         }
         if let Some(gate) = &self.gate {
-            let _permit = gate
-                .acquire()
-                .await
-                .map_err(|_| Status::internal("gate closed"))?;
+            let _permit = gate.acquire().await.map_err(|_| Status::internal("gate closed"))?;
         }
         if request.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
@@ -122,11 +117,7 @@ async fn ten_thousand_concurrent_calls_over_one_connection_all_answered_correctl
         answered += 1;
     }
     assert_eq!(answered, 10_000);
-    assert_eq!(
-        echo.peers.lock().unwrap().len(),
-        1,
-        "all calls shared one connection"
-    );
+    assert_eq!(echo.peers.lock().unwrap().len(), 1, "all calls shared one connection");
     assert_eq!(client.invoker().in_flight(), 0);
     provider.shutdown().await;
 }
@@ -161,9 +152,7 @@ async fn late_answering_provider() -> (SocketAddr, mpsc::Sender<()>, mpsc::Recei
 #[tokio::test]
 async fn call_past_deadline_times_out_and_late_answer_is_dropped_without_leaking_a_slot() {
     let (addr, release, mut seen) = late_answering_provider().await;
-    let conn = Connection::connect(addr, &ConnectionConfig::default())
-        .await
-        .unwrap();
+    let conn = Connection::connect(addr, &ConnectionConfig::default()).await.unwrap();
     let key = ServiceKey::new("demo.Echo", "", "");
     let attachments = Default::default();
     let head = RequestHead {
@@ -174,10 +163,7 @@ async fn call_past_deadline_times_out_and_late_answer_is_dropped_without_leaking
     };
 
     let started = Instant::now();
-    let err = conn
-        .call(head, b"slow", Duration::from_millis(100))
-        .await
-        .unwrap_err();
+    let err = conn.call(head, b"slow", Duration::from_millis(100)).await.unwrap_err();
     assert!(
         matches!(err, Error::Timeout(d) if d == Duration::from_millis(100)),
         "{err}"
@@ -223,7 +209,8 @@ struct ChildProvider {
 
 impl ChildProvider {
     fn spawn() -> ChildProvider {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_echo-provider"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tern-node"))
+            .args(["provider", "--version", ""])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -240,10 +227,7 @@ impl ChildProvider {
 
     fn expect_line(&mut self, prefix: &str) -> String {
         let line = self.lines.next().expect("a line").unwrap();
-        assert!(
-            line.starts_with(prefix),
-            "expected {prefix:?}, got {line:?}"
-        );
+        assert!(line.starts_with(prefix), "expected {prefix:?}, got {line:?}");
         line
     }
 }
@@ -304,14 +288,7 @@ async fn killing_the_provider_fails_pending_calls_at_once_with_a_retryable_error
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_execution_pool_answers_busy() {
     let (echo, gate, mut started) = TestEcho::gated();
-    let provider = start_provider(
-        echo,
-        Dispatch::Execution {
-            threads: 1,
-            queue: 1,
-        },
-    )
-    .await;
+    let provider = start_provider(echo, Dispatch::Execution { threads: 1, queue: 1 }).await;
     let client = client(provider.local_addr(), LIMIT, 0);
 
     let first = tokio::spawn({
@@ -358,10 +335,7 @@ async fn graceful_shutdown_finishes_in_flight_calls() {
         assert!(Instant::now() < deadline, "listener still open");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(
-        !shutdown.is_finished(),
-        "shutdown waits for in-flight calls"
-    );
+    assert!(!shutdown.is_finished(), "shutdown waits for in-flight calls");
 
     gate.add_permits(5);
     let mut ok = 0;
@@ -437,11 +411,7 @@ async fn send_and_expect_close(addr: SocketAddr, bytes: &[u8], eof: bool) {
     // EOF (Ok) or reset (Err) both mean closed; a timeout means it was not.
     let read = tokio::time::timeout(LIMIT, stream.read_to_end(&mut sink)).await;
     assert!(read.is_ok(), "provider kept the connection open");
-    assert!(
-        sink.is_empty(),
-        "provider answered garbage with {} bytes",
-        sink.len()
-    );
+    assert!(sink.is_empty(), "provider answered garbage with {} bytes", sink.len());
 }
 
 #[tokio::test]
@@ -472,10 +442,7 @@ async fn bad_input_closes_only_that_connection_with_a_logged_reason() {
     }
     assert_ne!(random[..2], frame::MAGIC);
     send_and_expect_close(addr, &random, false).await;
-    client
-        .echo(request(1))
-        .await
-        .expect("other clients are still served");
+    client.echo(request(1)).await.expect("other clients are still served");
 
     send_and_expect_close(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false).await;
     client.echo(request(2)).await.unwrap();
@@ -514,16 +481,9 @@ async fn bad_input_closes_only_that_connection_with_a_logged_reason() {
         "connection closed in the middle of a frame (28 bytes buffered)",
         "frame length 4294967295 exceeds max_frame_len 8388608",
     ] {
-        assert!(
-            logs.contains(reason),
-            "no log line with {reason:?} in:\n{logs}"
-        );
+        assert!(logs.contains(reason), "no log line with {reason:?} in:\n{logs}");
     }
-    assert_eq!(
-        logs.matches("closing connection: bad frame").count(),
-        4,
-        "{logs}"
-    );
+    assert_eq!(logs.matches("closing connection: bad frame").count(), 4, "{logs}");
     provider.shutdown().await;
 }
 
@@ -560,14 +520,8 @@ async fn unknown_service_and_method_get_their_status() {
     );
 
     // A payload that is not an EchoRequest: BadRequest, connection stays up.
-    let head = RequestHead {
-        method: "Echo",
-        ..head
-    };
-    let err = conn
-        .call(head, &[0xff, 0xff, 0xff], LIMIT)
-        .await
-        .unwrap_err();
+    let head = RequestHead { method: "Echo", ..head };
+    let err = conn.call(head, &[0xff, 0xff, 0xff], LIMIT).await.unwrap_err();
     assert!(matches!(err, Error::BadRequest(_)), "{err}");
     assert!(!conn.is_closed());
     provider.shutdown().await;

@@ -180,10 +180,8 @@ pub async fn fixed_rate(
         None => vec![0.0; pids.len()],
     };
     // Wait for the calls still out (each is bounded by its own deadline).
-    let _all_back =
-        tokio::time::timeout(Duration::from_secs(30), outstanding.acquire_many(rate)).await??;
-    let (latency, calls, errors) =
-        std::mem::replace(&mut *shared.lock().await, (histogram(), 0, 0));
+    let _all_back = tokio::time::timeout(Duration::from_secs(30), outstanding.acquire_many(rate)).await??;
+    let (latency, calls, errors) = std::mem::replace(&mut *shared.lock().await, (histogram(), 0, 0));
     Ok(Outcome {
         calls,
         errors: errors + shed,

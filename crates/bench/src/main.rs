@@ -20,10 +20,7 @@ pub mod proto {
 }
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "bench",
-    about = "Benchmarks against peers, measured in the same run"
-)]
+#[command(name = "bench", about = "Benchmarks against peers, measured in the same run")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,15 +37,11 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Rpc(args) => runtime.block_on(rpc::run(args)),
         Command::Serve(args) => runtime.block_on(systems::serve(args)),

@@ -15,14 +15,8 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
         .map(|(_, rest)| rest)
         .ok_or_else(|| anyhow::anyhow!("unexpected /proc/{pid}/stat: {stat:?}"))?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields
-        .get(11)
-        .ok_or_else(|| anyhow::anyhow!("no utime"))?
-        .parse()?;
-    let stime: f64 = fields
-        .get(12)
-        .ok_or_else(|| anyhow::anyhow!("no stime"))?
-        .parse()?;
+    let utime: f64 = fields.get(11).ok_or_else(|| anyhow::anyhow!("no utime"))?.parse()?;
+    let stime: f64 = fields.get(12).ok_or_else(|| anyhow::anyhow!("no stime"))?.parse()?;
     Ok((utime + stime) / TICKS_PER_SEC)
 }
 
@@ -36,10 +30,7 @@ pub struct CpuMeter {
 
 impl CpuMeter {
     pub fn start(pids: &[u32]) -> anyhow::Result<CpuMeter> {
-        let start = pids
-            .iter()
-            .map(|&p| cpu_seconds(p))
-            .collect::<Result<_, _>>()?;
+        let start = pids.iter().map(|&p| cpu_seconds(p)).collect::<Result<_, _>>()?;
         Ok(CpuMeter {
             pids: pids.to_vec(),
             start,
@@ -49,11 +40,7 @@ impl CpuMeter {
 
     /// CPU% of each process since `start` (100% = one core busy).
     pub fn stop(&self) -> anyhow::Result<Vec<f64>> {
-        let wall = self
-            .at
-            .elapsed()
-            .max(Duration::from_millis(1))
-            .as_secs_f64();
+        let wall = self.at.elapsed().max(Duration::from_millis(1)).as_secs_f64();
         self.pids
             .iter()
             .zip(&self.start)

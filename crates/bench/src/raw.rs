@@ -32,8 +32,7 @@ pub async fn serve(listener: TcpListener) -> anyhow::Result<()> {
                 }
                 let mut whole = 0;
                 while buf.len() >= whole + PREFIX {
-                    let len = u32::from_be_bytes(buf[whole..whole + 4].try_into().expect("4 bytes"))
-                        as usize;
+                    let len = u32::from_be_bytes(buf[whole..whole + 4].try_into().expect("4 bytes")) as usize;
                     if buf.len() < whole + PREFIX + len {
                         break;
                     }

@@ -43,12 +43,7 @@ pub struct RpcArgs {
     #[arg(long, default_value = "all")]
     dispatch: String,
     /// Systems to measure.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "tern,tonic,raw"
-    )]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tern,tonic,raw")]
     systems: Vec<System>,
 }
 
@@ -68,13 +63,7 @@ struct ServerProcess {
 impl ServerProcess {
     fn start(system: System, dispatch: &str) -> anyhow::Result<ServerProcess> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args([
-                "serve",
-                "--system",
-                system.name_arg(),
-                "--dispatch",
-                dispatch,
-            ])
+            .args(["serve", "--system", system.name_arg(), "--dispatch", dispatch])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -115,13 +104,7 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     let payload = Bytes::from(vec![0xA5u8; args.payload]);
     println!(
         "rpc benchmark: {} connection(s), concurrency {}, payload {} B, warm-up {:?}, measured {:?}, fixed rate {}/s, dispatch {}",
-        args.connections,
-        args.concurrency,
-        args.payload,
-        window.warmup,
-        window.duration,
-        args.rate,
-        args.dispatch
+        args.connections, args.concurrency, args.payload, window.warmup, window.duration, args.rate, args.dispatch
     );
     let mut reports = Vec::new();
     for &system in &args.systems {
@@ -129,17 +112,9 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         let pids = [server.child.id(), std::process::id()];
         let clients = Arc::new(Clients::connect(system, server.addr, args.connections).await?);
         eprintln!("measuring {} ...", system.name());
-        let closed = load::closed_loop(
-            clients.clone(),
-            args.concurrency,
-            payload.clone(),
-            &window,
-            &pids,
-        )
-        .await?;
+        let closed = load::closed_loop(clients.clone(), args.concurrency, payload.clone(), &window, &pids).await?;
         let serial = load::closed_loop(clients.clone(), 1, payload.clone(), &window, &pids).await?;
-        let fixed =
-            load::fixed_rate(clients.clone(), args.rate, payload.clone(), &window, &pids).await?;
+        let fixed = load::fixed_rate(clients.clone(), args.rate, payload.clone(), &window, &pids).await?;
         drop(clients);
         drop(server);
         reports.push(Report {

@@ -54,10 +54,7 @@ impl proto::Echo for EchoService {
 
 #[tonic::async_trait]
 impl proto::echo_server::Echo for EchoService {
-    async fn echo(
-        &self,
-        request: tonic::Request<EchoRequest>,
-    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+    async fn echo(&self, request: tonic::Request<EchoRequest>) -> Result<tonic::Response<EchoReply>, tonic::Status> {
         Ok(tonic::Response::new(EchoReply {
             payload: request.into_inner().payload,
         }))
@@ -80,8 +77,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::future::pending::<()>().await;
         }
         System::Tonic => {
-            let incoming =
-                tonic::transport::server::TcpIncoming::bind(args.addr)?.with_nodelay(Some(true));
+            let incoming = tonic::transport::server::TcpIncoming::bind(args.addr)?.with_nodelay(Some(true));
             println!("listening {}", incoming.local_addr()?);
             tonic::transport::Server::builder()
                 .add_service(proto::echo_server::EchoServer::new(EchoService))
@@ -106,11 +102,7 @@ pub enum Clients {
 }
 
 impl Clients {
-    pub async fn connect(
-        system: System,
-        addr: SocketAddr,
-        connections: usize,
-    ) -> anyhow::Result<Clients> {
+    pub async fn connect(system: System, addr: SocketAddr, connections: usize) -> anyhow::Result<Clients> {
         let connections = connections.max(1);
         Ok(match system {
             System::Tern => {
@@ -129,12 +121,11 @@ impl Clients {
             System::Tonic => {
                 let mut clients = Vec::new();
                 for _ in 0..connections {
-                    let channel =
-                        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                            .tcp_nodelay(true)
-                            .connect()
-                            .await
-                            .with_context(|| format!("connecting to tonic at {addr}"))?;
+                    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                        .tcp_nodelay(true)
+                        .connect()
+                        .await
+                        .with_context(|| format!("connecting to tonic at {addr}"))?;
                     clients.push(proto::echo_client::EchoClient::new(channel));
                 }
                 Clients::Tonic(clients)
@@ -167,11 +158,7 @@ impl Clients {
             }
             Clients::Raw(c) => c[conn % c.len()].call(payload).await?.len(),
         };
-        anyhow::ensure!(
-            echoed == payload.len(),
-            "echoed {echoed} bytes of {}",
-            payload.len()
-        );
+        anyhow::ensure!(echoed == payload.len(), "echoed {echoed} bytes of {}", payload.len());
         Ok(())
     }
 }

@@ -54,7 +54,11 @@ async fn service(State(registry): State<Arc<Registry>>, Path(key): Path<String>)
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))).into_response(),
     };
     match registry.detail(&key) {
-        None => (StatusCode::NOT_FOUND, Json(json!({"error": format!("no service {key}")}))).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no service {key}")})),
+        )
+            .into_response(),
         Some((revision, providers, consumers)) => Json(json!({
             "service": key.to_string(),
             "revision": revision,
@@ -73,7 +77,11 @@ async fn metrics(State(registry): State<Arc<Registry>>) -> String {
     registry.metrics.render(&[
         ("configserver_sessions", "Live sessions", sessions as u64),
         ("configserver_services", "Services known", services as u64),
-        ("configserver_providers", "Registered provider instances", providers as u64),
+        (
+            "configserver_providers",
+            "Registered provider instances",
+            providers as u64,
+        ),
         ("configserver_subscriptions", "Live subscriptions", subscriptions as u64),
     ])
 }

@@ -164,7 +164,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let server = crate::ConfigServer::start(config).await?;
-        println!("configserver listening {} admin {}", server.local_addr(), server.admin_addr());
+        println!(
+            "configserver listening {} admin {}",
+            server.local_addr(),
+            server.admin_addr()
+        );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -182,7 +186,8 @@ mod tests {
 
     #[test]
     fn flags_override_file_override_defaults() {
-        let file: Settings = toml::from_str("heartbeat-interval-ms = 500\nheartbeat-timeout-ms = 2000\nhistory-len = 8").unwrap();
+        let file: Settings =
+            toml::from_str("heartbeat-interval-ms = 500\nheartbeat-timeout-ms = 2000\nhistory-len = 8").unwrap();
         let flags = Settings {
             heartbeat_timeout_ms: Some(4000),
             ..Settings::default()

@@ -20,17 +20,53 @@ impl Metrics {
     pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
         let counters = [
-            ("configserver_sessions_opened_total", "Sessions opened", &self.sessions_opened),
-            ("configserver_sessions_closed_total", "Sessions closed (any reason)", &self.sessions_closed),
-            ("configserver_sessions_expired_total", "Sessions expired after missed heartbeats", &self.sessions_expired),
-            ("configserver_registrations_total", "Provider registrations accepted", &self.registrations),
-            ("configserver_refused_requests_total", "Node requests refused with an error", &self.refused_requests),
-            ("configserver_pushed_messages_total", "Snapshots and deltas pushed", &self.pushed_messages),
-            ("configserver_pushed_bytes_total", "Encoded bytes of pushed snapshots and deltas", &self.pushed_bytes),
-            ("configserver_pushed_snapshots_total", "Snapshots pushed", &self.pushed_snapshots),
+            (
+                "configserver_sessions_opened_total",
+                "Sessions opened",
+                &self.sessions_opened,
+            ),
+            (
+                "configserver_sessions_closed_total",
+                "Sessions closed (any reason)",
+                &self.sessions_closed,
+            ),
+            (
+                "configserver_sessions_expired_total",
+                "Sessions expired after missed heartbeats",
+                &self.sessions_expired,
+            ),
+            (
+                "configserver_registrations_total",
+                "Provider registrations accepted",
+                &self.registrations,
+            ),
+            (
+                "configserver_refused_requests_total",
+                "Node requests refused with an error",
+                &self.refused_requests,
+            ),
+            (
+                "configserver_pushed_messages_total",
+                "Snapshots and deltas pushed",
+                &self.pushed_messages,
+            ),
+            (
+                "configserver_pushed_bytes_total",
+                "Encoded bytes of pushed snapshots and deltas",
+                &self.pushed_bytes,
+            ),
+            (
+                "configserver_pushed_snapshots_total",
+                "Snapshots pushed",
+                &self.pushed_snapshots,
+            ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");

@@ -278,7 +278,9 @@ impl Registry {
     /// Removes a session's instances, subscriptions and consumer entries.
     pub fn close_session(&self, id: SessionId, reason: &str) {
         let mut state = self.lock();
-        let Some(session) = state.sessions.remove(&id) else { return };
+        let Some(session) = state.sessions.remove(&id) else {
+            return;
+        };
         let mut changed = false;
         for (key, addr) in &session.registered {
             changed |= remove_provider(&mut state, key, addr, id);
@@ -318,11 +320,16 @@ impl Registry {
         }
         let addr = instance_addr(&instance);
         let mut state = self.lock();
-        let session = state.sessions.get(&id).ok_or_else(|| RegistryError::NotFound(format!("session {id}")))?;
+        let session = state
+            .sessions
+            .get(&id)
+            .ok_or_else(|| RegistryError::NotFound(format!("session {id}")))?;
         if instance.app.is_empty() {
             instance.app = session.node.app.clone();
         }
-        if session.registered.len() >= self.config.max_per_session && !session.registered.contains(&(key.clone(), addr.clone())) {
+        if session.registered.len() >= self.config.max_per_session
+            && !session.registered.contains(&(key.clone(), addr.clone()))
+        {
             return Err(RegistryError::TooLarge(format!(
                 "session {id} already registers {} instances, the limit",
                 session.registered.len()
@@ -364,7 +371,9 @@ impl Registry {
             .get_mut(&id)
             .is_some_and(|s| s.registered.remove(&(key.clone(), addr.clone())));
         if !held {
-            return Err(RegistryError::NotFound(format!("{key} provider {addr} is not registered by this session")));
+            return Err(RegistryError::NotFound(format!(
+                "{key} provider {addr} is not registered by this session"
+            )));
         }
         remove_provider(&mut state, key, &addr, id);
         drop(state);
@@ -383,7 +392,10 @@ impl Registry {
     pub fn subscribe(&self, id: SessionId, key: ServiceKey, known: Option<(&str, u64)>) -> Result<(), RegistryError> {
         key.validate().map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let mut state = self.lock();
-        let session = state.sessions.get_mut(&id).ok_or_else(|| RegistryError::NotFound(format!("session {id}")))?;
+        let session = state
+            .sessions
+            .get_mut(&id)
+            .ok_or_else(|| RegistryError::NotFound(format!("session {id}")))?;
         if session.subscribed.len() >= self.config.max_per_session && !session.subscribed.contains(&key) {
             return Err(RegistryError::TooLarge(format!(
                 "session {id} already has {} subscriptions, the limit",
@@ -432,7 +444,9 @@ impl Registry {
         let mut notified = 0usize;
         let mut pushes = Vec::new();
         for key in dirty {
-            let Some(entry) = state.services.get_mut(&key) else { continue };
+            let Some(entry) = state.services.get_mut(&key) else {
+                continue;
+            };
             if entry.pending.is_empty() {
                 continue;
             }
@@ -496,10 +510,19 @@ impl Registry {
             }
         }
         let providers = entry.providers.values().map(|(i, _)| i.clone()).collect();
-        (vec![self.snapshot_message(key, entry.revision, providers, partial)], entry.revision)
+        (
+            vec![self.snapshot_message(key, entry.revision, providers, partial)],
+            entry.revision,
+        )
     }
 
-    fn snapshot_message(&self, key: &ServiceKey, revision: u64, providers: Vec<Instance>, partial: bool) -> ServerMessage {
+    fn snapshot_message(
+        &self,
+        key: &ServiceKey,
+        revision: u64,
+        providers: Vec<Instance>,
+        partial: bool,
+    ) -> ServerMessage {
         ServerMessage {
             request_id: 0,
             body: Some(server_message::Body::Snapshot(Snapshot {
@@ -579,7 +602,9 @@ impl Registry {
                 && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
                 && !host.starts_with(['.', '-']));
         if !host_ok {
-            return Err(RegistryError::Invalid(format!("{key} instance has invalid host {host:?}")));
+            return Err(RegistryError::Invalid(format!(
+                "{key} instance has invalid host {host:?}"
+            )));
         }
         if instance.port == 0 || instance.port > u32::from(u16::MAX) {
             return Err(RegistryError::Invalid(format!(
@@ -599,7 +624,9 @@ impl Registry {
 
 /// Removes `addr` from `key` if `owner` holds it; true if something changed.
 fn remove_provider(state: &mut State, key: &ServiceKey, addr: &str, owner: SessionId) -> bool {
-    let Some(entry) = state.services.get_mut(key) else { return false };
+    let Some(entry) = state.services.get_mut(key) else {
+        return false;
+    };
     match entry.providers.get(addr) {
         Some((_, holder)) if *holder == owner => {}
         _ => return false,
@@ -760,13 +787,42 @@ mod tests {
         let registry = registry();
         let (a, _) = registry.open_session(NodeInfo::default());
         let (b, _) = registry.open_session(NodeInfo::default());
-        let err = registry.register(a, ServiceKey::new("bad key", "", ""), instance(1)).unwrap_err();
+        let err = registry
+            .register(a, ServiceKey::new("bad key", "", ""), instance(1))
+            .unwrap_err();
         assert!(err.to_string().contains(r#"interface "bad key" contains ' '"#), "{err}");
-        let err = registry.register(a, key(), Instance { port: 70000, ..instance(1) }).unwrap_err();
+        let err = registry
+            .register(
+                a,
+                key(),
+                Instance {
+                    port: 70000,
+                    ..instance(1)
+                },
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("invalid port 70000"), "{err}");
-        let err = registry.register(a, key(), Instance { host: "no host!".into(), ..instance(1) }).unwrap_err();
+        let err = registry
+            .register(
+                a,
+                key(),
+                Instance {
+                    host: "no host!".into(),
+                    ..instance(1)
+                },
+            )
+            .unwrap_err();
         assert!(err.to_string().contains(r#"invalid host "no host!""#), "{err}");
-        let err = registry.register(a, key(), Instance { weight: 20_000, ..instance(1) }).unwrap_err();
+        let err = registry
+            .register(
+                a,
+                key(),
+                Instance {
+                    weight: 20_000,
+                    ..instance(1)
+                },
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("weight 20000"), "{err}");
         let mut huge = instance(1);
         huge.metadata.insert("blob".into(), "x".repeat(100_000));
@@ -777,7 +833,10 @@ mod tests {
         registry.register(a, key(), instance(1)).unwrap();
         let err = registry.register(b, key(), instance(1)).unwrap_err();
         assert_eq!(err.kind(), "duplicate");
-        assert!(err.to_string().contains("127.0.0.1:1 is already registered by session"), "{err}");
+        assert!(
+            err.to_string().contains("127.0.0.1:1 is already registered by session"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -80,12 +80,20 @@ impl ConfigServer {
             });
         }
         let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
         };
         let grpc = bind(config.listen).await?;
         let admin = bind(config.admin_listen).await?;
-        let local_addr = grpc.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind { addr: config.admin_listen, source })?;
+        let local_addr = grpc.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
 
         let registry = Arc::new(Registry::new(config.registry.clone()));
         let shutdown = CancellationToken::new();
@@ -112,7 +120,9 @@ impl ConfigServer {
         let token = shutdown.clone();
         let router = crate::admin::router(registry.clone());
         tracker.spawn(async move {
-            let served = axum::serve(admin, router).with_graceful_shutdown(token.cancelled_owned()).await;
+            let served = axum::serve(admin, router)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
             if let Err(e) = served {
                 error!(error = %e, "admin endpoint failed");
             }
@@ -153,7 +163,10 @@ impl ConfigServer {
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         self.tracker.close();
-        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
+            .await
+            .is_err()
+        {
             error!("tasks still running 10 s after shutdown");
         }
         info!("configserver stopped");

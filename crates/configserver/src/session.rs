@@ -43,7 +43,12 @@ pub struct RegistryService {
 }
 
 impl RegistryService {
-    pub fn new(registry: Arc<Registry>, heartbeats: Heartbeats, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        heartbeats: Heartbeats,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
         RegistryService {
             registry,
             heartbeats,
@@ -76,7 +81,13 @@ impl RegistryRpc for RegistryService {
 
 type Tx = mpsc::Sender<Result<ServerMessage, Status>>;
 
-async fn run(registry: Arc<Registry>, heartbeats: Heartbeats, mut inbound: Streaming<NodeMessage>, tx: Tx, peer: Option<SocketAddr>) {
+async fn run(
+    registry: Arc<Registry>,
+    heartbeats: Heartbeats,
+    mut inbound: Streaming<NodeMessage>,
+    tx: Tx,
+    peer: Option<SocketAddr>,
+) {
     // The first message must be Hello.
     let first = tokio::time::timeout(heartbeats.timeout, inbound.message()).await;
     let (request_id, hello) = match first {
@@ -125,7 +136,13 @@ async fn run(registry: Arc<Registry>, heartbeats: Heartbeats, mut inbound: Strea
 }
 
 /// Handles the node's requests until the session ends; returns why.
-async fn read_loop(registry: &Registry, id: SessionId, heartbeats: Heartbeats, inbound: &mut Streaming<NodeMessage>, tx: &Tx) -> String {
+async fn read_loop(
+    registry: &Registry,
+    id: SessionId,
+    heartbeats: Heartbeats,
+    inbound: &mut Streaming<NodeMessage>,
+    tx: &Tx,
+) -> String {
     loop {
         let message = match tokio::time::timeout(heartbeats.timeout, inbound.message()).await {
             Err(_) => {
@@ -144,7 +161,9 @@ async fn read_loop(registry: &Registry, id: SessionId, heartbeats: Heartbeats, i
         let result = match message.body {
             Some(node_message::Body::Register(r)) => match (r.service, r.instance) {
                 (Some(key), Some(instance)) => registry.register(id, ServiceKey::from(&key), instance),
-                _ => Err(registry::RegistryError::Invalid("Register needs a service and an instance".into())),
+                _ => Err(registry::RegistryError::Invalid(
+                    "Register needs a service and an instance".into(),
+                )),
             },
             Some(node_message::Body::Unregister(u)) => match u.service {
                 Some(key) => registry.unregister(id, &ServiceKey::from(&key), &u.host, u.port),
@@ -199,7 +218,9 @@ async fn push_loop(registry: &Registry, push: &PushQueue, tx: &Tx) -> String {
             for message in messages {
                 let metrics = &registry.metrics;
                 metrics.pushed_messages.fetch_add(1, Ordering::Relaxed);
-                metrics.pushed_bytes.fetch_add(registry::message_len(&message) as u64, Ordering::Relaxed);
+                metrics
+                    .pushed_bytes
+                    .fetch_add(registry::message_len(&message) as u64, Ordering::Relaxed);
                 if matches!(message.body, Some(server_message::Body::Snapshot(_))) {
                     metrics.pushed_snapshots.fetch_add(1, Ordering::Relaxed);
                 }

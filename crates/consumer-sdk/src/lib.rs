@@ -6,8 +6,11 @@
 //! for each call, applies the deadline, and tries another provider when the
 //! error says that is safe ([`rpc_core::Error::is_retryable`]).
 //!
-//! This first cut takes a static provider list ("direct" mode, which stays as
-//! the no-registry mode).
+//! Providers come from the ConfigServer (give [`ConsumerConfig::registry`]):
+//! the reference subscribes to its service and a [`Directory`] follows the
+//! pushed list, opening connections to new providers and letting go of
+//! removed ones. Or from a static list ([`ReferenceBuilder::direct`], the
+//! no-registry mode).
 //!
 //! ```no_run
 //! # use rpc_core::{Invoker, Stub};
@@ -31,16 +34,17 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rpc_core::frame::RequestHead;
-use rpc_core::{
-    CallOptions, ConnectionConfig, Endpoint, Error, InvalidServiceKey, Invoker, ServiceKey, Stub,
-};
+use rpc_core::registry::{ProviderList, RegistrySession, SessionConfig};
+use rpc_core::{CallOptions, ConnectionConfig, Endpoint, Error, InvalidServiceKey, Invoker, ServiceKey, Stub};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Settings shared by every reference of a consumer.
 #[derive(Debug, Clone)]
@@ -52,6 +56,8 @@ pub struct ConsumerConfig {
     pub default_timeout: Duration,
     /// Extra providers tried after a retryable failure.
     pub default_retries: usize,
+    /// The ConfigServer session; `None` = direct mode only.
+    pub registry: Option<SessionConfig>,
 }
 
 impl Default for ConsumerConfig {
@@ -61,6 +67,7 @@ impl Default for ConsumerConfig {
             connection: ConnectionConfig::default(),
             default_timeout: Duration::from_secs(3),
             default_retries: 2,
+            registry: None,
         }
     }
 }
@@ -71,7 +78,7 @@ impl Default for ConsumerConfig {
 pub enum ConsumerError {
     #[error(transparent)]
     InvalidService(#[from] InvalidServiceKey),
-    #[error("reference to {service}: no provider address given")]
+    #[error("reference to {service}: no provider address given and no registry configured")]
     NoProviders { service: String },
     #[error("reference to {service}: timeout must be more than zero")]
     ZeroTimeout { service: String },
@@ -86,15 +93,20 @@ pub struct Consumer {
 #[derive(Debug)]
 struct ConsumerInner {
     config: ConsumerConfig,
+    registry: Option<RegistrySession>,
     /// One endpoint per provider address, shared by references; entries die
     /// with the last reference that uses them.
     endpoints: Mutex<HashMap<SocketAddr, Weak<Endpoint>>>,
 }
 
 impl Consumer {
+    /// A consumer; with [`ConsumerConfig::registry`] set it starts its
+    /// ConfigServer session (so it must run inside a tokio runtime).
     pub fn new(config: ConsumerConfig) -> Consumer {
+        let registry = config.registry.clone().map(RegistrySession::start);
         Consumer {
             inner: Arc::new(ConsumerInner {
+                registry,
                 config,
                 endpoints: Mutex::new(HashMap::new()),
             }),
@@ -103,6 +115,11 @@ impl Consumer {
 
     pub fn config(&self) -> &ConsumerConfig {
         &self.inner.config
+    }
+
+    /// The ConfigServer session, if configured.
+    pub fn registry(&self) -> Option<&RegistrySession> {
+        self.inner.registry.as_ref()
     }
 
     /// Starts building a typed client `S` (a generated `XxxClient<_>`).
@@ -173,31 +190,32 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
 
     /// # Errors
     ///
-    /// An invalid version or group, an empty provider list, a zero timeout.
+    /// An invalid version or group, no providers and no registry, a zero
+    /// timeout.
     pub fn build(self) -> Result<S, ConsumerError> {
         let key = ServiceKey::new(S::INTERFACE, self.version, self.group);
         key.validate()?;
-        if self.providers.is_empty() {
-            return Err(ConsumerError::NoProviders {
-                service: key.to_string(),
-            });
-        }
         if self.timeout.is_zero() {
             return Err(ConsumerError::ZeroTimeout {
                 service: key.to_string(),
             });
         }
-        let endpoints = self
-            .providers
-            .iter()
-            .map(|&a| self.consumer.endpoint(a))
-            .collect();
+        let directory = if !self.providers.is_empty() {
+            let endpoints = self.providers.iter().map(|&a| self.consumer.endpoint(a)).collect();
+            Directory::fixed(endpoints)
+        } else if let Some(registry) = self.consumer.registry() {
+            Directory::follow(self.consumer.clone(), registry.subscribe(&key), key.clone())
+        } else {
+            return Err(ConsumerError::NoProviders {
+                service: key.to_string(),
+            });
+        };
         Ok(S::from_invoker(Reference {
             inner: Arc::new(ReferenceInner {
                 key,
                 timeout: self.timeout,
                 retries: self.retries,
-                endpoints,
+                directory,
                 next: AtomicUsize::new(0),
             }),
         }))
@@ -215,7 +233,7 @@ struct ReferenceInner {
     key: ServiceKey,
     timeout: Duration,
     retries: usize,
-    endpoints: Vec<Arc<Endpoint>>,
+    directory: Directory,
     next: AtomicUsize,
 }
 
@@ -224,27 +242,130 @@ impl Reference {
         &self.inner.key
     }
 
+    /// Provider addresses the reference currently calls.
     pub fn providers(&self) -> Vec<SocketAddr> {
-        self.inner.endpoints.iter().map(|e| e.addr()).collect()
+        self.inner.directory.endpoints().iter().map(|e| e.addr()).collect()
     }
 
     /// Calls waiting for an answer, over all providers of this reference.
     pub fn in_flight(&self) -> usize {
-        self.inner.endpoints.iter().map(|e| e.in_flight()).sum()
+        self.inner.directory.endpoints().iter().map(|e| e.in_flight()).sum()
+    }
+
+    /// Waits until the provider list satisfies `ready` (e.g. non-empty), at
+    /// most `timeout`; returns whether it did.
+    pub async fn wait_for_providers(&self, timeout: Duration, ready: impl Fn(&[SocketAddr]) -> bool) -> bool {
+        let mut changes = self.inner.directory.changes();
+        let wait = async {
+            loop {
+                if ready(&self.providers()) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    // A fixed list never changes.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+}
+
+/// The live provider list of a reference: fixed (direct mode) or following
+/// the ConfigServer's pushes. Removed providers' endpoints are dropped; their
+/// connections close once no call uses them.
+#[derive(Debug)]
+pub struct Directory {
+    endpoints: Arc<RwLock<Arc<Vec<Arc<Endpoint>>>>>,
+    /// Bumped on every change (for waiters).
+    version: watch::Receiver<u64>,
+    /// Stops the follower task when the directory goes.
+    _follower: Option<AbortOnDrop>,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Directory {
+    fn fixed(endpoints: Vec<Arc<Endpoint>>) -> Directory {
+        let (_, version) = watch::channel(0);
+        Directory {
+            endpoints: Arc::new(RwLock::new(Arc::new(endpoints))),
+            version,
+            _follower: None,
+        }
+    }
+
+    fn follow(consumer: Consumer, mut lists: watch::Receiver<Arc<ProviderList>>, key: ServiceKey) -> Directory {
+        let endpoints = Arc::new(RwLock::new(Arc::new(Vec::new())));
+        let (version_tx, version) = watch::channel(0u64);
+        let shared = endpoints.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let list = lists.borrow_and_update().clone();
+                let current: Vec<Arc<Endpoint>> = shared.read().expect("directory lock").to_vec();
+                let mut next = Vec::with_capacity(list.providers.len());
+                // Connections being opened to new providers; aborted if not
+                // done by the next change.
+                let mut warming = JoinSet::new();
+                for (addr, instance) in &list.providers {
+                    let Ok(addr) = addr.parse::<SocketAddr>() else {
+                        warn!(service = %key, %addr, host = %instance.host, "provider address is not ip:port; skipped");
+                        continue;
+                    };
+                    match current.iter().find(|e| e.addr() == addr) {
+                        Some(endpoint) => next.push(endpoint.clone()),
+                        None => {
+                            let endpoint = consumer.endpoint(addr);
+                            let warm = endpoint.clone();
+                            warming.spawn(async move {
+                                let _ = warm.connection().await;
+                            });
+                            next.push(endpoint);
+                        }
+                    }
+                }
+                debug!(service = %key, providers = next.len(), revision = list.revision, "directory updated");
+                *shared.write().expect("directory lock") = Arc::new(next);
+                version_tx.send_modify(|v| *v += 1);
+                if lists.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        Directory {
+            endpoints,
+            version,
+            _follower: Some(AbortOnDrop(task.abort_handle())),
+        }
+    }
+
+    /// The providers now.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.read().expect("directory lock").clone()
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.version.clone()
     }
 }
 
 impl Invoker for Reference {
-    async fn invoke(
-        &self,
-        method: &'static str,
-        payload: Bytes,
-        options: &CallOptions,
-    ) -> Result<Bytes, Error> {
+    async fn invoke(&self, method: &'static str, payload: Bytes, options: &CallOptions) -> Result<Bytes, Error> {
         let inner = &*self.inner;
         let timeout = options.timeout.unwrap_or(inner.timeout);
         let deadline = Instant::now() + timeout;
-        let count = inner.endpoints.len();
+        let endpoints = inner.directory.endpoints();
+        let count = endpoints.len();
+        if count == 0 {
+            return Err(Error::NoProvider(inner.key.to_string()));
+        }
         let first = inner.next.fetch_add(1, Ordering::Relaxed);
         let tries = 1 + inner.retries.min(count.saturating_sub(1));
         let head = RequestHead {
@@ -255,7 +376,7 @@ impl Invoker for Reference {
         };
         let mut last_error = Error::NoProvider(inner.key.to_string());
         for attempt in 0..tries {
-            let endpoint = &inner.endpoints[(first + attempt) % count];
+            let endpoint = &endpoints[(first + attempt) % count];
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(Error::Timeout(timeout));

@@ -2,7 +2,15 @@
 //!
 //! A [`Provider`] serves one or more generated services (`XxxServer`) on an
 //! address, with the data plane's dispatch modes, limits and graceful
-//! shutdown.
+//! shutdown. Given a ConfigServer ([`ProviderBuilder::registry`]) it
+//! registers its services once the listener is bound and, on
+//! [`Provider::shutdown`], stops in an order that loses no call:
+//!
+//! 1. unregister, so consumers stop picking this provider;
+//! 2. wait `unregister_grace` (bounded) while consumers receive the removal;
+//! 3. stop accepting; keep serving requests already on their way until
+//!    consumers close their connections or go quiet (`drain_quiet`);
+//! 4. finish in-flight calls (within the grace period) and exit.
 //!
 //! ```no_run
 //! # use rpc_core::{Request, Service, Status, codegen::{Bytes, BoxFuture}};
@@ -26,28 +34,31 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rpc_core::registry::{RegistryError, RegistrySession, Role, SessionConfig};
 use rpc_core::server::{Dispatch, Server, ServerConfig, Service};
 use rpc_core::{InvalidServiceKey, ServiceKey};
+use tern_proto::registry::Instance;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Why a provider could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProviderError {
     #[error("cannot bind {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    Bind { addr: String, source: std::io::Error },
     #[error(transparent)]
     InvalidService(#[from] InvalidServiceKey),
     #[error("provider {app:?} has no service to serve")]
     NoService { app: String },
+    #[error("registering {service}: {source}")]
+    Registry { service: String, source: RegistryError },
 }
 
 /// Builds a [`Provider`].
@@ -59,9 +70,51 @@ pub struct ProviderBuilder {
     config: ServerConfig,
     server: Server,
     keys: Vec<ServiceKey>,
+    registry: Option<SessionConfig>,
+    advertise: Option<String>,
+    weight: u32,
+    zone: String,
+    metadata: HashMap<String, String>,
+    unregister_grace: Duration,
 }
 
 impl ProviderBuilder {
+    /// Registers the services with a ConfigServer (role: provider).
+    pub fn registry(mut self, config: SessionConfig) -> Self {
+        self.registry = Some(config);
+        self
+    }
+
+    /// Host consumers should connect to (default: the bound IP, or
+    /// `127.0.0.1` when bound to all interfaces).
+    pub fn advertise(mut self, host: impl Into<String>) -> Self {
+        self.advertise = Some(host.into());
+        self
+    }
+
+    /// Relative share of traffic (default 100).
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.zone = zone.into();
+        self
+    }
+
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// How long shutdown waits after unregistering before it stops accepting
+    /// (default 300 ms: the ConfigServer's push plus the consumers' update).
+    pub fn unregister_grace(mut self, grace: Duration) -> Self {
+        self.unregister_grace = grace;
+        self
+    }
+
     /// The application name this provider reports.
     pub fn app(mut self, app: impl Into<String>) -> Self {
         self.app = app.into();
@@ -136,14 +189,63 @@ impl ProviderBuilder {
         let task = tokio::spawn(server.serve(listener, async move {
             let _ = stop_rx.await;
         }));
-        info!(app = %self.app, addr = %local_addr, services = ?self.keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "provider started");
-        Ok(Provider {
-            app: self.app,
+        let host = self.advertise.clone().unwrap_or_else(|| {
+            let ip = local_addr.ip();
+            if ip.is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                ip.to_string()
+            }
+        });
+        let mut provider = Provider {
+            app: self.app.clone(),
             local_addr,
-            keys: self.keys,
+            host,
+            keys: self.keys.clone(),
+            registry: None,
+            unregister_grace: self.unregister_grace,
             stop: Some(stop_tx),
             task: Some(task),
-        })
+        };
+        if let Some(mut config) = self.registry {
+            config.role = Role::Provider;
+            config.app = self.app.clone();
+            config.host = provider.host.clone();
+            if config.zone.is_empty() {
+                config.zone = self.zone.clone();
+            }
+            let session = RegistrySession::start(config);
+            let started_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let instance = Instance {
+                host: provider.host.clone(),
+                port: local_addr.port().into(),
+                weight: self.weight,
+                zone: self.zone.clone(),
+                app: self.app.clone(),
+                protocol: "tern".to_owned(),
+                start_time_ms: started_ms,
+                metadata: self.metadata.clone(),
+            };
+            provider.registry = Some(session.clone());
+            for key in &self.keys {
+                match session.register(key, instance.clone()).await {
+                    Ok(()) => {}
+                    Err(e @ RegistryError::Refused { .. }) => {
+                        provider.shutdown().await;
+                        return Err(ProviderError::Registry {
+                            service: key.to_string(),
+                            source: e,
+                        });
+                    }
+                    // Not answered: kept, and replayed when the session is up.
+                    Err(e) => warn!(service = %key, error = %e, "registration not confirmed yet"),
+                }
+            }
+        }
+        info!(app = %self.app, addr = %local_addr, services = ?self.keys.iter().map(ToString::to_string).collect::<Vec<_>>(), "provider started");
+        Ok(provider)
     }
 }
 
@@ -153,7 +255,11 @@ impl ProviderBuilder {
 pub struct Provider {
     app: String,
     local_addr: SocketAddr,
+    /// The host registered for consumers.
+    host: String,
     keys: Vec<ServiceKey>,
+    registry: Option<RegistrySession>,
+    unregister_grace: Duration,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -167,6 +273,12 @@ impl Provider {
             config: ServerConfig::default(),
             server: Server::new(ServerConfig::default()),
             keys: Vec::new(),
+            registry: None,
+            advertise: None,
+            weight: 100,
+            zone: String::new(),
+            metadata: HashMap::new(),
+            unregister_grace: Duration::from_millis(300),
         }
     }
 
@@ -182,9 +294,25 @@ impl Provider {
         &self.keys
     }
 
-    /// Stops accepting, finishes in-flight calls (within the grace period)
-    /// and returns when the server has stopped.
+    /// The registry session, if the provider registers with a ConfigServer.
+    pub fn registry(&self) -> Option<&RegistrySession> {
+        self.registry.as_ref()
+    }
+
+    /// Stops without losing a call: unregister, let consumers see it, stop
+    /// accepting, drain, finish in-flight calls (see the crate docs). Returns
+    /// when the server has stopped.
     pub async fn shutdown(mut self) {
+        if let Some(session) = self.registry.take() {
+            let port = self.local_addr.port();
+            for key in &self.keys {
+                if let Err(e) = session.unregister(key, &self.host, port).await {
+                    warn!(service = %key, error = %e, "unregister not confirmed");
+                }
+            }
+            tokio::time::sleep(self.unregister_grace).await;
+            session.shutdown();
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

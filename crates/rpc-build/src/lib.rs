@@ -38,10 +38,7 @@ use prost_build::{Method, Service, ServiceGenerator};
 ///
 /// A parse or resolution error in a .proto file (naming file and line), or an
 /// I/O error writing the output.
-pub fn compile_protos(
-    protos: &[impl AsRef<Path>],
-    includes: &[impl AsRef<Path>],
-) -> io::Result<()> {
+pub fn compile_protos(protos: &[impl AsRef<Path>], includes: &[impl AsRef<Path>]) -> io::Result<()> {
     Builder::new().compile(protos, includes)
 }
 
@@ -84,11 +81,7 @@ impl Builder {
     /// # Errors
     ///
     /// See [`compile_protos`].
-    pub fn compile(
-        self,
-        protos: &[impl AsRef<Path>],
-        includes: &[impl AsRef<Path>],
-    ) -> io::Result<()> {
+    pub fn compile(self, protos: &[impl AsRef<Path>], includes: &[impl AsRef<Path>]) -> io::Result<()> {
         for path in protos
             .iter()
             .map(AsRef::as_ref)
@@ -122,12 +115,7 @@ impl ServiceGenerator for StubGenerator {
             .methods
             .iter()
             .filter(|m| m.client_streaming || m.server_streaming)
-            .map(|m| {
-                format!(
-                    "{}.{}/{}",
-                    service.package, service.proto_name, m.proto_name
-                )
-            })
+            .map(|m| format!("{}.{}/{}", service.package, service.proto_name, m.proto_name))
             .collect();
         if !streaming.is_empty() {
             let _ = writeln!(
@@ -255,11 +243,7 @@ fn write_server(service: &Service, buf: &mut String) {
     }
     buf.push_str("}\n");
 
-    let names: Vec<String> = service
-        .methods
-        .iter()
-        .map(|m| format!("{:?}", m.proto_name))
-        .collect();
+    let names: Vec<String> = service.methods.iter().map(|m| format!("{:?}", m.proto_name)).collect();
     let _ = write!(
         buf,
         r#"

@@ -26,10 +26,7 @@ impl Default for Backoff {
 impl Backoff {
     /// The delay before attempt `attempt` (0 = the first retry).
     pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << attempt.min(20))
-            .min(self.max);
+        let ceiling = self.base.saturating_mul(1u32 << attempt.min(20)).min(self.max);
         let half = ceiling / 2;
         half + ceiling.saturating_sub(half).mul_f64(rng.random::<f64>())
     }

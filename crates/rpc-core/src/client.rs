@@ -127,9 +127,7 @@ impl Connection {
             .await
             .map_err(|_| connect_err(format!("no answer within {:?}", config.connect_timeout)))?
             .map_err(|e| connect_err(e.to_string()))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| connect_err(e.to_string()))?;
+        stream.set_nodelay(true).map_err(|e| connect_err(e.to_string()))?;
         Ok(Connection::from_stream(stream, addr, config))
     }
 
@@ -150,10 +148,7 @@ impl Connection {
         debug!(%peer, "connected");
         let stop = shared.closed.clone().drop_guard();
         Connection {
-            inner: Arc::new(Inner {
-                shared,
-                _stop: stop,
-            }),
+            inner: Arc::new(Inner { shared, _stop: stop }),
         }
     }
 
@@ -163,13 +158,7 @@ impl Connection {
 
     /// Calls that are waiting for an answer.
     pub fn in_flight(&self) -> usize {
-        self.inner
-            .shared
-            .pending
-            .lock()
-            .expect("pending lock")
-            .calls
-            .len()
+        self.inner.shared.pending.lock().expect("pending lock").calls.len()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -187,12 +176,7 @@ impl Connection {
     ///
     /// The provider's status as the matching [`Error`], [`Error::Timeout`],
     /// [`Error::ConnectionClosed`] or [`Error::TooManyInFlight`].
-    pub async fn call(
-        &self,
-        head: RequestHead<'_>,
-        payload: &[u8],
-        timeout: Duration,
-    ) -> Result<Bytes, Error> {
+    pub async fn call(&self, head: RequestHead<'_>, payload: &[u8], timeout: Duration) -> Result<Bytes, Error> {
         let shared = &self.inner.shared;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -209,10 +193,7 @@ impl Connection {
             }
             pending.calls.insert(id, tx);
         }
-        let mut slot = Slot {
-            shared,
-            id: Some(id),
-        };
+        let mut slot = Slot { shared, id: Some(id) };
         let timeout_ms = timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
         let head = RequestHead { timeout_ms, ..head };
 
@@ -232,12 +213,8 @@ impl Connection {
             Err(_) => return Err(Error::Timeout(timeout)),
         };
         drop(slot);
-        let body = ResponseBody::decode(frame.body).map_err(|e| {
-            Error::Protocol(format!(
-                "cannot decode response body from {}: {e}",
-                shared.peer
-            ))
-        })?;
+        let body = ResponseBody::decode(frame.body)
+            .map_err(|e| Error::Protocol(format!("cannot decode response body from {}: {e}", shared.peer)))?;
         if frame.header.status == Code::Ok as u8 {
             Ok(body.payload)
         } else {
@@ -256,12 +233,7 @@ struct Slot<'a> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         if let Some(id) = self.id {
-            self.shared
-                .pending
-                .lock()
-                .expect("pending lock")
-                .calls
-                .remove(&id);
+            self.shared.pending.lock().expect("pending lock").calls.remove(&id);
         }
     }
 }
@@ -329,12 +301,7 @@ async fn read_loop(shared: Arc<Shared>, rd: OwnedReadHalf, config: ConnectionCon
         match frame.header.kind {
             Kind::Response => {
                 let id = frame.header.request_id;
-                let slot = shared
-                    .pending
-                    .lock()
-                    .expect("pending lock")
-                    .calls
-                    .remove(&id);
+                let slot = shared.pending.lock().expect("pending lock").calls.remove(&id);
                 match slot {
                     // The caller may be gone in between; nothing to do then.
                     Some(tx) => drop(tx.send(frame)),

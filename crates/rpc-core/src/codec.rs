@@ -12,9 +12,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::frame::{
-    DEFAULT_MAX_FRAME_LEN, FLAG_ACK, Frame, HEADER_LEN, Header, Kind, MAGIC, VERSION,
-};
+use crate::frame::{DEFAULT_MAX_FRAME_LEN, FLAG_ACK, Frame, HEADER_LEN, Header, Kind, MAGIC, VERSION};
 
 /// Why a stream could not be decoded. Each variant names the bad value.
 #[derive(Debug, thiserror::Error)]
@@ -218,10 +216,7 @@ mod tests {
         let mut buf = header_bytes(1, 0, u32::MAX);
         let before = buf.capacity();
         let err = FrameCodec::default().decode(&mut buf).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "frame length 4294967295 exceeds max_frame_len 8388608"
-        );
+        assert_eq!(err.to_string(), "frame length 4294967295 exceeds max_frame_len 8388608");
         assert_eq!(buf.capacity(), before);
     }
 
@@ -236,27 +231,18 @@ mod tests {
     fn bad_version_kind_and_flags_name_the_value() {
         let mut buf = header_bytes(9, 0, 0);
         assert_eq!(
-            FrameCodec::default()
-                .decode(&mut buf)
-                .unwrap_err()
-                .to_string(),
+            FrameCodec::default().decode(&mut buf).unwrap_err().to_string(),
             "unknown frame kind 9"
         );
         let mut buf = header_bytes(1, 0x80, 0);
         assert_eq!(
-            FrameCodec::default()
-                .decode(&mut buf)
-                .unwrap_err()
-                .to_string(),
+            FrameCodec::default().decode(&mut buf).unwrap_err().to_string(),
             "unknown flags 0x80"
         );
         let mut buf = header_bytes(1, 0, 0);
         buf[2] = 7;
         assert_eq!(
-            FrameCodec::default()
-                .decode(&mut buf)
-                .unwrap_err()
-                .to_string(),
+            FrameCodec::default().decode(&mut buf).unwrap_err().to_string(),
             "unsupported protocol version 7, expected 1"
         );
     }
@@ -279,10 +265,7 @@ mod tests {
         let mut buf = header_bytes(1, 0, 1025);
         assert!(matches!(
             FrameCodec::new(1024).decode(&mut buf),
-            Err(FrameError::TooLong {
-                len: 1025,
-                max: 1024
-            })
+            Err(FrameError::TooLong { len: 1025, max: 1024 })
         ));
     }
 

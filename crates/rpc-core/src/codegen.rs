@@ -27,15 +27,13 @@ where
 {
     let payload = Bytes::from(request.encode_to_vec());
     let reply = invoker.invoke(method, payload, options).await?;
-    Resp::decode(reply)
-        .map_err(|e| Error::Protocol(format!("cannot decode reply of {method}: {e}")))
+    Resp::decode(reply).map_err(|e| Error::Protocol(format!("cannot decode reply of {method}: {e}")))
 }
 
 /// Decodes the payload of an incoming request into the method's input type.
 pub fn decode_request<T: Message + Default>(request: Request<Bytes>) -> Result<Request<T>, Status> {
-    request.try_map(|payload| {
-        T::decode(payload).map_err(|e| Status::bad_request(format!("cannot decode request: {e}")))
-    })
+    request
+        .try_map(|payload| T::decode(payload).map_err(|e| Status::bad_request(format!("cannot decode request: {e}"))))
 }
 
 /// Encodes a reply message.

@@ -113,11 +113,7 @@ pub struct RequestHead<'a> {
 /// Appends a complete Request frame to `dst`.
 pub fn encode_request(dst: &mut BytesMut, request_id: u64, head: &RequestHead<'_>, payload: &[u8]) {
     let key = head.service;
-    let attachments_len: usize = head
-        .attachments
-        .iter()
-        .map(|(k, v)| map_entry_len(6, k, v))
-        .sum();
+    let attachments_len: usize = head.attachments.iter().map(|(k, v)| map_entry_len(6, k, v)).sum();
     let body_len = str_len(1, &key.interface)
         + str_len(2, &key.version)
         + str_len(3, &key.group)
@@ -157,13 +153,7 @@ pub fn encode_request(dst: &mut BytesMut, request_id: u64, head: &RequestHead<'_
 
 /// Appends a complete Response frame to `dst`: `Ok` with a payload, or a
 /// failure status with a message.
-pub fn encode_response(
-    dst: &mut BytesMut,
-    request_id: u64,
-    status: Code,
-    message: &str,
-    payload: &[u8],
-) {
+pub fn encode_response(dst: &mut BytesMut, request_id: u64, status: Code, message: &str, payload: &[u8]) {
     let body_len = str_len(1, message) + str_len(3, payload);
     dst.reserve(HEADER_LEN + body_len);
     let buf = dst;
@@ -275,18 +265,8 @@ mod tests {
     /// The example in docs/PROTOCOL.md, byte for byte.
     #[test]
     fn documented_example_matches_the_encoder() {
-        let doc = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../docs/PROTOCOL.md"
-        ))
-        .unwrap();
-        let example = doc
-            .split("```text\n")
-            .nth(1)
-            .unwrap()
-            .split("```")
-            .next()
-            .unwrap();
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/PROTOCOL.md")).unwrap();
+        let example = doc.split("```text\n").nth(1).unwrap().split("```").next().unwrap();
         let hex: String = example
             .lines()
             .flat_map(|line| line.split("  ").next())
@@ -305,12 +285,7 @@ mod tests {
             attachments: &HashMap::new(),
         };
         let mut wire = BytesMut::new();
-        encode_request(
-            &mut wire,
-            1,
-            &head,
-            &[0x0a, 0x05, b'w', b'o', b'r', b'l', b'd'],
-        );
+        encode_request(&mut wire, 1, &head, &[0x0a, 0x05, b'w', b'o', b'r', b'l', b'd']);
         assert_eq!(&wire[..], &expected[..]);
     }
 

@@ -25,9 +25,12 @@
 //!
 //! # Shutdown
 //!
-//! [`Server::serve`] stops accepting when its `shutdown` future resolves,
-//! stops reading new requests, lets in-flight requests finish and their
-//! answers flush for up to `grace_period`, then abandons what is left.
+//! [`Server::serve`] stops accepting when its `shutdown` future resolves.
+//! Open connections keep being read until their consumer closes them or no
+//! request has arrived for `drain_quiet` (consumers that learned of the
+//! provider's departure stop sending and close; a request already on the wire
+//! is still served). In-flight requests then finish and their answers flush;
+//! whatever is left after `grace_period` is abandoned.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -140,9 +143,7 @@ pub enum Dispatch {
 
 impl Default for Dispatch {
     fn default() -> Dispatch {
-        Dispatch::All {
-            max_concurrent: 10_000,
-        }
+        Dispatch::All { max_concurrent: 10_000 }
     }
 }
 
@@ -154,10 +155,7 @@ impl FromStr for Dispatch {
         match s {
             "direct" => Ok(Dispatch::Direct),
             "all" | "message" => Ok(Dispatch::default()),
-            "execution" => Ok(Dispatch::Execution {
-                threads: 200,
-                queue: 0,
-            }),
+            "execution" => Ok(Dispatch::Execution { threads: 200, queue: 0 }),
             "connection" => Ok(Dispatch::Connection { queue: 1024 }),
             other => Err(format!(
                 "unknown dispatch mode {other:?}: expected direct, all, message, execution or connection"
@@ -180,6 +178,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub grace_period: Duration,
+    /// During shutdown, a connection with no request for this long stops
+    /// being read.
+    pub drain_quiet: Duration,
 }
 
 impl Default for ServerConfig {
@@ -191,6 +192,7 @@ impl Default for ServerConfig {
             write_buffer: 1024 * 1024,
             idle_timeout: Duration::from_secs(60),
             grace_period: Duration::from_secs(10),
+            drain_quiet: Duration::from_millis(100),
         }
     }
 }
@@ -332,9 +334,7 @@ impl DispatchState {
                 admitted: Arc::new(Semaphore::new(threads.max(1) + queue)),
                 running: Arc::new(Semaphore::new(threads.max(1))),
             },
-            Dispatch::Connection { queue } => DispatchState::Connection {
-                queue: queue.max(1),
-            },
+            Dispatch::Connection { queue } => DispatchState::Connection { queue: queue.max(1) },
         }
     }
 }
@@ -425,21 +425,14 @@ impl Answer {
     fn encode(&self, buf: &mut BytesMut) {
         match &self.result {
             Ok(payload) => frame::encode_response(buf, self.id, Code::Ok, "", payload),
-            Err(status) => {
-                frame::encode_response(buf, self.id, status.code(), status.message(), &[])
-            }
+            Err(status) => frame::encode_response(buf, self.id, status.code(), status.message(), &[]),
         }
     }
 }
 
 /// `direct` dispatch: run each request on this task and write the answers
 /// ourselves, one write per batch of requests that arrived together.
-async fn serve_direct(
-    ctx: &Ctx,
-    mut frames: FrameReader<OwnedReadHalf>,
-    mut wr: OwnedWriteHalf,
-    peer: SocketAddr,
-) {
+async fn serve_direct(ctx: &Ctx, mut frames: FrameReader<OwnedReadHalf>, mut wr: OwnedWriteHalf, peer: SocketAddr) {
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Some(frame) = next_request(ctx, &mut frames, peer).await {
         match frame.header.kind {
@@ -464,16 +457,23 @@ async fn serve_direct(
 
 /// Reads the next request or ping; `None` when the connection should close
 /// (EOF, bad frame, idle, shutting down), after logging why.
-async fn next_request(
-    ctx: &Ctx,
-    frames: &mut FrameReader<OwnedReadHalf>,
-    peer: SocketAddr,
-) -> Option<Frame> {
+async fn next_request(ctx: &Ctx, frames: &mut FrameReader<OwnedReadHalf>, peer: SocketAddr) -> Option<Frame> {
     loop {
-        let next = tokio::select! {
-            _ = ctx.stop.cancelled() => return None,
-            next = tokio::time::timeout(ctx.config.idle_timeout, frames.next()) => next,
+        let draining = ctx.stop.is_cancelled();
+        let wait = if draining {
+            ctx.config.drain_quiet
+        } else {
+            ctx.config.idle_timeout
         };
+        let next = tokio::select! {
+            // Shutdown began: switch to the short drain timeout.
+            _ = ctx.stop.cancelled(), if !draining => continue,
+            next = tokio::time::timeout(wait, frames.next()) => next,
+        };
+        if draining && next.is_err() {
+            debug!(%peer, "drained; no more requests");
+            return None;
+        }
         let frame = match next {
             Err(_) => {
                 info!(%peer, idle_timeout = ?ctx.config.idle_timeout, "closing idle connection");
@@ -545,10 +545,9 @@ async fn dispatch(
             let ordered = ordered.expect("connection dispatch has a worker");
             match ordered.try_send(frame) {
                 Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => answers
-                    .send(Answer::busy(id, "connection queue is full"))
-                    .await
-                    .is_ok(),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    answers.send(Answer::busy(id, "connection queue is full")).await.is_ok()
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         }
@@ -562,9 +561,7 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, frame: Frame) -> Answer {
     let body = match RequestBody::decode(frame.body) {
         Ok(body) => body,
         Err(e) => {
-            return answer(Err(Status::bad_request(format!(
-                "cannot decode request body: {e}"
-            ))));
+            return answer(Err(Status::bad_request(format!("cannot decode request body: {e}"))));
         }
     };
     let key = ServiceKey {
@@ -611,12 +608,7 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    outbox: Arc<Outbox>,
-    force: CancellationToken,
-    peer: SocketAddr,
-) {
+async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, force: CancellationToken, peer: SocketAddr) {
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
         let more = tokio::select! {

@@ -27,11 +27,7 @@ pub struct InvalidServiceKey {
 
 impl ServiceKey {
     /// Builds a key without validating it; see [`ServiceKey::validate`].
-    pub fn new(
-        interface: impl Into<String>,
-        version: impl Into<String>,
-        group: impl Into<String>,
-    ) -> ServiceKey {
+    pub fn new(interface: impl Into<String>, version: impl Into<String>, group: impl Into<String>) -> ServiceKey {
         ServiceKey {
             interface: interface.into(),
             version: version.into(),
@@ -63,28 +59,17 @@ impl ServiceKey {
         ];
         for (name, value) in parts {
             if value.len() > MAX_PART_LEN {
-                return fail(format!(
-                    "{name} is {} bytes, more than {MAX_PART_LEN}",
-                    value.len()
-                ));
+                return fail(format!("{name} is {} bytes, more than {MAX_PART_LEN}", value.len()));
             }
             let allowed = |c: char| {
-                c.is_ascii_alphanumeric()
-                    || matches!(c, '.' | '_' | '-')
-                    || (name == "interface" && c == '$')
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || (name == "interface" && c == '$')
             };
             if let Some(bad) = value.chars().find(|&c| !allowed(c)) {
                 return fail(format!("{name} {value:?} contains {bad:?}"));
             }
         }
-        if self.interface.starts_with('.')
-            || self.interface.ends_with('.')
-            || self.interface.contains("..")
-        {
-            return fail(format!(
-                "interface {:?} has an empty name segment",
-                self.interface
-            ));
+        if self.interface.starts_with('.') || self.interface.ends_with('.') || self.interface.contains("..") {
+            return fail(format!("interface {:?} has an empty name segment", self.interface));
         }
         Ok(())
     }
@@ -111,10 +96,8 @@ impl FromStr for ServiceKey {
         let (group, rest) = s.split_once('/').unwrap_or(("", s));
         let (interface, version) = rest.split_once(':').unwrap_or((rest, ""));
         let key = ServiceKey::new(interface, version, group);
-        key.validate().map_err(|e| InvalidServiceKey {
-            key: s.to_owned(),
-            ..e
-        })?;
+        key.validate()
+            .map_err(|e| InvalidServiceKey { key: s.to_owned(), ..e })?;
         Ok(key)
     }
 }
@@ -125,12 +108,7 @@ mod tests {
 
     #[test]
     fn text_form_round_trips() {
-        for text in [
-            "demo.Greeter",
-            "demo.Greeter:1.0.0",
-            "shop/demo.Greeter:1.0.0",
-            "g/a.B",
-        ] {
+        for text in ["demo.Greeter", "demo.Greeter:1.0.0", "shop/demo.Greeter:1.0.0", "g/a.B"] {
             let key: ServiceKey = text.parse().unwrap();
             assert_eq!(key.to_string(), text);
         }
@@ -150,9 +128,6 @@ mod tests {
         let err = "a..b".parse::<ServiceKey>().unwrap_err();
         assert!(err.to_string().contains("empty name segment"), "{err}");
         let err = ServiceKey::new("a.B", "1/0", "").validate().unwrap_err();
-        assert!(
-            err.to_string().contains(r#"version "1/0" contains '/'"#),
-            "{err}"
-        );
+        assert!(err.to_string().contains(r#"version "1/0" contains '/'"#), "{err}");
     }
 }

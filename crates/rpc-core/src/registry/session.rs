@@ -1,0 +1,614 @@
+//! The session task and its handle.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::Message;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tern_proto::registry::registry_client::RegistryClient;
+use tern_proto::registry::{
+    self as pb, Delta, Hello, Instance, NodeMessage, ProviderCache, ServerMessage, Snapshot, node_message,
+    server_message,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, info, warn};
+
+use super::convert::{addr_of, instance_addr};
+use crate::{Backoff, ServiceKey};
+
+/// What this node is to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Provider,
+    Consumer,
+    Both,
+}
+
+impl Role {
+    fn to_pb(self) -> i32 {
+        match self {
+            Role::Provider => pb::Role::Provider as i32,
+            Role::Consumer => pb::Role::Consumer as i32,
+            Role::Both => pb::Role::Both as i32,
+        }
+    }
+}
+
+/// Settings of a [`RegistrySession`].
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// ConfigServer addresses (`host:port`), tried in turn.
+    pub servers: Vec<String>,
+    pub app: String,
+    pub role: Role,
+    /// This node's host as others should reach it.
+    pub host: String,
+    pub zone: String,
+    pub labels: HashMap<String, String>,
+    pub connect_timeout: Duration,
+    /// How long a register/unregister waits for the server's answer.
+    pub request_timeout: Duration,
+    /// Delays between reconnect attempts.
+    pub backoff: Backoff,
+    /// Where to keep the last known provider lists, if anywhere.
+    pub cache_file: Option<PathBuf>,
+}
+
+impl SessionConfig {
+    pub fn new(
+        servers: impl IntoIterator<Item = impl Into<String>>,
+        app: impl Into<String>,
+        role: Role,
+    ) -> SessionConfig {
+        SessionConfig {
+            servers: servers.into_iter().map(Into::into).collect(),
+            app: app.into(),
+            role,
+            host: "127.0.0.1".to_owned(),
+            zone: String::new(),
+            labels: HashMap::new(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(3),
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Duration::from_secs(2),
+            },
+            cache_file: None,
+        }
+    }
+}
+
+/// A request refused by the ConfigServer (the message names the bad value),
+/// or not answered in time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    #[error("configserver refused ({kind}): {message}")]
+    Refused { kind: String, message: String },
+    #[error("configserver did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("registry session stopped")]
+    Stopped,
+}
+
+/// The providers of one service as this node knows them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProviderList {
+    /// Epoch of the ConfigServer the list came from ("" = none yet).
+    pub epoch: String,
+    pub revision: u64,
+    /// By `host:port`.
+    pub providers: BTreeMap<String, Instance>,
+}
+
+/// Handle to the session task; cheap to clone. The task stops when the last
+/// handle is dropped (the ConfigServer then removes this node's instances at
+/// once) or on [`RegistrySession::shutdown`].
+#[derive(Debug, Clone)]
+pub struct RegistrySession {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: SessionConfig,
+    commands: mpsc::Sender<Command>,
+    desired: Arc<Mutex<Desired>>,
+    connected: watch::Receiver<Option<String>>,
+    stop: CancellationToken,
+    _stop_guard: DropGuard,
+}
+
+/// What this node wants the registry to hold.
+#[derive(Debug, Default)]
+struct Desired {
+    registrations: BTreeMap<(ServiceKey, String), Instance>,
+    subscriptions: HashMap<ServiceKey, watch::Sender<Arc<ProviderList>>>,
+    /// Lists loaded from the cache file, used as subscriptions start.
+    cached: HashMap<ServiceKey, ProviderList>,
+}
+
+#[derive(Debug)]
+struct Command {
+    message: node_message::Body,
+    reply: Option<oneshot::Sender<Result<(), RegistryError>>>,
+}
+
+// === impl RegistrySession ===
+
+impl RegistrySession {
+    /// Starts the session task (it connects in the background).
+    pub fn start(config: SessionConfig) -> RegistrySession {
+        let (commands, command_rx) = mpsc::channel(256);
+        let (connected_tx, connected) = watch::channel(None);
+        let stop = CancellationToken::new();
+        let mut desired = Desired::default();
+        if let Some(path) = &config.cache_file {
+            desired.cached = load_cache(path);
+        }
+        let desired = Arc::new(Mutex::new(desired));
+        let task = SessionTask {
+            config: config.clone(),
+            desired: desired.clone(),
+            connected: connected_tx,
+            stop: stop.clone(),
+            rng: SmallRng::from_os_rng(),
+        };
+        tokio::spawn(task.run(command_rx));
+        RegistrySession {
+            inner: Arc::new(Inner {
+                config,
+                commands,
+                desired,
+                connected,
+                _stop_guard: stop.clone().drop_guard(),
+                stop,
+            }),
+        }
+    }
+
+    /// The epoch of the ConfigServer while connected, `None` while not.
+    pub fn connected(&self) -> watch::Receiver<Option<String>> {
+        self.inner.connected.clone()
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.inner.config
+    }
+
+    /// Registers a provider instance: now if connected (waiting for the
+    /// server's answer), and again after every reconnect.
+    ///
+    /// # Errors
+    ///
+    /// The server refused it (it is then forgotten), or did not answer.
+    pub async fn register(&self, key: &ServiceKey, instance: Instance) -> Result<(), RegistryError> {
+        let addr = instance_addr(&instance);
+        self.desired()
+            .registrations
+            .insert((key.clone(), addr.clone()), instance.clone());
+        let message = node_message::Body::Register(pb::Register {
+            service: Some(key.into()),
+            instance: Some(instance),
+        });
+        let result = self.request(message).await;
+        if let Err(RegistryError::Refused { .. }) = &result {
+            self.desired().registrations.remove(&(key.clone(), addr));
+        }
+        result
+    }
+
+    /// Withdraws a registration.
+    ///
+    /// # Errors
+    ///
+    /// The server did not answer in time.
+    pub async fn unregister(&self, key: &ServiceKey, host: &str, port: u16) -> Result<(), RegistryError> {
+        self.desired()
+            .registrations
+            .remove(&(key.clone(), addr_of(host, port.into())));
+        let message = node_message::Body::Unregister(pb::Unregister {
+            service: Some(key.into()),
+            host: host.to_owned(),
+            port: port.into(),
+        });
+        match self.request(message).await {
+            // Already gone on the server (e.g. it restarted): that is the goal.
+            Err(RegistryError::Refused { kind, .. }) if kind == "not_found" => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The live provider list of `key`. Starts from the cached list, if any.
+    pub fn subscribe(&self, key: &ServiceKey) -> watch::Receiver<Arc<ProviderList>> {
+        let mut desired = self.desired();
+        if let Some(existing) = desired.subscriptions.get(key) {
+            return existing.subscribe();
+        }
+        let initial = desired.cached.remove(key).unwrap_or_default();
+        let known = (!initial.epoch.is_empty()).then(|| (initial.epoch.clone(), initial.revision));
+        let (tx, rx) = watch::channel(Arc::new(initial));
+        desired.subscriptions.insert(key.clone(), tx);
+        drop(desired);
+        let message = subscribe_message(key, known);
+        // Sent now if connected; otherwise replayed on connect.
+        if self.inner.connected.borrow().is_some() {
+            let _ = self.inner.commands.try_send(Command { message, reply: None });
+        }
+        rx
+    }
+
+    /// Closes the stream; the ConfigServer drops this node's instances and
+    /// subscriptions at once.
+    pub fn shutdown(&self) {
+        self.inner.stop.cancel();
+    }
+
+    fn desired(&self) -> std::sync::MutexGuard<'_, Desired> {
+        self.inner.desired.lock().expect("registry desired lock")
+    }
+
+    async fn request(&self, message: node_message::Body) -> Result<(), RegistryError> {
+        if self.inner.stop.is_cancelled() {
+            return Err(RegistryError::Stopped);
+        }
+        if self.inner.connected.borrow().is_none() {
+            return Ok(()); // replayed on connect
+        }
+        let (reply, answer) = oneshot::channel();
+        let timeout = self.inner.config.request_timeout;
+        let exchange = async {
+            self.inner
+                .commands
+                .send(Command {
+                    message,
+                    reply: Some(reply),
+                })
+                .await
+                .map_err(|_| RegistryError::Stopped)?;
+            answer.await.map_err(|_| RegistryError::Stopped)?
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| RegistryError::Timeout(timeout))?
+    }
+}
+
+fn subscribe_message(key: &ServiceKey, known: Option<(String, u64)>) -> node_message::Body {
+    let (known_epoch, known_revision) = known.unwrap_or_default();
+    node_message::Body::Subscribe(pb::Subscribe {
+        service: Some(key.into()),
+        known_epoch,
+        known_revision,
+    })
+}
+
+// === the task ===
+
+struct SessionTask {
+    config: SessionConfig,
+    desired: Arc<Mutex<Desired>>,
+    connected: watch::Sender<Option<String>>,
+    stop: CancellationToken,
+    rng: SmallRng,
+}
+
+/// Why a stream ended.
+type Ended = String;
+
+impl SessionTask {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut failures = 0u32;
+        let mut next = 0usize;
+        loop {
+            if self.config.servers.is_empty() {
+                warn!("no configserver address configured; registry session idle");
+                self.stop.cancelled().await;
+                return;
+            }
+            let server = self.config.servers[next % self.config.servers.len()].clone();
+            next += 1;
+            let stop = self.stop.clone();
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                result = self.stream(&server, &mut commands) => result,
+            };
+            self.connected.send_replace(None);
+            match result {
+                Ok(reason) => {
+                    failures = 0;
+                    warn!(%server, %reason, "configserver stream ended; reconnecting");
+                }
+                Err(reason) => {
+                    failures = failures.saturating_add(1);
+                    debug!(%server, %reason, failures, "cannot reach configserver");
+                }
+            }
+            let delay = self.config.backoff.delay(failures.saturating_sub(1), &mut self.rng);
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One stream: connect, Hello/Welcome, replay, then serve until it ends.
+    /// `Err` if it never got as far as Welcome.
+    async fn stream(&self, server: &str, commands: &mut mpsc::Receiver<Command>) -> Result<Ended, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
+            .map_err(|e| format!("bad configserver address {server:?}: {e}"))?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+        let (out, out_rx) = mpsc::channel::<NodeMessage>(256);
+        let hello = Hello {
+            app: self.config.app.clone(),
+            role: self.config.role.to_pb(),
+            host: self.config.host.clone(),
+            zone: self.config.zone.clone(),
+            labels: self.config.labels.clone(),
+        };
+        out.try_send(NodeMessage {
+            request_id: 0,
+            body: Some(node_message::Body::Hello(hello)),
+        })
+        .expect("fresh channel has room");
+        let mut client = RegistryClient::new(channel);
+        let response = tokio::time::timeout(
+            self.config.connect_timeout,
+            client.session(tokio_stream::wrappers::ReceiverStream::new(out_rx)),
+        )
+        .await
+        .map_err(|_| "no answer to the session request".to_owned())?
+        .map_err(|e| format!("session refused: {e}"))?;
+        let mut inbound = response.into_inner();
+        let welcome = match tokio::time::timeout(self.config.connect_timeout, inbound.message()).await {
+            Ok(Ok(Some(ServerMessage {
+                body: Some(server_message::Body::Welcome(welcome)),
+                ..
+            }))) => welcome,
+            Ok(Ok(Some(ServerMessage {
+                body: Some(server_message::Body::Error(e)),
+                ..
+            }))) => return Err(format!("refused: {}", e.message)),
+            other => return Err(format!("expected Welcome, got {other:?}")),
+        };
+        let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100).into());
+        let timeout = Duration::from_millis(welcome.heartbeat_timeout_ms.max(300).into());
+        info!(%server, session = %welcome.session_id, epoch = %welcome.epoch, "registry session established");
+
+        // Replay the desired state, then report connected.
+        let replay = self.replay();
+        for body in replay {
+            if out
+                .send(NodeMessage {
+                    request_id: 0,
+                    body: Some(body),
+                })
+                .await
+                .is_err()
+            {
+                return Ok("stream closed during replay".into());
+            }
+        }
+        self.connected.send_replace(Some(welcome.epoch.clone()));
+
+        let mut pending: HashMap<u64, oneshot::Sender<Result<(), RegistryError>>> = HashMap::new();
+        let mut next_request = 1u64;
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        let ended = loop {
+            tokio::select! {
+                message = tokio::time::timeout(timeout, inbound.message()) => match message {
+                    Err(_) => break format!("configserver silent for {timeout:?}"),
+                    Ok(Ok(None)) => break "closed by configserver".to_owned(),
+                    Ok(Err(status)) => break format!("stream error: {status}"),
+                    Ok(Ok(Some(message))) => {
+                        if let Some(resync) = self.on_message(message, &mut pending).await {
+                            let _ = out.send(NodeMessage { request_id: 0, body: Some(resync) }).await;
+                        }
+                    }
+                },
+                command = commands.recv() => {
+                    let Some(command) = command else { break "session handle dropped".to_owned() };
+                    let request_id = if command.reply.is_some() { next_request += 1; next_request } else { 0 };
+                    if let Some(reply) = command.reply {
+                        pending.insert(request_id, reply);
+                    }
+                    if out.send(NodeMessage { request_id, body: Some(command.message) }).await.is_err() {
+                        break "stream closed".to_owned();
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    seq += 1;
+                    let beat = NodeMessage { request_id: 0, body: Some(node_message::Body::Heartbeat(pb::Heartbeat { seq })) };
+                    if out.send(beat).await.is_err() {
+                        break "stream closed".to_owned();
+                    }
+                }
+            }
+        };
+        // Requests in flight will be replayed from the desired state.
+        for (_, reply) in pending {
+            let _ = reply.send(Ok(()));
+        }
+        Ok(ended)
+    }
+
+    fn replay(&self) -> Vec<node_message::Body> {
+        let desired = self.desired.lock().expect("registry desired lock");
+        let registrations = desired.registrations.iter().map(|((key, _), instance)| {
+            node_message::Body::Register(pb::Register {
+                service: Some(key.into()),
+                instance: Some(instance.clone()),
+            })
+        });
+        let subscriptions = desired.subscriptions.iter().map(|(key, tx)| {
+            let list = tx.borrow();
+            let known = (!list.epoch.is_empty()).then(|| (list.epoch.clone(), list.revision));
+            subscribe_message(key, known)
+        });
+        registrations.chain(subscriptions).collect()
+    }
+
+    /// Applies one server message; returns a message to send back when a
+    /// list fell out of step and must be re-fetched.
+    async fn on_message(
+        &self,
+        message: ServerMessage,
+        pending: &mut HashMap<u64, oneshot::Sender<Result<(), RegistryError>>>,
+    ) -> Option<node_message::Body> {
+        let request_id = message.request_id;
+        let mut answer = |result| {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(result);
+            }
+        };
+        match message.body {
+            Some(server_message::Body::Snapshot(snapshot)) => {
+                self.apply_snapshot(snapshot).await;
+                None
+            }
+            Some(server_message::Body::Delta(delta)) => self.apply_delta(delta).await,
+            Some(server_message::Body::Ack(_)) => {
+                answer(Ok(()));
+                None
+            }
+            Some(server_message::Body::Error(e)) => {
+                if request_id == 0 {
+                    warn!(kind = %e.kind, message = %e.message, "configserver refused a request");
+                }
+                answer(Err(RegistryError::Refused {
+                    kind: e.kind,
+                    message: e.message,
+                }));
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn subscription(&self, key: Option<&pb::ServiceKey>) -> Option<(ServiceKey, watch::Sender<Arc<ProviderList>>)> {
+        let key = ServiceKey::from(key?);
+        let desired = self.desired.lock().expect("registry desired lock");
+        desired.subscriptions.get(&key).map(|tx| (key, tx.clone()))
+    }
+
+    async fn apply_snapshot(&self, snapshot: Snapshot) {
+        let Some((key, tx)) = self.subscription(snapshot.service.as_ref()) else {
+            return;
+        };
+        let mut list = if snapshot.partial {
+            // The server restarted and is still hearing from providers: keep
+            // what we had, add what it knows.
+            ProviderList::clone(&tx.borrow())
+        } else {
+            ProviderList::default()
+        };
+        list.epoch = snapshot.epoch;
+        list.revision = snapshot.revision;
+        for instance in snapshot.providers {
+            list.providers.insert(instance_addr(&instance), instance);
+        }
+        debug!(service = %key, revision = list.revision, providers = list.providers.len(), partial = snapshot.partial, "snapshot");
+        tx.send_replace(Arc::new(list));
+        self.save_cache().await;
+    }
+
+    async fn apply_delta(&self, delta: Delta) -> Option<node_message::Body> {
+        let (key, tx) = self.subscription(delta.service.as_ref())?;
+        let current = tx.borrow().clone();
+        if current.epoch != delta.epoch || current.revision != delta.from_revision {
+            if current.epoch == delta.epoch && delta.to_revision <= current.revision {
+                return None; // already have it
+            }
+            warn!(service = %key, held = current.revision, from = delta.from_revision, "delta out of step; asking for a snapshot");
+            return Some(subscribe_message(&key, None));
+        }
+        let mut list = ProviderList::clone(&current);
+        for addr in &delta.removed {
+            list.providers.remove(addr);
+        }
+        for instance in delta.added.into_iter().chain(delta.updated) {
+            list.providers.insert(instance_addr(&instance), instance);
+        }
+        list.revision = delta.to_revision;
+        debug!(service = %key, revision = list.revision, providers = list.providers.len(), "delta");
+        tx.send_replace(Arc::new(list));
+        self.save_cache().await;
+        None
+    }
+
+    async fn save_cache(&self) {
+        let Some(path) = &self.config.cache_file else { return };
+        let cache = {
+            let desired = self.desired.lock().expect("registry desired lock");
+            ProviderCache {
+                services: desired
+                    .subscriptions
+                    .iter()
+                    .map(|(key, tx)| {
+                        let list = tx.borrow();
+                        Snapshot {
+                            service: Some(key.into()),
+                            epoch: list.epoch.clone(),
+                            revision: list.revision,
+                            providers: list.providers.values().cloned().collect(),
+                            partial: false,
+                        }
+                    })
+                    .collect(),
+            }
+        };
+        let tmp = path.with_extension("tmp");
+        let written = async {
+            tokio::fs::write(&tmp, cache.encode_to_vec()).await?;
+            tokio::fs::rename(&tmp, path).await
+        };
+        if let Err(e) = written.await {
+            warn!(path = %path.display(), error = %e, "cannot save provider cache");
+        }
+    }
+}
+
+fn load_cache(path: &PathBuf) -> HashMap<ServiceKey, ProviderList> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot read provider cache");
+            return HashMap::new();
+        }
+    };
+    let cache = match ProviderCache::decode(&bytes[..]) {
+        Ok(cache) => cache,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "provider cache is corrupt; ignoring it");
+            return HashMap::new();
+        }
+    };
+    let lists: HashMap<_, _> = cache
+        .services
+        .into_iter()
+        .filter_map(|s| {
+            let key = ServiceKey::from(s.service.as_ref()?);
+            let providers = s.providers.into_iter().map(|i| (instance_addr(&i), i)).collect();
+            Some((
+                key,
+                ProviderList {
+                    epoch: s.epoch,
+                    revision: s.revision,
+                    providers,
+                },
+            ))
+        })
+        .collect();
+    info!(path = %path.display(), services = lists.len(), "loaded provider cache");
+    lists
+}

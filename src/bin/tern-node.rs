@@ -1,0 +1,114 @@
+//! A node for end-to-end tests and the demo: a ConfigServer, or a provider of
+//! `demo.Echo` and `demo.Greeter`.
+//!
+//! - `tern-node configserver [configserver flags]`: the ConfigServer, same
+//!   code as the `configserver` binary.
+//! - `tern-node provider [--bind ADDR] [--registry ADDR,...] [--name NAME]`:
+//!   prints `listening <addr>` once serving (and registered, with a
+//!   registry), and `begin <id>` when a call with a non-zero `delay_ms` starts
+//!   waiting, so a test can act while calls are in flight. Stops gracefully
+//!   on SIGINT or SIGTERM (unregister, drain, finish in-flight calls).
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rpc_core::registry::{Role, SessionConfig};
+use rpc_core::{Request, Status};
+use tern::demo::{Echo, EchoReply, EchoRequest, EchoServer, Greeter, GreeterServer, HelloReply, HelloRequest};
+use tern::provider::Provider;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Debug, Parser)]
+#[command(name = "tern-node")]
+struct Cli {
+    #[command(subcommand)]
+    role: NodeRole,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeRole {
+    /// Run the ConfigServer.
+    Configserver(configserver::config::Cli),
+    /// Run a provider of demo.Echo and demo.Greeter.
+    Provider(ProviderArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProviderArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    bind: String,
+    /// ConfigServer addresses; none = no registry.
+    #[arg(long, value_delimiter = ',')]
+    registry: Vec<String>,
+    /// Name returned in HelloReply.served_by (default: the address).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value = "1.0.0")]
+    version: String,
+    #[arg(long, default_value_t = 300)]
+    unregister_grace_ms: u64,
+}
+
+struct Service {
+    name: String,
+}
+
+impl Echo for Service {
+    async fn echo(&self, request: Request<EchoRequest>) -> Result<EchoReply, Status> {
+        let request = request.into_inner();
+        if request.delay_ms > 0 {
+            println!("begin {}", request.id);
+            tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
+        }
+        Ok(EchoReply {
+            id: request.id,
+            payload: request.payload,
+        })
+    }
+}
+
+impl Greeter for Service {
+    async fn say_hello(&self, request: Request<HelloRequest>) -> Result<HelloReply, Status> {
+        Ok(HelloReply {
+            message: format!("hello, {}", request.get_ref().name),
+            served_by: self.name.clone(),
+        })
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.role {
+        NodeRole::Configserver(args) => Ok(configserver::config::run(args)?),
+        NodeRole::Provider(args) => tokio::runtime::Runtime::new()?.block_on(provider(args)),
+    }
+}
+
+async fn provider(args: ProviderArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = std::net::TcpListener::bind(&args.bind)?;
+    let addr = listener.local_addr()?;
+    let name = args.name.unwrap_or_else(|| addr.to_string());
+    let mut builder = Provider::builder()
+        .app("tern-node")
+        .listener(listener)
+        .unregister_grace(Duration::from_millis(args.unregister_grace_ms))
+        .service_with(EchoServer::new(Service { name: name.clone() }), &args.version, "")
+        .service_with(GreeterServer::new(Service { name }), &args.version, "");
+    if !args.registry.is_empty() {
+        builder = builder.registry(SessionConfig::new(args.registry, "tern-node", Role::Provider));
+    }
+    let provider = builder.start().await?;
+    println!("listening {}", provider.local_addr());
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    provider.shutdown().await;
+    println!("stopped");
+    Ok(())
+}
