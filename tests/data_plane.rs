@@ -2,14 +2,15 @@
 //! deadlines, connection loss, dispatch bounds, graceful shutdown and bad
 //! input.
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use common::Node;
 use rpc_core::codec::{FrameCodec, FrameReader};
 use rpc_core::frame::{self, RequestHead};
 use rpc_core::{Code, Connection, ConnectionConfig, Dispatch, Error, Request, ServerConfig, ServiceKey, Status};
@@ -201,48 +202,11 @@ async fn dropped_call_future_frees_its_slot() {
     provider.shutdown().await;
 }
 
-struct ChildProvider {
-    child: Child,
-    addr: SocketAddr,
-    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-}
-
-impl ChildProvider {
-    fn spawn() -> ChildProvider {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tern-node"))
-            .args(["provider", "--version", ""])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("echo-provider starts");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().expect("a line").unwrap();
-        let addr = first
-            .strip_prefix("listening ")
-            .expect("listening line")
-            .parse()
-            .unwrap();
-        ChildProvider { child, addr, lines }
-    }
-
-    fn expect_line(&mut self, prefix: &str) -> String {
-        let line = self.lines.next().expect("a line").unwrap();
-        assert!(line.starts_with(prefix), "expected {prefix:?}, got {line:?}");
-        line
-    }
-}
-
-impl Drop for ChildProvider {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_provider_fails_pending_calls_at_once_with_a_retryable_error() {
-    let mut provider = ChildProvider::spawn();
-    let client = client(provider.addr, Duration::from_secs(30), 0);
+    let mut provider = Node::spawn(&["provider", "--version", ""]);
+    let addr = provider.first_line[1].parse().unwrap();
+    let client = client(addr, Duration::from_secs(30), 0);
     client.echo(request(0)).await.expect("warm-up call");
 
     let mut calls = JoinSet::new();
@@ -259,7 +223,8 @@ async fn killing_the_provider_fails_pending_calls_at_once_with_a_retryable_error
     // Every call has reached the provider and is waiting there.
     let mut provider = tokio::task::spawn_blocking(move || {
         for _ in 0..100 {
-            provider.expect_line("begin ");
+            let line = provider.lines.next().expect("a line").unwrap();
+            assert!(line.starts_with("begin "), "{line}");
         }
         provider
     })

@@ -152,7 +152,8 @@ async fn read_loop(
             }
             Ok(Ok(None)) => return "closed by node".to_owned(),
             Ok(Err(status)) => {
-                warn!(session = id, error = %status, "stream error");
+                // Usually the node died or its connection dropped.
+                info!(session = id, error = %status, "stream error");
                 return format!("stream error: {}", status.message());
             }
             Ok(Ok(Some(message))) => message,

@@ -1,0 +1,193 @@
+//! Helpers for end-to-end tests: child processes of `tern-node` (a
+//! ConfigServer or a provider), signals, a tiny HTTP GET, a cuttable TCP
+//! proxy.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Lines};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A `tern-node` child process; killed (SIGKILL) when dropped.
+pub struct Node {
+    pub child: Child,
+    pub lines: Lines<BufReader<ChildStdout>>,
+    /// The words of the first line it printed.
+    pub first_line: Vec<String>,
+}
+
+impl Node {
+    pub fn spawn<S: AsRef<str>>(args: &[S]) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tern-node"))
+            .args(args.iter().map(AsRef::as_ref))
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("tern-node starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let first = lines.next().expect("tern-node printed a line").expect("utf-8 line");
+        Node {
+            child,
+            lines,
+            first_line: first.split_whitespace().map(str::to_owned).collect(),
+        }
+    }
+
+    /// A ConfigServer: `(node, registry addr, admin addr)`.
+    pub fn configserver(listen: &str, extra: &[&str]) -> (Node, SocketAddr, SocketAddr) {
+        let mut args = vec!["configserver", "--listen", listen, "--admin-listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let node = Node::spawn(&args);
+        // "configserver listening <addr> admin <addr>"
+        let addr = node.first_line[2].parse().expect("registry address");
+        let admin = node.first_line[4].parse().expect("admin address");
+        (node, addr, admin)
+    }
+
+    /// A provider of demo.Echo and demo.Greeter (version 1.0.0) registered
+    /// with `registry`: `(node, its address)`.
+    pub fn provider(registry: SocketAddr, name: &str) -> (Node, SocketAddr) {
+        let registry = registry.to_string();
+        let node = Node::spawn(&["provider", "--registry", &registry, "--name", name]);
+        let addr = node.first_line[1].parse().expect("provider address");
+        (node, addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill_hard(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Waits (blocking, bounded) for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {} still running after {limit:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // A stopped process cannot die of SIGKILL until continued.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over HTTP/1.0; the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
+/// Reads one counter from a Prometheus text page.
+pub fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A TCP proxy to `upstream` that the test can cut (dropping every
+/// connection and refusing new ones) and restore.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    generation: watch::Sender<u64>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let (generation, _) = watch::channel(0u64);
+        let (up2, gen_rx) = (up.clone(), generation.subscribe());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let mut cut = gen_rx.clone();
+                cut.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, up, generation }
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,422 @@
+//! End-to-end tests of the registry with real processes: a ConfigServer and
+//! providers run as `tern-node` child processes; consumers run here.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Node, Proxy, free_port, http_get, metric};
+use rpc_core::registry::{Role, SessionConfig};
+use tern::consumer::{Consumer, ConsumerConfig, Reference};
+use tern::demo::{GreeterClient, HelloRequest};
+use tern_proto::registry::registry_client::RegistryClient;
+use tern_proto::registry::{self as pb, NodeMessage, ServerMessage, node_message, server_message};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+/// Bound on any single wait.
+const LIMIT: Duration = Duration::from_secs(15);
+
+fn consumer(registry: SocketAddr, retries: usize) -> GreeterClient<Reference> {
+    let consumer = Consumer::new(ConsumerConfig {
+        app: "test-consumer".into(),
+        registry: Some(SessionConfig::new(
+            [registry.to_string()],
+            "test-consumer",
+            Role::Consumer,
+        )),
+        ..ConsumerConfig::default()
+    });
+    consumer
+        .reference::<GreeterClient<_>>()
+        .version("1.0.0")
+        .timeout(Duration::from_secs(2))
+        .retries(retries)
+        .build()
+        .unwrap()
+}
+
+async fn wait_for(client: &GreeterClient<Reference>, what: &str, ready: impl Fn(&[SocketAddr]) -> bool) -> Duration {
+    let start = Instant::now();
+    let ok = client.invoker().wait_for_providers(LIMIT, ready).await;
+    assert!(
+        ok,
+        "timed out waiting until {what}; providers: {:?}",
+        client.invoker().providers()
+    );
+    start.elapsed()
+}
+
+/// Calls back to back from `callers` tasks until stopped; counts calls and failures.
+struct Load {
+    calls: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    tasks: JoinSet<()>,
+}
+
+impl Load {
+    fn start(client: &GreeterClient<Reference>, callers: usize) -> Load {
+        let (calls, failed, stop) = (Arc::default(), Arc::default(), Arc::new(AtomicBool::new(false)));
+        let mut tasks = JoinSet::new();
+        for _ in 0..callers {
+            let (client, calls, failed, stop): (_, Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicBool>) =
+                (client.clone(), Arc::clone(&calls), Arc::clone(&failed), stop.clone());
+            tasks.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = client.say_hello(HelloRequest { name: "load".into() }).await {
+                        eprintln!("call failed: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+        Load {
+            calls,
+            failed,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Waits until `n` more calls have completed.
+    async fn run_for_calls(&self, n: u64) {
+        let target = self.calls.load(Ordering::Relaxed) + n;
+        let start = Instant::now();
+        while self.calls.load(Ordering::Relaxed) < target {
+            assert!(start.elapsed() < LIMIT, "load stalled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        while self.tasks.join_next().await.is_some() {}
+        (self.calls.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_provider_is_dropped_by_every_consumer() {
+    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let mut providers: Vec<_> = ["a", "b", "c"].iter().map(|n| Node::provider(registry, n)).collect();
+    let consumers = [consumer(registry, 2), consumer(registry, 2)];
+    for c in &consumers {
+        wait_for(c, "3 providers", |p| p.len() == 3).await;
+    }
+    let victim = providers[0].1;
+    providers[0].0.kill_hard();
+    for c in &consumers {
+        let took = wait_for(c, "the killed provider is dropped", |p| {
+            p.len() == 2 && !p.contains(&victim)
+        })
+        .await;
+        assert!(took < Duration::from_secs(1), "dropped after {took:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstopped_provider_is_dropped_within_the_heartbeat_timeout_and_returns_after_sigcont() {
+    let (_cs, registry, _) = Node::configserver(
+        "127.0.0.1:0",
+        &[
+            "--startup-grace-ms",
+            "0",
+            "--heartbeat-interval-ms",
+            "500",
+            "--heartbeat-timeout-ms",
+            "1500",
+        ],
+    );
+    let (stopped, stopped_addr) = Node::provider(registry, "a");
+    let _other = Node::provider(registry, "b");
+    let client = consumer(registry, 2);
+    wait_for(&client, "2 providers", |p| p.len() == 2).await;
+
+    stopped.signal("STOP");
+    let took = wait_for(&client, "the stopped provider is dropped", |p| {
+        p.len() == 1 && !p.contains(&stopped_addr)
+    })
+    .await;
+    assert!(
+        took <= Duration::from_millis(1500 + 1000),
+        "dropped after {took:?} (timeout 1.5 s)"
+    );
+
+    stopped.signal("CONT");
+    wait_for(&client, "the provider is back", |p| p.contains(&stopped_addr)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_provider_stop_loses_no_call_even_without_retries() {
+    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let mut providers: Vec<_> = ["a", "b", "c"].iter().map(|n| Node::provider(registry, n)).collect();
+    let client = consumer(registry, 0);
+    wait_for(&client, "3 providers", |p| p.len() == 3).await;
+
+    let load = Load::start(&client, 8);
+    load.run_for_calls(500).await;
+    let (stopping, addr) = &mut providers[0];
+    stopping.signal("TERM");
+    let status = tokio::task::block_in_place(|| stopping.wait_exit(LIMIT));
+    assert!(status.success(), "provider exited with {status}");
+    wait_for(&client, "the stopped provider is gone", |p| !p.contains(addr)).await;
+    load.run_for_calls(500).await;
+    let (calls, failed) = load.finish().await;
+    assert_eq!(failed, 0, "{failed} of {calls} calls failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configserver_killed_and_restarted_under_load_loses_no_call_and_gets_registrations_back() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["--startup-grace-ms", "1000"];
+    let (mut cs, registry, _) = Node::configserver(&listen, &args);
+    let _providers: Vec<_> = ["a", "b", "c"].iter().map(|n| Node::provider(registry, n)).collect();
+    let client = consumer(registry, 0);
+    wait_for(&client, "3 providers", |p| p.len() == 3).await;
+
+    let load = Load::start(&client, 4);
+    load.run_for_calls(300).await;
+    cs.kill_hard();
+    load.run_for_calls(1000).await;
+    assert_eq!(
+        client.invoker().providers().len(),
+        3,
+        "lists kept while the ConfigServer is down"
+    );
+
+    let (_cs, _, admin) = Node::configserver(&listen, &args);
+    let start = Instant::now();
+    loop {
+        let body = http_get(admin, "/api/services/demo.Greeter:1.0.0")
+            .await
+            .unwrap_or_default();
+        if body.matches("\"address\"").count() == 3 {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "registrations not back: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the restarted server's grace period its complete snapshot applies.
+    let page = loop {
+        let page = http_get(admin, "/metrics").await.unwrap();
+        if start.elapsed() > Duration::from_millis(1500) {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(metric(&page, "configserver_pushed_snapshots_total") >= 2, "{page}");
+    load.run_for_calls(300).await;
+    assert_eq!(client.invoker().providers().len(), 3);
+    let (calls, failed) = load.finish().await;
+    assert_eq!(failed, 0, "{failed} of {calls} calls failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_consumer_receives_a_delta_not_a_snapshot() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let proxy = Proxy::start(registry).await;
+    let (_a, a_addr) = Node::provider(registry, "a");
+    let client = consumer(proxy.addr, 2);
+    wait_for(&client, "provider a", |p| p == [a_addr]).await;
+    let snapshots = metric(
+        &http_get(admin, "/metrics").await.unwrap(),
+        "configserver_pushed_snapshots_total",
+    );
+    let sessions_closed = metric(
+        &http_get(admin, "/metrics").await.unwrap(),
+        "configserver_sessions_closed_total",
+    );
+
+    proxy.cut();
+    // The ConfigServer sees the consumer's session end.
+    let start = Instant::now();
+    while metric(
+        &http_get(admin, "/metrics").await.unwrap(),
+        "configserver_sessions_closed_total",
+    ) == sessions_closed
+    {
+        assert!(start.elapsed() < LIMIT, "session not closed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_b, b_addr) = Node::provider(registry, "b");
+    proxy.restore();
+    wait_for(&client, "provider b, after reconnecting", |p| {
+        p.contains(&b_addr) && p.contains(&a_addr)
+    })
+    .await;
+
+    let page = http_get(admin, "/metrics").await.unwrap();
+    assert_eq!(
+        metric(&page, "configserver_pushed_snapshots_total"),
+        snapshots,
+        "no new snapshot:\n{page}"
+    );
+}
+
+// === bad input ===
+
+struct RawSession {
+    tx: mpsc::Sender<NodeMessage>,
+    rx: tonic::Streaming<ServerMessage>,
+}
+
+impl RawSession {
+    async fn open(addr: SocketAddr) -> RawSession {
+        let mut client = RegistryClient::connect(format!("http://{addr}")).await.unwrap();
+        let (tx, out) = mpsc::channel(16);
+        let rx = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(out))
+            .await
+            .unwrap()
+            .into_inner();
+        RawSession { tx, rx }
+    }
+
+    async fn send(&self, request_id: u64, body: node_message::Body) {
+        self.tx
+            .send(NodeMessage {
+                request_id,
+                body: Some(body),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// The next answer that is not a push.
+    async fn answer(&mut self) -> Option<server_message::Body> {
+        loop {
+            let message = tokio::time::timeout(LIMIT, self.rx.message())
+                .await
+                .expect("an answer in time");
+            match message.ok()?? {
+                ServerMessage {
+                    body: Some(server_message::Body::Snapshot(_) | server_message::Body::Delta(_)),
+                    ..
+                } => continue,
+                message => return message.body,
+            }
+        }
+    }
+
+    async fn hello(addr: SocketAddr) -> RawSession {
+        let mut session = RawSession::open(addr).await;
+        session
+            .send(
+                0,
+                node_message::Body::Hello(pb::Hello {
+                    app: "raw".into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        assert!(matches!(session.answer().await, Some(server_message::Body::Welcome(_))));
+        session
+    }
+}
+
+fn greeter_key() -> pb::ServiceKey {
+    pb::ServiceKey {
+        interface: "demo.Greeter".into(),
+        version: "1.0.0".into(),
+        group: String::new(),
+    }
+}
+
+fn register(instance: pb::Instance, key: pb::ServiceKey) -> node_message::Body {
+    node_message::Body::Register(pb::Register {
+        service: Some(key),
+        instance: Some(instance),
+    })
+}
+
+fn expect_error(answer: Option<server_message::Body>, kind: &str, text: &str) {
+    match answer {
+        Some(server_message::Body::Error(e)) => {
+            assert_eq!(e.kind, kind, "{}", e.message);
+            assert!(e.message.contains(text), "{:?} does not mention {text:?}", e.message);
+        }
+        other => panic!("expected a {kind} error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_control_messages_get_clear_errors_and_the_server_keeps_serving() {
+    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let instance = pb::Instance {
+        host: "127.0.0.1".into(),
+        port: 4000,
+        weight: 100,
+        ..Default::default()
+    };
+
+    // Register before Hello.
+    let mut early = RawSession::open(registry).await;
+    early.send(1, register(instance.clone(), greeter_key())).await;
+    expect_error(early.answer().await, "protocol", "first message must be Hello");
+
+    let mut a = RawSession::hello(registry).await;
+    let bad_key = pb::ServiceKey {
+        interface: "demo Greeter".into(),
+        ..greeter_key()
+    };
+    a.send(2, register(instance.clone(), bad_key)).await;
+    expect_error(a.answer().await, "invalid", r#"interface "demo Greeter" contains ' '"#);
+    a.send(
+        3,
+        node_message::Body::Register(pb::Register {
+            service: Some(greeter_key()),
+            instance: None,
+        }),
+    )
+    .await;
+    expect_error(a.answer().await, "invalid", "needs a service and an instance");
+    let mut huge = instance.clone();
+    huge.metadata.insert("blob".into(), "x".repeat(100_000));
+    a.send(4, register(huge, greeter_key())).await;
+    expect_error(a.answer().await, "too_large", "more than 16384");
+    a.send(
+        5,
+        node_message::Body::Unregister(pb::Unregister {
+            service: Some(pb::ServiceKey {
+                interface: "demo.Nothing".into(),
+                ..Default::default()
+            }),
+            host: "127.0.0.1".into(),
+            port: 1,
+        }),
+    )
+    .await;
+    expect_error(a.answer().await, "not_found", "demo.Nothing");
+    a.send(6, node_message::Body::Hello(pb::Hello::default())).await;
+    expect_error(a.answer().await, "invalid", "Hello sent twice");
+    a.send(7, register(instance.clone(), greeter_key())).await;
+    assert!(matches!(a.answer().await, Some(server_message::Body::Ack(_))));
+
+    // The same instance from another session.
+    let mut b = RawSession::hello(registry).await;
+    b.send(8, register(instance.clone(), greeter_key())).await;
+    expect_error(
+        b.answer().await,
+        "duplicate",
+        "127.0.0.1:4000 is already registered by session",
+    );
+
+    // A message over the size limit ends that stream only.
+    let mut c = RawSession::hello(registry).await;
+    let mut oversized = instance.clone();
+    oversized.metadata.insert("blob".into(), "x".repeat(2 * 1024 * 1024));
+    c.send(9, register(oversized, greeter_key())).await;
+    assert!(c.answer().await.is_none(), "the oversized stream ends");
+
+    // Still serving: a consumer sees the one valid registration.
+    let client = consumer(registry, 0);
+    let expected: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+    wait_for(&client, "the valid registration", |p| p == [expected]).await;
+    drop(a);
+}
