@@ -2,6 +2,8 @@
 //!
 //! - `bench rpc`: the data plane against tonic and a raw TCP echo (see
 //!   [`rpc`]).
+//! - `bench registry`: the ConfigServer under many sessions (see
+//!   [`registry`]).
 //!
 //! Each system under test runs in its own process (`bench serve ...`,
 //! started by the driver); the driver process generates the load.
@@ -9,6 +11,7 @@
 mod load;
 mod proc_stats;
 mod raw;
+mod registry;
 mod rpc;
 mod systems;
 
@@ -30,9 +33,14 @@ struct Cli {
 enum Command {
     /// Data plane: this framework vs tonic vs raw TCP.
     Rpc(rpc::RpcArgs),
+    /// ConfigServer: registration rate, push latency, storm, memory.
+    Registry(registry::RegistryArgs),
     /// Runs one system's echo server (started by the driver).
     #[command(hide = true)]
     Serve(systems::ServeArgs),
+    /// Runs the ConfigServer (started by the driver; same code as the binary).
+    #[command(hide = true)]
+    ServeConfigserver(configserver::config::Cli),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,9 +49,14 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::ServeConfigserver(args) = cli.command {
+        return configserver::config::run(args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Rpc(args) => runtime.block_on(rpc::run(args)),
+        Command::Registry(args) => runtime.block_on(registry::run(args)),
         Command::Serve(args) => runtime.block_on(systems::serve(args)),
+        Command::ServeConfigserver(_) => unreachable!("handled above"),
     }
 }

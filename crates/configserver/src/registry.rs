@@ -453,7 +453,6 @@ impl Registry {
             let pending = std::mem::take(&mut entry.pending);
             let delta = Delta {
                 service: Some((&key).into()),
-                epoch: self.epoch.clone(),
                 from_revision: entry.revision,
                 to_revision: entry.revision + 1,
                 added: pending.added.into_values().collect(),

@@ -102,8 +102,9 @@ pub struct ProviderList {
     /// Epoch of the ConfigServer the list came from ("" = none yet).
     pub epoch: String,
     pub revision: u64,
-    /// By `host:port`.
-    pub providers: BTreeMap<String, Instance>,
+    /// By `host:port`. Instances are shared between successive lists, so an
+    /// update costs the changed entries, not a copy of every instance.
+    pub providers: BTreeMap<String, Arc<Instance>>,
 }
 
 /// Handle to the session task; cheap to clone. The task stops when the last
@@ -319,6 +320,9 @@ impl SessionTask {
                 result = self.stream(&server, &mut commands) => result,
             };
             self.connected.send_replace(None);
+            if self.stop.is_cancelled() || commands.is_closed() {
+                return; // every handle is gone
+            }
             match result {
                 Ok(reason) => {
                     failures = 0;
@@ -410,7 +414,7 @@ impl SessionTask {
                     Ok(Ok(None)) => break "closed by configserver".to_owned(),
                     Ok(Err(status)) => break format!("stream error: {status}"),
                     Ok(Ok(Some(message))) => {
-                        if let Some(resync) = self.on_message(message, &mut pending).await {
+                        if let Some(resync) = self.on_message(message, &welcome.epoch, &mut pending).await {
                             let _ = out.send(NodeMessage { request_id: 0, body: Some(resync) }).await;
                         }
                     }
@@ -462,6 +466,7 @@ impl SessionTask {
     async fn on_message(
         &self,
         message: ServerMessage,
+        epoch: &str,
         pending: &mut HashMap<u64, oneshot::Sender<Result<(), RegistryError>>>,
     ) -> Option<node_message::Body> {
         let request_id = message.request_id;
@@ -475,7 +480,7 @@ impl SessionTask {
                 self.apply_snapshot(snapshot).await;
                 None
             }
-            Some(server_message::Body::Delta(delta)) => self.apply_delta(delta).await,
+            Some(server_message::Body::Delta(delta)) => self.apply_delta(delta, epoch).await,
             Some(server_message::Body::Ack(_)) => {
                 answer(Ok(()));
                 None
@@ -504,43 +509,48 @@ impl SessionTask {
         let Some((key, tx)) = self.subscription(snapshot.service.as_ref()) else {
             return;
         };
-        let mut list = if snapshot.partial {
-            // The server restarted and is still hearing from providers: keep
-            // what we had, add what it knows.
-            ProviderList::clone(&tx.borrow())
-        } else {
-            ProviderList::default()
-        };
-        list.epoch = snapshot.epoch;
-        list.revision = snapshot.revision;
-        for instance in snapshot.providers {
-            list.providers.insert(instance_addr(&instance), instance);
-        }
-        debug!(service = %key, revision = list.revision, providers = list.providers.len(), partial = snapshot.partial, "snapshot");
-        tx.send_replace(Arc::new(list));
+        let partial = snapshot.partial;
+        tx.send_modify(|list| {
+            let list = Arc::make_mut(list);
+            if !partial {
+                list.providers.clear();
+            }
+            // A partial snapshot (the server restarted and is still hearing
+            // from providers) adds to what we had instead of replacing it.
+            list.epoch = snapshot.epoch;
+            list.revision = snapshot.revision;
+            for instance in snapshot.providers {
+                list.providers.insert(instance_addr(&instance), Arc::new(instance));
+            }
+            debug!(service = %key, revision = list.revision, providers = list.providers.len(), partial, "snapshot");
+        });
         self.save_cache().await;
     }
 
-    async fn apply_delta(&self, delta: Delta) -> Option<node_message::Body> {
+    async fn apply_delta(&self, delta: Delta, epoch: &str) -> Option<node_message::Body> {
         let (key, tx) = self.subscription(delta.service.as_ref())?;
-        let current = tx.borrow().clone();
-        if current.epoch != delta.epoch || current.revision != delta.from_revision {
-            if current.epoch == delta.epoch && delta.to_revision <= current.revision {
+        let (held_epoch, held) = {
+            let current = tx.borrow();
+            (current.epoch == epoch, current.revision)
+        };
+        if !held_epoch || held != delta.from_revision {
+            if held_epoch && delta.to_revision <= held {
                 return None; // already have it
             }
-            warn!(service = %key, held = current.revision, from = delta.from_revision, "delta out of step; asking for a snapshot");
+            warn!(service = %key, held, from = delta.from_revision, "delta out of step; asking for a snapshot");
             return Some(subscribe_message(&key, None));
         }
-        let mut list = ProviderList::clone(&current);
-        for addr in &delta.removed {
-            list.providers.remove(addr);
-        }
-        for instance in delta.added.into_iter().chain(delta.updated) {
-            list.providers.insert(instance_addr(&instance), instance);
-        }
-        list.revision = delta.to_revision;
-        debug!(service = %key, revision = list.revision, providers = list.providers.len(), "delta");
-        tx.send_replace(Arc::new(list));
+        tx.send_modify(|list| {
+            let list = Arc::make_mut(list);
+            for addr in &delta.removed {
+                list.providers.remove(addr);
+            }
+            for instance in delta.added.into_iter().chain(delta.updated) {
+                list.providers.insert(instance_addr(&instance), Arc::new(instance));
+            }
+            list.revision = delta.to_revision;
+            debug!(service = %key, revision = list.revision, providers = list.providers.len(), "delta");
+        });
         self.save_cache().await;
         None
     }
@@ -559,7 +569,7 @@ impl SessionTask {
                             service: Some(key.into()),
                             epoch: list.epoch.clone(),
                             revision: list.revision,
-                            providers: list.providers.values().cloned().collect(),
+                            providers: list.providers.values().map(|i| Instance::clone(i)).collect(),
                             partial: false,
                         }
                     })
@@ -598,7 +608,11 @@ fn load_cache(path: &PathBuf) -> HashMap<ServiceKey, ProviderList> {
         .into_iter()
         .filter_map(|s| {
             let key = ServiceKey::from(s.service.as_ref()?);
-            let providers = s.providers.into_iter().map(|i| (instance_addr(&i), i)).collect();
+            let providers = s
+                .providers
+                .into_iter()
+                .map(|i| (instance_addr(&i), Arc::new(i)))
+                .collect();
             Some((
                 key,
                 ProviderList {

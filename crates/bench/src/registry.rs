@@ -1,0 +1,408 @@
+//! `bench registry`: the ConfigServer under many sessions.
+//!
+//! A ConfigServer runs in a child process (same code as the `configserver`
+//! binary). This process opens the sessions with the SDKs' real registry
+//! client ([`RegistrySession`]):
+//!
+//! 1. **Registration**: `--providers` provider sessions register
+//!    `--services` x `--instances-per-service` instances, all at once;
+//!    `registrations_per_s` is that count over the time until all are acked.
+//! 2. **Push latency**: `--subscribers` sessions subscribe to one probe
+//!    service (and each to one of the services above); then, `--probes`
+//!    times, a provider registers a new probe instance and the time until the
+//!    *last* subscriber's list holds it is recorded (p50/p99), with the
+//!    encoded bytes the server pushed per subscriber per change.
+//! 3. **RSS**: the server's resident memory after all sessions are up, less
+//!    its memory before, per session.
+//! 4. **Storm**: one service with `--storm-providers` providers, watched by
+//!    `--storm-subscribers` sessions; 10% of the providers are replaced at
+//!    once (unregister + register), and the time until every subscriber
+//!    holds exactly the new set is `storm_converge_ms`.
+//!
+//! Last line:
+//! `RESULT registry push_p99_ms=<n> storm_converge_ms=<n> bytes_per_change=<n> rss_kb_per_session=<n> registrations_per_s=<n>`
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use prost::Message;
+use rpc_core::ServiceKey;
+use rpc_core::registry::{ProviderList, RegistrySession, Role, SessionConfig};
+use tern_proto::registry::Instance;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+#[derive(Debug, clap::Args)]
+pub struct RegistryArgs {
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    #[arg(long, default_value_t = 10)]
+    instances_per_service: usize,
+    /// Provider sessions the instances are spread over.
+    #[arg(long, default_value_t = 100)]
+    providers: usize,
+    /// Subscribing sessions.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Probe registrations for the push-latency measurement.
+    #[arg(long, default_value_t = 30)]
+    probes: usize,
+    #[arg(long, default_value_t = 2000)]
+    storm_providers: usize,
+    #[arg(long, default_value_t = 100)]
+    storm_subscribers: usize,
+}
+
+/// The ConfigServer child process.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Server {
+    fn start() -> anyhow::Result<Server> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args([
+                "serve-configserver",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--startup-grace-ms", "0"])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the configserver process")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        anyhow::ensure!(words.len() == 5, "configserver printed {line:?}");
+        Ok(Server {
+            addr: words[2].parse()?,
+            admin: words[4].parse()?,
+            child,
+        })
+    }
+
+    fn rss_kb(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+        Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+    }
+
+    async fn metric(&self, name: &str) -> anyhow::Result<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin).await?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+        let mut page = String::new();
+        stream.read_to_string(&mut page).await?;
+        let value = page
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .with_context(|| format!("no metric {name}"))?;
+        Ok(value.trim().parse()?)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn session(server: SocketAddr, app: &str, role: Role) -> RegistrySession {
+    let mut config = SessionConfig::new([server.to_string()], app, role);
+    config.request_timeout = Duration::from_secs(30);
+    RegistrySession::start(config)
+}
+
+async fn connected(sessions: &[RegistrySession]) -> anyhow::Result<()> {
+    for s in sessions {
+        let mut rx = s.connected();
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(Option::is_some))
+            .await
+            .context("session did not connect")??;
+    }
+    Ok(())
+}
+
+fn instance(port: u32) -> Instance {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    Instance {
+        host: "127.0.0.1".into(),
+        port,
+        weight: 100,
+        app: "bench-provider".into(),
+        protocol: "tern".into(),
+        start_time_ms: now_ms,
+        ..Instance::default()
+    }
+}
+
+/// Registers `(key, instance)` pairs over `sessions`, all at once; returns
+/// the time until every one was acknowledged.
+async fn register_all(sessions: &[RegistrySession], items: Vec<(ServiceKey, Instance)>) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (i, (key, instance)) in items.into_iter().enumerate() {
+        let session = sessions[i % sessions.len()].clone();
+        tasks.spawn(async move { session.register(&key, instance).await });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(start.elapsed())
+}
+
+/// Watches each receiver; every time a list changes, `check` decides
+/// whether the subscriber has reached the current goal.
+struct Watchers {
+    reached: Arc<Mutex<usize>>,
+    goal: Arc<watch::Sender<u64>>,
+    notify: Arc<Notify>,
+    _tasks: JoinSet<()>,
+}
+
+impl Watchers {
+    fn start(
+        receivers: Vec<watch::Receiver<Arc<ProviderList>>>,
+        check: impl Fn(u64, &ProviderList) -> bool + Send + Sync + 'static,
+    ) -> Watchers {
+        let reached = Arc::new(Mutex::new(0usize));
+        let (goal, _) = watch::channel(0u64);
+        let goal = Arc::new(goal);
+        let notify = Arc::new(Notify::new());
+        let check = Arc::new(check);
+        let mut tasks = JoinSet::new();
+        for mut rx in receivers {
+            let (reached, notify, check, mut goal_rx) =
+                (reached.clone(), notify.clone(), check.clone(), goal.subscribe());
+            tasks.spawn(async move {
+                let mut done_for = 0u64;
+                loop {
+                    let goal = *goal_rx.borrow_and_update();
+                    if goal != done_for && check(goal, &rx.borrow_and_update()) {
+                        done_for = goal;
+                        *reached.lock().expect("reached") += 1;
+                        notify.notify_one();
+                    }
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() { return },
+                        changed = goal_rx.changed() => if changed.is_err() { return },
+                    }
+                }
+            });
+        }
+        Watchers {
+            reached,
+            goal,
+            notify,
+            _tasks: tasks,
+        }
+    }
+
+    /// Sets a new goal, runs `act`, and returns the time until all watchers
+    /// reached the goal.
+    async fn time<F: std::future::Future<Output = anyhow::Result<()>>>(
+        &self,
+        goal: u64,
+        total: usize,
+        act: F,
+    ) -> anyhow::Result<Duration> {
+        *self.reached.lock().expect("reached") = 0;
+        self.goal.send_replace(goal);
+        let start = Instant::now();
+        act.await?;
+        let wait = async {
+            while *self.reached.lock().expect("reached") < total {
+                self.notify.notified().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .with_context(|| {
+                format!(
+                    "only {} of {total} subscribers converged",
+                    self.reached.lock().expect("reached")
+                )
+            })?;
+        Ok(start.elapsed())
+    }
+}
+
+pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
+    let server = Server::start()?;
+    println!(
+        "registry benchmark: {} services x {} instances over {} provider sessions, {} subscribers, storm of {} providers / {} subscribers",
+        args.services,
+        args.instances_per_service,
+        args.providers,
+        args.subscribers,
+        args.storm_providers,
+        args.storm_subscribers
+    );
+    let rss_before = server.rss_kb()?;
+
+    // 1. Registration.
+    let providers: Vec<_> = (0..args.providers.max(1))
+        .map(|i| session(server.addr, &format!("provider-{i}"), Role::Provider))
+        .collect();
+    connected(&providers).await?;
+    let service = |i: usize| ServiceKey::new(format!("bench.Service{i}"), "1.0", "");
+    let items: Vec<_> = (0..args.services * args.instances_per_service)
+        .map(|k| (service(k / args.instances_per_service), instance(10_000 + k as u32)))
+        .collect();
+    let count = items.len();
+    let took = register_all(&providers, items).await?;
+    let registrations_per_s = count as f64 / took.as_secs_f64();
+    println!(
+        "registration: {count} instances acked in {:.1} ms ({registrations_per_s:.0}/s)",
+        took.as_secs_f64() * 1e3
+    );
+
+    // 2. Push latency.
+    let probe = ServiceKey::new("bench.Probe", "1.0", "");
+    let subscribers: Vec<_> = (0..args.subscribers)
+        .map(|i| session(server.addr, &format!("consumer-{i}"), Role::Consumer))
+        .collect();
+    connected(&subscribers).await?;
+    let mut receivers = Vec::new();
+    for (i, s) in subscribers.iter().enumerate() {
+        receivers.push(s.subscribe(&probe));
+        let _other = s.subscribe(&service(i % args.services.max(1)));
+    }
+    let watchers = Watchers::start(receivers, |port, list| {
+        list.providers.contains_key(&format!("127.0.0.1:{port}"))
+    });
+    let rss_after = server.rss_kb()?;
+    let sessions = providers.len() + subscribers.len();
+    let rss_per_session = rss_after.saturating_sub(rss_before) as f64 / sessions as f64;
+    println!(
+        "memory: configserver RSS {rss_before} KiB -> {rss_after} KiB with {sessions} sessions ({rss_per_session:.1} KiB per session)"
+    );
+
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let bytes_before = server.metric("configserver_pushed_bytes_total").await?;
+    let mut changed_entry_bytes = 0usize;
+    for p in 0..args.probes {
+        let port = 60_000 + p as u32;
+        let probe_instance = instance(port);
+        changed_entry_bytes += probe_instance.encoded_len();
+        let took = watchers
+            .time(u64::from(port), subscribers.len(), async {
+                providers[0].register(&probe, probe_instance).await?;
+                Ok(())
+            })
+            .await?;
+        latency.record(took.as_micros() as u64)?;
+    }
+    let pushed = server.metric("configserver_pushed_bytes_total").await? - bytes_before;
+    let deliveries = (args.probes * subscribers.len()) as f64;
+    let bytes_per_change = pushed as f64 / deliveries;
+    let entry_bytes = changed_entry_bytes as f64 / args.probes as f64;
+    let push_p50 = latency.value_at_quantile(0.5) as f64 / 1e3;
+    let push_p99 = latency.value_at_quantile(0.99) as f64 / 1e3;
+    println!(
+        "push: a registration reaches the last of {} subscribers in p50 {push_p50:.1} ms, p99 {push_p99:.1} ms (max {:.1} ms)",
+        subscribers.len(),
+        latency.max() as f64 / 1e3
+    );
+    println!(
+        "push: {bytes_per_change:.0} bytes pushed per subscriber per change; the changed entry is {entry_bytes:.0} bytes"
+    );
+    drop(watchers);
+    drop(subscribers);
+
+    // 4. Storm.
+    let storm = ServiceKey::new("bench.Storm", "1.0", "");
+    let storm_sessions: Vec<_> = (0..20)
+        .map(|i| session(server.addr, &format!("storm-{i}"), Role::Provider))
+        .collect();
+    connected(&storm_sessions).await?;
+    let initial: Vec<_> = (0..args.storm_providers)
+        .map(|k| (storm.clone(), instance(20_000 + k as u32)))
+        .collect();
+    let storm_took = register_all(&storm_sessions, initial).await?;
+    let storm_rate = args.storm_providers as f64 / storm_took.as_secs_f64();
+    println!(
+        "storm: {} providers registered in {:.1} ms ({storm_rate:.0}/s)",
+        args.storm_providers,
+        storm_took.as_secs_f64() * 1e3
+    );
+    let watchers_sessions: Vec<_> = (0..args.storm_subscribers)
+        .map(|i| session(server.addr, &format!("storm-consumer-{i}"), Role::Consumer))
+        .collect();
+    connected(&watchers_sessions).await?;
+    let replaced = args.storm_providers / 10;
+    let expected: Arc<BTreeSet<String>> = Arc::new(
+        (replaced..args.storm_providers)
+            .map(|k| 20_000 + k as u32)
+            .chain((0..replaced).map(|k| 40_000 + k as u32))
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect(),
+    );
+    let initial_set: Arc<BTreeSet<String>> = Arc::new(
+        (0..args.storm_providers)
+            .map(|k| format!("127.0.0.1:{}", 20_000 + k as u32))
+            .collect(),
+    );
+    let receivers = watchers_sessions.iter().map(|s| s.subscribe(&storm)).collect();
+    let (initial_check, expected_check) = (initial_set.clone(), expected.clone());
+    let watchers = Watchers::start(receivers, move |goal, list| {
+        let want = if goal == 1 { &initial_check } else { &expected_check };
+        list.providers.len() == want.len() && list.providers.keys().all(|k| want.contains(k))
+    });
+    watchers.time(1, args.storm_subscribers, async { Ok(()) }).await?;
+    let converge = watchers
+        .time(2, args.storm_subscribers, async {
+            let mut tasks = JoinSet::new();
+            for k in 0..replaced {
+                let session = storm_sessions[k % storm_sessions.len()].clone();
+                let key = storm.clone();
+                tasks.spawn(async move { session.unregister(&key, "127.0.0.1", 20_000 + k as u16).await });
+            }
+            let fresh: Vec<_> = (0..replaced)
+                .map(|k| (storm.clone(), instance(40_000 + k as u32)))
+                .collect();
+            let mut by_session: HashMap<usize, Vec<(ServiceKey, Instance)>> = HashMap::new();
+            for (i, item) in fresh.into_iter().enumerate() {
+                by_session.entry(i % storm_sessions.len()).or_default().push(item);
+            }
+            for (i, items) in by_session {
+                let session = storm_sessions[i].clone();
+                tasks.spawn(async move {
+                    for (key, instance) in items {
+                        session.register(&key, instance).await?;
+                    }
+                    Ok(())
+                });
+            }
+            while let Some(result) = tasks.join_next().await {
+                result??;
+            }
+            Ok(())
+        })
+        .await?;
+    let storm_ms = converge.as_secs_f64() * 1e3;
+    println!(
+        "storm: {replaced} of {} providers replaced at once; all {} subscribers converged in {storm_ms:.1} ms",
+        args.storm_providers, args.storm_subscribers
+    );
+
+    println!(
+        "RESULT registry push_p99_ms={push_p99:.1} storm_converge_ms={storm_ms:.0} bytes_per_change={bytes_per_change:.0} rss_kb_per_session={rss_per_session:.1} registrations_per_s={:.0}",
+        registrations_per_s
+    );
+    Ok(())
+}
