@@ -51,7 +51,7 @@ pub struct RegistryArgs {
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
     /// Probe registrations for the push-latency measurement.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 100)]
     probes: usize,
     #[arg(long, default_value_t = 2000)]
     storm_providers: usize,
@@ -292,6 +292,15 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
         "memory: configserver RSS {rss_before} KiB -> {rss_after} KiB with {sessions} sessions ({rss_per_session:.1} KiB per session)"
     );
 
+    // Let the initial snapshots (two per subscriber) go out before counting.
+    let start = Instant::now();
+    while server.metric("configserver_pushed_snapshots_total").await? < 2 * subscribers.len() as u64 {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "initial snapshots not all pushed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let bytes_before = server.metric("configserver_pushed_bytes_total").await?;
     let mut changed_entry_bytes = 0usize;
