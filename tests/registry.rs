@@ -420,3 +420,47 @@ async fn bad_control_messages_get_clear_errors_and_the_server_keeps_serving() {
     wait_for(&client, "the valid registration", |p| p == [expected]).await;
     drop(a);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_restarted_while_the_configserver_is_down_finds_providers_in_its_cache() {
+    let cache = std::env::temp_dir().join(format!("tern-provider-cache-{}.bin", std::process::id()));
+    let _ = std::fs::remove_file(&cache);
+    let consumer_with_cache = |registry: SocketAddr| {
+        let mut session = SessionConfig::new([registry.to_string()], "cached-consumer", Role::Consumer);
+        session.cache_file = Some(cache.clone());
+        let consumer = Consumer::new(ConsumerConfig {
+            registry: Some(session),
+            ..ConsumerConfig::default()
+        });
+        consumer
+            .reference::<GreeterClient<_>>()
+            .version("1.0.0")
+            .retries(0)
+            .build()
+            .unwrap()
+    };
+
+    let (mut cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let (_provider, provider_addr) = Node::provider(registry, "a");
+    let first = consumer_with_cache(registry);
+    wait_for(&first, "the provider", |p| p == [provider_addr]).await;
+    // The cache is written as the list arrives.
+    let start = Instant::now();
+    while !cache.exists() {
+        assert!(start.elapsed() < LIMIT, "no cache file written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(first);
+    cs.kill_hard();
+
+    // A new consumer, with no ConfigServer to ask.
+    let second = consumer_with_cache(registry);
+    assert_eq!(
+        second.invoker().providers(),
+        vec![provider_addr],
+        "providers come from the cache, at once"
+    );
+    let reply = second.say_hello(HelloRequest { name: "cache".into() }).await.unwrap();
+    assert_eq!(reply.served_by, "a");
+    let _ = std::fs::remove_file(&cache);
+}

@@ -222,6 +222,34 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
     }
 }
 
+/// The endpoints for `list`: those in `current` that stay, plus new ones
+/// (also returned on their own, to be connected).
+fn next_endpoints(
+    consumer: &Consumer,
+    key: &ServiceKey,
+    list: &ProviderList,
+    current: &[Arc<Endpoint>],
+) -> (Vec<Arc<Endpoint>>, Vec<Arc<Endpoint>>) {
+    let held: HashMap<SocketAddr, &Arc<Endpoint>> = current.iter().map(|e| (e.addr(), e)).collect();
+    let mut next = Vec::with_capacity(list.providers.len());
+    let mut fresh = Vec::new();
+    for (addr, instance) in &list.providers {
+        let Ok(addr) = addr.parse::<SocketAddr>() else {
+            warn!(service = %key, %addr, host = %instance.host, "provider address is not ip:port; skipped");
+            continue;
+        };
+        match held.get(&addr) {
+            Some(endpoint) => next.push(Arc::clone(endpoint)),
+            None => {
+                let endpoint = consumer.endpoint(addr);
+                fresh.push(endpoint.clone());
+                next.push(endpoint);
+            }
+        }
+    }
+    (next, fresh)
+}
+
 /// The invoker behind a typed client: provider choice, deadline, retries.
 #[derive(Debug, Clone)]
 pub struct Reference {
@@ -303,40 +331,32 @@ impl Directory {
     }
 
     fn follow(consumer: Consumer, mut lists: watch::Receiver<Arc<ProviderList>>, key: ServiceKey) -> Directory {
-        let endpoints = Arc::new(RwLock::new(Arc::new(Vec::new())));
+        // The list held already (e.g. loaded from the cache file) is usable at once.
+        let initial = lists.borrow_and_update().clone();
+        let (endpoints, mut fresh) = next_endpoints(&consumer, &key, &initial, &[]);
+        let endpoints = Arc::new(RwLock::new(Arc::new(endpoints)));
         let (version_tx, version) = watch::channel(0u64);
         let shared = endpoints.clone();
         let task = tokio::spawn(async move {
             loop {
-                let list = lists.borrow_and_update().clone();
-                let current: Vec<Arc<Endpoint>> = shared.read().expect("directory lock").to_vec();
-                let mut next = Vec::with_capacity(list.providers.len());
-                // Connections being opened to new providers; aborted if not
-                // done by the next change.
+                // Open connections to new providers now; attempts not done
+                // by the next change are dropped with this set.
                 let mut warming = JoinSet::new();
-                for (addr, instance) in &list.providers {
-                    let Ok(addr) = addr.parse::<SocketAddr>() else {
-                        warn!(service = %key, %addr, host = %instance.host, "provider address is not ip:port; skipped");
-                        continue;
-                    };
-                    match current.iter().find(|e| e.addr() == addr) {
-                        Some(endpoint) => next.push(endpoint.clone()),
-                        None => {
-                            let endpoint = consumer.endpoint(addr);
-                            let warm = endpoint.clone();
-                            warming.spawn(async move {
-                                let _ = warm.connection().await;
-                            });
-                            next.push(endpoint);
-                        }
-                    }
+                for endpoint in fresh.drain(..) {
+                    warming.spawn(async move {
+                        let _ = endpoint.connection().await;
+                    });
                 }
-                debug!(service = %key, providers = next.len(), revision = list.revision, "directory updated");
-                *shared.write().expect("directory lock") = Arc::new(next);
-                version_tx.send_modify(|v| *v += 1);
                 if lists.changed().await.is_err() {
                     break;
                 }
+                let list = lists.borrow_and_update().clone();
+                let current = shared.read().expect("directory lock").clone();
+                let (next, new) = next_endpoints(&consumer, &key, &list, &current);
+                debug!(service = %key, providers = next.len(), revision = list.revision, "directory updated");
+                *shared.write().expect("directory lock") = Arc::new(next);
+                version_tx.send_modify(|v| *v += 1);
+                fresh = new;
             }
         });
         Directory {
