@@ -304,13 +304,13 @@ impl RawSession {
         }
     }
 
-    async fn hello(addr: SocketAddr) -> RawSession {
+    async fn hello(addr: SocketAddr, app: &str) -> RawSession {
         let mut session = RawSession::open(addr).await;
         session
             .send(
                 0,
                 node_message::Body::Hello(pb::Hello {
-                    app: "raw".into(),
+                    app: app.into(),
                     ..Default::default()
                 }),
             )
@@ -360,7 +360,7 @@ async fn bad_control_messages_get_clear_errors_and_the_server_keeps_serving() {
     early.send(1, register(instance.clone(), greeter_key())).await;
     expect_error(early.answer().await, "protocol", "first message must be Hello");
 
-    let mut a = RawSession::hello(registry).await;
+    let mut a = RawSession::hello(registry, "app-a").await;
     let bad_key = pb::ServiceKey {
         interface: "demo Greeter".into(),
         ..greeter_key()
@@ -398,8 +398,8 @@ async fn bad_control_messages_get_clear_errors_and_the_server_keeps_serving() {
     a.send(7, register(instance.clone(), greeter_key())).await;
     assert!(matches!(a.answer().await, Some(server_message::Body::Ack(_))));
 
-    // The same instance from another session.
-    let mut b = RawSession::hello(registry).await;
+    // The same instance from another node.
+    let mut b = RawSession::hello(registry, "app-b").await;
     b.send(8, register(instance.clone(), greeter_key())).await;
     expect_error(
         b.answer().await,
@@ -408,7 +408,7 @@ async fn bad_control_messages_get_clear_errors_and_the_server_keeps_serving() {
     );
 
     // A message over the size limit ends that stream only.
-    let mut c = RawSession::hello(registry).await;
+    let mut c = RawSession::hello(registry, "app-c").await;
     let mut oversized = instance.clone();
     oversized.metadata.insert("blob".into(), "x".repeat(2 * 1024 * 1024));
     c.send(9, register(oversized, greeter_key())).await;
@@ -463,4 +463,57 @@ async fn consumer_restarted_while_the_configserver_is_down_finds_providers_in_it
     let reply = second.say_hello(HelloRequest { name: "cache".into() }).await.unwrap();
     assert_eq!(reply.served_by, "a");
     let _ = std::fs::remove_file(&cache);
+}
+
+struct Hello;
+
+impl tern::demo::Greeter for Hello {
+    async fn say_hello(&self, _: rpc_core::Request<HelloRequest>) -> Result<tern::demo::HelloReply, rpc_core::Status> {
+        Ok(tern::demo::HelloReply::default())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_start_fails_when_the_configserver_refuses_its_registration() {
+    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let err = tern::provider::Provider::builder()
+        .bind("127.0.0.1:0")
+        .weight(20_000)
+        .registry(SessionConfig::new([registry.to_string()], "heavy", Role::Provider))
+        .service_with(tern::demo::GreeterServer::new(Hello), "1.0.0", "")
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has weight 20000, more than 10000"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_configserver_is_left_for_the_next_one() {
+    let timing = [
+        "--startup-grace-ms",
+        "0",
+        "--heartbeat-interval-ms",
+        "500",
+        "--heartbeat-timeout-ms",
+        "1500",
+    ];
+    let (first, first_addr, _) = Node::configserver("127.0.0.1:0", &timing);
+    let (_second, second_addr, _) = Node::configserver("127.0.0.1:0", &timing);
+    let servers = format!("{first_addr},{second_addr}");
+    let provider = Node::spawn(&["provider", "--registry", &servers, "--name", "a"]);
+    let provider_addr: SocketAddr = provider.first_line[1].parse().unwrap();
+    let on_first = consumer(first_addr, 0);
+    wait_for(&on_first, "the provider on the first server", |p| p == [provider_addr]).await;
+
+    // The first server stops answering but keeps its connections open.
+    first.signal("STOP");
+    let on_second = consumer(second_addr, 0);
+    let took = wait_for(&on_second, "the provider on the second server", |p| {
+        p == [provider_addr]
+    })
+    .await;
+    assert!(
+        took < Duration::from_secs(6),
+        "moved after {took:?} (silence timeout 1.5 s)"
+    );
 }

@@ -116,44 +116,80 @@ pub struct PushQueue {
 #[derive(Debug, Default)]
 struct PushState {
     dirty: BTreeSet<ServiceKey>,
-    /// Revision last sent per subscribed service; `None` = send a snapshot.
-    sent: HashMap<ServiceKey, Option<u64>>,
+    sent: HashMap<ServiceKey, Sent>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    /// Revision last sent; `None` = send a snapshot.
+    revision: Option<u64>,
+    /// Bumped whenever `revision` is reset from outside the push task (a
+    /// new subscription, the end of the startup grace), so a push that was
+    /// in flight meanwhile cannot overwrite the reset.
+    generation: u64,
+}
+
+/// A service due to be pushed to a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub key: ServiceKey,
+    /// Revision last sent; `None` = the session needs a snapshot.
+    pub sent: Option<u64>,
+    generation: u64,
 }
 
 impl PushQueue {
-    fn mark(&self, key: &ServiceKey, reset: bool) {
+    /// Marks `key` dirty; with `reset`, the next push is a snapshot.
+    fn mark(&self, key: &ServiceKey, reset: Option<Option<u64>>) {
         let mut state = self.state.lock().expect("push lock");
-        if reset {
-            state.sent.insert(key.clone(), None);
+        if let Some(revision) = reset {
+            let generation = state.sent.get(key).map_or(0, |s| s.generation + 1);
+            state.sent.insert(key.clone(), Sent { revision, generation });
         }
         state.dirty.insert(key.clone());
         drop(state);
         self.notify.notify_one();
     }
 
-    /// Waits until some service is dirty, then takes the dirty set with the
-    /// revision last sent of each.
-    pub async fn next(&self) -> Vec<(ServiceKey, Option<u64>)> {
+    fn forget(&self, key: &ServiceKey) {
+        let mut state = self.state.lock().expect("push lock");
+        state.sent.remove(key);
+        state.dirty.remove(key);
+    }
+
+    /// Waits until some subscribed service is dirty, then takes them all.
+    pub async fn next(&self) -> Vec<Due> {
         loop {
             {
                 let mut state = self.state.lock().expect("push lock");
-                if !state.dirty.is_empty() {
-                    let dirty = std::mem::take(&mut state.dirty);
-                    return dirty
-                        .into_iter()
-                        .filter_map(|k| state.sent.get(&k).copied().map(|sent| (k, sent)))
-                        .collect();
+                let dirty = std::mem::take(&mut state.dirty);
+                let due: Vec<Due> = dirty
+                    .into_iter()
+                    .filter_map(|key| {
+                        let sent = *state.sent.get(&key)?;
+                        Some(Due {
+                            key,
+                            sent: sent.revision,
+                            generation: sent.generation,
+                        })
+                    })
+                    .collect();
+                if !due.is_empty() {
+                    return due;
                 }
             }
             self.notify.notified().await;
         }
     }
 
-    /// Records what was sent (ignored if the node unsubscribed meanwhile).
-    pub fn sent(&self, key: &ServiceKey, revision: u64) {
+    /// Records that `due` was pushed up to `revision`, unless the service
+    /// was reset (or unsubscribed) meanwhile.
+    pub fn sent(&self, due: &Due, revision: u64) {
         let mut state = self.state.lock().expect("push lock");
-        if let Some(sent) = state.sent.get_mut(key) {
-            *sent = Some(revision);
+        if let Some(sent) = state.sent.get_mut(&due.key)
+            && sent.generation == due.generation
+        {
+            sent.revision = Some(revision);
         }
     }
 }
@@ -290,6 +326,7 @@ impl Registry {
                 entry.subscribers.remove(&id);
                 entry.consumers.remove(&id);
             }
+            remove_if_unused(&mut state, key);
         }
         drop(state);
         info!(
@@ -335,16 +372,43 @@ impl Registry {
                 session.registered.len()
             )));
         }
-        let entry = state.services.entry(key.clone()).or_default();
-        match entry.providers.get(&addr) {
-            Some((_, owner)) if *owner != id => {
-                return Err(RegistryError::Duplicate(format!(
-                    "{key} provider {addr} is already registered by session {owner}"
-                )));
+        let node = session.node.clone();
+        let holder = state
+            .services
+            .get(&key)
+            .and_then(|e| e.providers.get(&addr))
+            .map(|(i, owner)| (i.clone(), *owner));
+        let unchanged = holder.as_ref().is_some_and(|(existing, _)| *existing == instance);
+        match holder {
+            Some((_, owner)) if owner != id => {
+                let same_node = state
+                    .sessions
+                    .get(&owner)
+                    .is_some_and(|o| o.node.app == node.app && o.node.host == node.host);
+                if !same_node {
+                    return Err(RegistryError::Duplicate(format!(
+                        "{key} provider {addr} is already registered by session {owner}"
+                    )));
+                }
+                // The same node on a new stream (its old one not expired
+                // yet): the new session takes the instance over.
+                if let Some(old) = state.sessions.get_mut(&owner) {
+                    old.registered.remove(&(key.clone(), addr.clone()));
+                }
+                debug!(session = id, previous = owner, service = %key, %addr, "instance handed over to the node's new session");
             }
-            Some((existing, _)) if *existing == instance => return Ok(()),
             _ => {}
         }
+        if unchanged {
+            if let Some((_, owner)) = state.services.get_mut(&key).and_then(|e| e.providers.get_mut(&addr)) {
+                *owner = id;
+            }
+            if let Some(session) = state.sessions.get_mut(&id) {
+                session.registered.insert((key, addr));
+            }
+            return Ok(());
+        }
+        let entry = state.services.entry(key.clone()).or_default();
         let existed_at_flush = entry.providers.contains_key(&addr) && !entry.pending.added.contains_key(&addr)
             || entry.pending.removed.contains(&addr);
         entry.pending.add(&addr, instance.clone(), existed_at_flush);
@@ -413,13 +477,8 @@ impl Registry {
                 && (revision == entry.revision || entry.history.front().is_some_and(|d| d.from_revision <= revision));
             covered.then_some(revision)
         });
-        {
-            let mut push_state = push.state.lock().expect("push lock");
-            push_state.sent.insert(key.clone(), resume);
-            push_state.dirty.insert(key.clone());
-        }
+        push.mark(&key, Some(resume));
         drop(state);
-        push.notify.notify_one();
         debug!(session = id, service = %key, resume = ?resume, "subscribed");
         Ok(())
     }
@@ -428,12 +487,13 @@ impl Registry {
         let mut state = self.lock();
         if let Some(session) = state.sessions.get_mut(&id) {
             session.subscribed.remove(key);
-            session.push.state.lock().expect("push lock").sent.remove(key);
+            session.push.forget(key);
         }
         if let Some(entry) = state.services.get_mut(key) {
             entry.subscribers.remove(&id);
             entry.consumers.remove(&id);
         }
+        remove_if_unused(&mut state, key);
     }
 
     /// Turns pending changes into revisions and deltas and marks the
@@ -442,37 +502,9 @@ impl Registry {
         let mut state = self.lock();
         let dirty = std::mem::take(&mut state.dirty);
         let mut notified = 0usize;
-        let mut pushes = Vec::new();
         for key in dirty {
-            let Some(entry) = state.services.get_mut(&key) else {
-                continue;
-            };
-            if entry.pending.is_empty() {
-                continue;
-            }
-            let pending = std::mem::take(&mut entry.pending);
-            let delta = Delta {
-                service: Some((&key).into()),
-                from_revision: entry.revision,
-                to_revision: entry.revision + 1,
-                added: pending.added.into_values().collect(),
-                removed: pending.removed.into_iter().collect(),
-                updated: pending.updated.into_values().collect(),
-            };
-            entry.revision += 1;
-            entry.history.push_back(Arc::new(delta));
-            while entry.history.len() > self.config.history_len {
-                entry.history.pop_front();
-            }
-            notified += entry.subscribers.len();
-            pushes.push((key, entry.subscribers.iter().copied().collect::<Vec<_>>()));
-        }
-        for (key, subscribers) in pushes {
-            for id in subscribers {
-                if let Some(session) = state.sessions.get(&id) {
-                    session.push.mark(&key, false);
-                }
-            }
+            notified += self.flush_service(&mut state, &key);
+            remove_if_unused(&mut state, &key);
         }
         drop(state);
         if notified > 0 {
@@ -480,12 +512,48 @@ impl Registry {
         }
     }
 
+    /// Flushes one service's pending change, if any: a new revision, one
+    /// delta in the history, its subscribers marked. Returns how many.
+    fn flush_service(&self, state: &mut State, key: &ServiceKey) -> usize {
+        let Some(entry) = state.services.get_mut(key) else {
+            return 0;
+        };
+        if entry.pending.is_empty() {
+            return 0;
+        }
+        let pending = std::mem::take(&mut entry.pending);
+        let delta = Delta {
+            service: Some(key.into()),
+            from_revision: entry.revision,
+            to_revision: entry.revision + 1,
+            added: pending.added.into_values().collect(),
+            removed: pending.removed.into_iter().collect(),
+            updated: pending.updated.into_values().collect(),
+        };
+        entry.revision += 1;
+        entry.history.push_back(Arc::new(delta));
+        while entry.history.len() > self.config.history_len {
+            entry.history.pop_front();
+        }
+        let subscribers: Vec<SessionId> = entry.subscribers.iter().copied().collect();
+        for id in &subscribers {
+            if let Some(session) = state.sessions.get(id) {
+                session.push.mark(key, None);
+            }
+        }
+        subscribers.len()
+    }
+
     /// What a subscriber that was last sent `sent` of `key` needs now:
     /// deltas, a snapshot, or nothing. Returns the messages and the revision
     /// they bring the subscriber to.
     pub fn catch_up(&self, key: &ServiceKey, sent: Option<u64>) -> (Vec<ServerMessage>, u64) {
+        let mut state = self.lock();
         let partial = !self.grace_over.load(Ordering::Relaxed);
-        let state = self.lock();
+        // What is sent must be a flushed revision: a snapshot that showed a
+        // pending change under the old revision could never be corrected if
+        // the change cancelled out before the flush.
+        self.flush_service(&mut state, key);
         let Some(entry) = state.services.get(key) else {
             return (vec![self.snapshot_message(key, 0, Vec::new(), partial)], 0);
         };
@@ -548,7 +616,7 @@ impl Registry {
         let state = self.lock();
         for session in state.sessions.values() {
             for key in &session.subscribed {
-                session.push.mark(key, true);
+                session.push.mark(key, Some(None));
             }
         }
         info!(after = ?self.started.elapsed(), "startup grace period over; sending complete snapshots");
@@ -618,6 +686,17 @@ impl Registry {
             )));
         }
         Ok(())
+    }
+}
+
+/// Drops a service nobody provides, subscribes to or is changing. A node
+/// that later resumes it from an old revision gets a snapshot.
+fn remove_if_unused(state: &mut State, key: &ServiceKey) {
+    if state.services.get(key).is_some_and(|e| {
+        e.providers.is_empty() && e.subscribers.is_empty() && e.consumers.is_empty() && e.pending.is_empty()
+    }) && !state.dirty.contains(key)
+    {
+        state.services.remove(key);
     }
 }
 
@@ -712,7 +791,7 @@ mod tests {
         let (messages, rev) = registry.catch_up(&key(), None);
         assert_eq!(snapshot_of(&messages).unwrap().providers.len(), 1);
         assert_eq!(rev, 1);
-        push.sent(&key(), rev);
+        let _ = push;
 
         registry.register(provider, key(), instance(2)).unwrap();
         registry.register(provider, key(), instance(3)).unwrap();
@@ -734,10 +813,20 @@ mod tests {
         assert_eq!(registry.catch_up(&key(), Some(0)).1, 0);
     }
 
+    fn node(app: &str) -> NodeInfo {
+        NodeInfo {
+            app: app.into(),
+            host: "10.0.0.1".into(),
+            ..NodeInfo::default()
+        }
+    }
+
     #[test]
     fn closing_a_session_removes_its_instances() {
         let registry = registry();
         let (provider, _) = registry.open_session(NodeInfo::default());
+        let (consumer, _) = registry.open_session(NodeInfo::default());
+        registry.subscribe(consumer, key(), None).unwrap();
         registry.register(provider, key(), instance(1)).unwrap();
         registry.flush();
         registry.close_session(provider, "test");
@@ -776,16 +865,23 @@ mod tests {
         registry.subscribe(consumer, key(), Some((&epoch, 1))).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let due = rt.block_on(push.next());
-        assert_eq!(due, vec![(key(), Some(1))]);
+        assert_eq!(
+            due.iter().map(|d| (d.key.clone(), d.sent)).collect::<Vec<_>>(),
+            vec![(key(), Some(1))]
+        );
         registry.subscribe(consumer, key(), Some(("another-epoch", 1))).unwrap();
-        assert_eq!(rt.block_on(push.next()), vec![(key(), None)]);
+        let due = rt.block_on(push.next());
+        assert_eq!(
+            due.iter().map(|d| (d.key.clone(), d.sent)).collect::<Vec<_>>(),
+            vec![(key(), None)]
+        );
     }
 
     #[test]
     fn bad_registrations_name_the_value_and_store_nothing() {
         let registry = registry();
-        let (a, _) = registry.open_session(NodeInfo::default());
-        let (b, _) = registry.open_session(NodeInfo::default());
+        let (a, _) = registry.open_session(node("a"));
+        let (b, _) = registry.open_session(node("b"));
         let err = registry
             .register(a, ServiceKey::new("bad key", "", ""), instance(1))
             .unwrap_err();
@@ -839,15 +935,51 @@ mod tests {
     }
 
     #[test]
+    fn the_same_node_on_a_new_stream_takes_its_instance_over() {
+        let registry = registry();
+        let (old, _) = registry.open_session(node("a"));
+        let (consumer, _) = registry.open_session(node("c"));
+        registry.subscribe(consumer, key(), None).unwrap();
+        registry.register(old, key(), instance(1)).unwrap();
+        registry.flush();
+        let (new, _) = registry.open_session(node("a"));
+        registry.register(new, key(), instance(1)).unwrap();
+        // The old stream expiring later must not remove the instance.
+        registry.close_session(old, "expired");
+        registry.flush();
+        assert_eq!(registry.detail(&key()).unwrap().1.len(), 1);
+        assert_eq!(registry.catch_up(&key(), Some(1)).1, 1, "no change was pushed");
+    }
+
+    #[test]
+    fn a_snapshot_never_shows_an_unflushed_change_under_an_old_revision() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        let (consumer, _) = registry.open_session(NodeInfo::default());
+        registry.subscribe(consumer, key(), None).unwrap();
+        registry.register(provider, key(), instance(1)).unwrap();
+        // Snapshot requested before the flusher ran.
+        let (messages, revision) = registry.catch_up(&key(), None);
+        assert_eq!((snapshot_of(&messages).unwrap().providers.len(), revision), (1, 1));
+        registry.unregister(provider, &key(), "127.0.0.1", 1).unwrap();
+        registry.flush();
+        let (messages, _) = registry.catch_up(&key(), Some(1));
+        assert_eq!(delta_of(&messages)[0].removed, vec!["127.0.0.1:1".to_owned()]);
+    }
+
+    #[test]
     fn grace_period_snapshots_are_partial_until_it_ends() {
         let registry = Registry::new(RegistryConfig::default());
         let (consumer, push) = registry.open_session(NodeInfo::default());
         registry.subscribe(consumer, key(), None).unwrap();
         assert!(snapshot_of(&registry.catch_up(&key(), None).0).unwrap().partial);
-        push.sent(&key(), 0);
-        registry.end_grace();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        assert_eq!(rt.block_on(push.next()), vec![(key(), None)]);
+        let due = rt.block_on(push.next());
+        registry.end_grace();
+        // The push that was in flight when the grace ended must not hide the reset.
+        push.sent(&due[0], 0);
+        let due = rt.block_on(push.next());
+        assert_eq!((due[0].key.clone(), due[0].sent), (key(), None));
         assert!(!snapshot_of(&registry.catch_up(&key(), None).0).unwrap().partial);
     }
 }

@@ -188,8 +188,8 @@ async fn read_loop(
                     request_id,
                     body: Some(server_message::Body::Heartbeat(hb)),
                 };
-                if tx.send(Ok(echo)).await.is_err() {
-                    return "node went away".to_owned();
+                if tx.send_timeout(Ok(echo), heartbeats.timeout).await.is_err() {
+                    return "node went away or stopped reading".to_owned();
                 }
                 continue;
             }
@@ -205,7 +205,7 @@ async fn read_loop(
                 registry::error(request_id, e.kind(), e.to_string())
             }
         };
-        if tx.send(Ok(answer)).await.is_err() {
+        if tx.send_timeout(Ok(answer), heartbeats.timeout).await.is_err() {
             return "node went away".to_owned();
         }
     }
@@ -214,8 +214,8 @@ async fn read_loop(
 /// Sends the node what it lacks of each dirty service, as it becomes ready.
 async fn push_loop(registry: &Registry, push: &PushQueue, tx: &Tx) -> String {
     loop {
-        for (key, sent) in push.next().await {
-            let (messages, revision) = registry.catch_up(&key, sent);
+        for due in push.next().await {
+            let (messages, revision) = registry.catch_up(&due.key, due.sent);
             for message in messages {
                 let metrics = &registry.metrics;
                 metrics.pushed_messages.fetch_add(1, Ordering::Relaxed);
@@ -229,7 +229,7 @@ async fn push_loop(registry: &Registry, push: &PushQueue, tx: &Tx) -> String {
                     return "node went away".to_owned();
                 }
             }
-            push.sent(&key, revision);
+            push.sent(&due, revision);
         }
     }
 }

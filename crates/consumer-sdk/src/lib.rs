@@ -401,9 +401,14 @@ impl Invoker for Reference {
             if remaining.is_zero() {
                 return Err(Error::Timeout(timeout));
             }
-            let result = match endpoint.connection().await {
-                Ok(conn) => conn.call(head, &payload, remaining).await,
-                Err(e) => Err(e),
+            // Connecting counts against the deadline too.
+            let result = match tokio::time::timeout(remaining, endpoint.connection()).await {
+                Err(_) => Err(Error::Timeout(timeout)),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(conn)) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    conn.call(head, &payload, remaining.max(Duration::from_millis(1))).await
+                }
             };
             match result {
                 Err(e) if e.is_retryable() && attempt + 1 < tries => {

@@ -214,7 +214,18 @@ impl ProviderBuilder {
             if config.zone.is_empty() {
                 config.zone = self.zone.clone();
             }
+            let connect_timeout = config.connect_timeout;
             let session = RegistrySession::start(config);
+            // Register on a live stream when one comes up in time, so that a
+            // refusal fails `start`; otherwise the registration is sent as
+            // soon as the ConfigServer is reachable.
+            let mut connected = session.connected();
+            if tokio::time::timeout(connect_timeout, connected.wait_for(Option::is_some))
+                .await
+                .is_err()
+            {
+                warn!(app = %self.app, "configserver not reachable yet; registering when it is");
+            }
             let started_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);

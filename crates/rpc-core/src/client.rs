@@ -194,11 +194,16 @@ impl Connection {
             pending.calls.insert(id, tx);
         }
         let mut slot = Slot { shared, id: Some(id) };
-        let timeout_ms = timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
-        let head = RequestHead { timeout_ms, ..head };
+        let deadline = Instant::now() + timeout;
 
         let exchange = async {
-            let encode = |buf: &mut BytesMut| frame::encode_request(buf, id, &head, payload);
+            // The provider is told the time left when the frame is encoded,
+            // after any wait for room in the write buffer.
+            let encode = |buf: &mut BytesMut| {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let timeout_ms = left.as_millis().clamp(1, u32::MAX as u128) as u32;
+                frame::encode_request(buf, id, &RequestHead { timeout_ms, ..head }, payload)
+            };
             if shared.outbox.push(encode).await.is_err() {
                 return Err(shared.closed_error_now());
             }

@@ -105,6 +105,10 @@ pub struct ProviderList {
     /// By `host:port`. Instances are shared between successive lists, so an
     /// update costs the changed entries, not a copy of every instance.
     pub providers: BTreeMap<String, Arc<Instance>>,
+    /// False while the list rests on a partial snapshot (a restarted server
+    /// still hearing from providers): it is then never resumed by revision,
+    /// only replaced by the next complete snapshot.
+    pub complete: bool,
 }
 
 /// Handle to the session task; cheap to clone. The task stops when the last
@@ -132,6 +136,14 @@ struct Desired {
     subscriptions: HashMap<ServiceKey, watch::Sender<Arc<ProviderList>>>,
     /// Lists loaded from the cache file, used as subscriptions start.
     cached: HashMap<ServiceKey, ProviderList>,
+    /// Set, under this lock, when the desired state is replayed on a new
+    /// stream: a change made while it is false goes out with the next
+    /// replay, a change made while it is true goes out as a command.
+    connected: bool,
+    /// Subscriptions that found the command queue full; sent by the task.
+    unsent: Vec<ServiceKey>,
+    /// A list changed since the cache file was written.
+    cache_dirty: bool,
 }
 
 #[derive(Debug)]
@@ -190,14 +202,18 @@ impl RegistrySession {
     /// The server refused it (it is then forgotten), or did not answer.
     pub async fn register(&self, key: &ServiceKey, instance: Instance) -> Result<(), RegistryError> {
         let addr = instance_addr(&instance);
-        self.desired()
-            .registrations
-            .insert((key.clone(), addr.clone()), instance.clone());
+        let connected = {
+            let mut desired = self.desired();
+            desired
+                .registrations
+                .insert((key.clone(), addr.clone()), instance.clone());
+            desired.connected
+        };
         let message = node_message::Body::Register(pb::Register {
             service: Some(key.into()),
             instance: Some(instance),
         });
-        let result = self.request(message).await;
+        let result = self.request(message, connected).await;
         if let Err(RegistryError::Refused { .. }) = &result {
             self.desired().registrations.remove(&(key.clone(), addr));
         }
@@ -210,15 +226,17 @@ impl RegistrySession {
     ///
     /// The server did not answer in time.
     pub async fn unregister(&self, key: &ServiceKey, host: &str, port: u16) -> Result<(), RegistryError> {
-        self.desired()
-            .registrations
-            .remove(&(key.clone(), addr_of(host, port.into())));
+        let connected = {
+            let mut desired = self.desired();
+            desired.registrations.remove(&(key.clone(), addr_of(host, port.into())));
+            desired.connected
+        };
         let message = node_message::Body::Unregister(pb::Unregister {
             service: Some(key.into()),
             host: host.to_owned(),
             port: port.into(),
         });
-        match self.request(message).await {
+        match self.request(message, connected).await {
             // Already gone on the server (e.g. it restarted): that is the goal.
             Err(RegistryError::Refused { kind, .. }) if kind == "not_found" => Ok(()),
             other => other,
@@ -232,14 +250,18 @@ impl RegistrySession {
             return existing.subscribe();
         }
         let initial = desired.cached.remove(key).unwrap_or_default();
-        let known = (!initial.epoch.is_empty()).then(|| (initial.epoch.clone(), initial.revision));
+        let known = resume_point(&initial);
         let (tx, rx) = watch::channel(Arc::new(initial));
         desired.subscriptions.insert(key.clone(), tx);
-        drop(desired);
-        let message = subscribe_message(key, known);
-        // Sent now if connected; otherwise replayed on connect.
-        if self.inner.connected.borrow().is_some() {
-            let _ = self.inner.commands.try_send(Command { message, reply: None });
+        // Sent now if connected; otherwise by the replay on connect.
+        if desired.connected {
+            let command = Command {
+                message: subscribe_message(key, known),
+                reply: None,
+            };
+            if self.inner.commands.try_send(command).is_err() {
+                desired.unsent.push(key.clone());
+            }
         }
         rx
     }
@@ -254,12 +276,12 @@ impl RegistrySession {
         self.inner.desired.lock().expect("registry desired lock")
     }
 
-    async fn request(&self, message: node_message::Body) -> Result<(), RegistryError> {
+    async fn request(&self, message: node_message::Body, connected: bool) -> Result<(), RegistryError> {
         if self.inner.stop.is_cancelled() {
             return Err(RegistryError::Stopped);
         }
-        if self.inner.connected.borrow().is_none() {
-            return Ok(()); // replayed on connect
+        if !connected {
+            return Ok(()); // sent by the replay on connect
         }
         let (reply, answer) = oneshot::channel();
         let timeout = self.inner.config.request_timeout;
@@ -278,6 +300,12 @@ impl RegistrySession {
             .await
             .map_err(|_| RegistryError::Timeout(timeout))?
     }
+}
+
+/// Where a node holding `list` can resume: its epoch and revision, if it is
+/// a complete list from a server.
+fn resume_point(list: &ProviderList) -> Option<(String, u64)> {
+    (list.complete && !list.epoch.is_empty()).then(|| (list.epoch.clone(), list.revision))
 }
 
 fn subscribe_message(key: &ServiceKey, known: Option<(String, u64)>) -> node_message::Body {
@@ -407,14 +435,16 @@ impl SessionTask {
         let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
+        let mut silent_after = Instant::now() + timeout;
         let ended = loop {
             tokio::select! {
-                message = tokio::time::timeout(timeout, inbound.message()) => match message {
-                    Err(_) => break format!("configserver silent for {timeout:?}"),
-                    Ok(Ok(None)) => break "closed by configserver".to_owned(),
-                    Ok(Err(status)) => break format!("stream error: {status}"),
-                    Ok(Ok(Some(message))) => {
-                        if let Some(resync) = self.on_message(message, &welcome.epoch, &mut pending).await {
+                _ = tokio::time::sleep_until(silent_after) => break format!("configserver silent for {timeout:?}"),
+                message = inbound.message() => match message {
+                    Ok(None) => break "closed by configserver".to_owned(),
+                    Err(status) => break format!("stream error: {status}"),
+                    Ok(Some(message)) => {
+                        silent_after = Instant::now() + timeout;
+                        if let Some(resync) = self.on_message(message, &welcome.epoch, &mut pending) {
                             let _ = out.send(NodeMessage { request_id: 0, body: Some(resync) }).await;
                         }
                     }
@@ -432,38 +462,66 @@ impl SessionTask {
                 _ = heartbeat.tick() => {
                     seq += 1;
                     let beat = NodeMessage { request_id: 0, body: Some(node_message::Body::Heartbeat(pb::Heartbeat { seq })) };
-                    if out.send(beat).await.is_err() {
+                    // A full queue means the server is not reading; the
+                    // silence timer ends the stream if it stays that way.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(beat) {
                         break "stream closed".to_owned();
                     }
+                    for body in self.take_unsent() {
+                        if out.send(NodeMessage { request_id: 0, body: Some(body) }).await.is_err() {
+                            break;
+                        }
+                    }
+                    self.save_cache().await;
                 }
             }
         };
-        // Requests in flight will be replayed from the desired state.
+        self.desired.lock().expect("registry desired lock").connected = false;
+        self.save_cache().await;
+        // Requests in flight will be sent again by the next replay.
         for (_, reply) in pending {
             let _ = reply.send(Ok(()));
         }
         Ok(ended)
     }
 
+    /// Subscriptions that could not be queued when they were made.
+    fn take_unsent(&self) -> Vec<node_message::Body> {
+        let mut desired = self.desired.lock().expect("registry desired lock");
+        let unsent = std::mem::take(&mut desired.unsent);
+        unsent
+            .iter()
+            .filter_map(|key| {
+                desired
+                    .subscriptions
+                    .get(key)
+                    .map(|tx| subscribe_message(key, resume_point(&tx.borrow())))
+            })
+            .collect()
+    }
+
+    /// The desired state as messages. From here on changes go out as
+    /// commands: `connected` is set in the same critical section.
     fn replay(&self) -> Vec<node_message::Body> {
-        let desired = self.desired.lock().expect("registry desired lock");
+        let mut desired = self.desired.lock().expect("registry desired lock");
+        desired.connected = true;
+        desired.unsent.clear();
         let registrations = desired.registrations.iter().map(|((key, _), instance)| {
             node_message::Body::Register(pb::Register {
                 service: Some(key.into()),
                 instance: Some(instance.clone()),
             })
         });
-        let subscriptions = desired.subscriptions.iter().map(|(key, tx)| {
-            let list = tx.borrow();
-            let known = (!list.epoch.is_empty()).then(|| (list.epoch.clone(), list.revision));
-            subscribe_message(key, known)
-        });
+        let subscriptions = desired
+            .subscriptions
+            .iter()
+            .map(|(key, tx)| subscribe_message(key, resume_point(&tx.borrow())));
         registrations.chain(subscriptions).collect()
     }
 
     /// Applies one server message; returns a message to send back when a
     /// list fell out of step and must be re-fetched.
-    async fn on_message(
+    fn on_message(
         &self,
         message: ServerMessage,
         epoch: &str,
@@ -477,10 +535,10 @@ impl SessionTask {
         };
         match message.body {
             Some(server_message::Body::Snapshot(snapshot)) => {
-                self.apply_snapshot(snapshot).await;
+                self.apply_snapshot(snapshot);
                 None
             }
-            Some(server_message::Body::Delta(delta)) => self.apply_delta(delta, epoch).await,
+            Some(server_message::Body::Delta(delta)) => self.apply_delta(delta, epoch),
             Some(server_message::Body::Ack(_)) => {
                 answer(Ok(()));
                 None
@@ -505,7 +563,7 @@ impl SessionTask {
         desired.subscriptions.get(&key).map(|tx| (key, tx.clone()))
     }
 
-    async fn apply_snapshot(&self, snapshot: Snapshot) {
+    fn apply_snapshot(&self, snapshot: Snapshot) {
         let Some((key, tx)) = self.subscription(snapshot.service.as_ref()) else {
             return;
         };
@@ -519,15 +577,16 @@ impl SessionTask {
             // from providers) adds to what we had instead of replacing it.
             list.epoch = snapshot.epoch;
             list.revision = snapshot.revision;
+            list.complete = !partial;
             for instance in snapshot.providers {
                 list.providers.insert(instance_addr(&instance), Arc::new(instance));
             }
             debug!(service = %key, revision = list.revision, providers = list.providers.len(), partial, "snapshot");
         });
-        self.save_cache().await;
+        self.desired.lock().expect("registry desired lock").cache_dirty = true;
     }
 
-    async fn apply_delta(&self, delta: Delta, epoch: &str) -> Option<node_message::Body> {
+    fn apply_delta(&self, delta: Delta, epoch: &str) -> Option<node_message::Body> {
         let (key, tx) = self.subscription(delta.service.as_ref())?;
         let (held_epoch, held) = {
             let current = tx.borrow();
@@ -551,14 +610,19 @@ impl SessionTask {
             list.revision = delta.to_revision;
             debug!(service = %key, revision = list.revision, providers = list.providers.len(), "delta");
         });
-        self.save_cache().await;
+        self.desired.lock().expect("registry desired lock").cache_dirty = true;
         None
     }
 
+    /// Writes the lists to the cache file if they changed since the last
+    /// write (called at most once per heartbeat interval, and at stream end).
     async fn save_cache(&self) {
         let Some(path) = &self.config.cache_file else { return };
         let cache = {
-            let desired = self.desired.lock().expect("registry desired lock");
+            let mut desired = self.desired.lock().expect("registry desired lock");
+            if !std::mem::take(&mut desired.cache_dirty) {
+                return;
+            }
             ProviderCache {
                 services: desired
                     .subscriptions
@@ -570,7 +634,7 @@ impl SessionTask {
                             epoch: list.epoch.clone(),
                             revision: list.revision,
                             providers: list.providers.values().map(|i| Instance::clone(i)).collect(),
-                            partial: false,
+                            partial: !list.complete,
                         }
                     })
                     .collect(),
@@ -619,6 +683,7 @@ fn load_cache(path: &PathBuf) -> HashMap<ServiceKey, ProviderList> {
                     epoch: s.epoch,
                     revision: s.revision,
                     providers,
+                    complete: !s.partial,
                 },
             ))
         })
