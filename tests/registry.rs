@@ -517,3 +517,34 @@ async fn a_silent_configserver_is_left_for_the_next_one() {
         "moved after {took:?} (silence timeout 1.5 s)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configserver_lists_consumers_and_forgets_a_dropped_reference() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let (_provider, provider_addr) = Node::provider(registry, "a");
+    let consumer = Consumer::new(ConsumerConfig {
+        app: "lister".into(),
+        registry: Some(SessionConfig::new([registry.to_string()], "lister", Role::Consumer)),
+        ..ConsumerConfig::default()
+    });
+    let client = consumer
+        .reference::<GreeterClient<_>>()
+        .version("1.0.0")
+        .build()
+        .unwrap();
+    wait_for(&client, "the provider", |p| p == [provider_addr]).await;
+    let detail = http_get(admin, "/api/services/demo.Greeter:1.0.0").await.unwrap();
+    assert!(detail.contains(r#""app":"lister""#), "{detail}");
+
+    drop(client);
+    let start = Instant::now();
+    loop {
+        let detail = http_get(admin, "/api/services/demo.Greeter:1.0.0").await.unwrap();
+        if !detail.contains("lister") {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "consumer still listed: {detail}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(consumer);
+}

@@ -173,6 +173,14 @@ impl ConfigServer {
     }
 }
 
+impl Drop for ConfigServer {
+    /// Dropped without [`ConfigServer::shutdown`]: stop serving anyway
+    /// (the tasks end on their own).
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 /// Waits for changes, lets them gather for the coalescing window, flushes.
 async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: CancellationToken) {
     loop {

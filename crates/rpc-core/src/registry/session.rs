@@ -244,6 +244,8 @@ impl RegistrySession {
     }
 
     /// The live provider list of `key`. Starts from the cached list, if any.
+    /// When every receiver of it is dropped, the session unsubscribes (at
+    /// its next heartbeat).
     pub fn subscribe(&self, key: &ServiceKey) -> watch::Receiver<Arc<ProviderList>> {
         let mut desired = self.desired();
         if let Some(existing) = desired.subscriptions.get(key) {
@@ -467,7 +469,7 @@ impl SessionTask {
                     if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(beat) {
                         break "stream closed".to_owned();
                     }
-                    for body in self.take_unsent() {
+                    for body in self.take_unsent().into_iter().chain(self.take_abandoned()) {
                         if out.send(NodeMessage { request_id: 0, body: Some(body) }).await.is_err() {
                             break;
                         }
@@ -483,6 +485,27 @@ impl SessionTask {
             let _ = reply.send(Ok(()));
         }
         Ok(ended)
+    }
+
+    /// Subscriptions nobody watches any more, as Unsubscribe messages.
+    fn take_abandoned(&self) -> Vec<node_message::Body> {
+        let mut desired = self.desired.lock().expect("registry desired lock");
+        let abandoned: Vec<ServiceKey> = desired
+            .subscriptions
+            .iter()
+            .filter(|(_, tx)| tx.receiver_count() == 0)
+            .map(|(key, _)| key.clone())
+            .collect();
+        abandoned
+            .into_iter()
+            .map(|key| {
+                desired.subscriptions.remove(&key);
+                debug!(service = %key, "no one watches the list any more; unsubscribing");
+                node_message::Body::Unsubscribe(pb::Unsubscribe {
+                    service: Some((&key).into()),
+                })
+            })
+            .collect()
     }
 
     /// Subscriptions that could not be queued when they were made.
