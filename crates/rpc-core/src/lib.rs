@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! - [`balance`]: load balancers (random, round robin, least active,
+//!   consistent hash, shortest response, P2C) with warm-up.
 //! - [`frame`]: the 18-byte header and the body encoders (see docs/PROTOCOL.md).
 //! - [`codec`]: splitting a byte stream into frames, checking before allocating.
 //! - [`client`]: one multiplexed connection ([`Connection`]).
@@ -12,6 +14,7 @@
 //! - [`error`]: wire status codes and the caller's [`Error`].
 
 pub mod backoff;
+pub mod balance;
 pub mod client;
 pub mod codec;
 pub mod codegen;

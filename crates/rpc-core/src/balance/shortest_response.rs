@@ -1,0 +1,63 @@
+//! Shortest response: the lowest mean of recent response times multiplied by
+//! (calls in flight + 1), per unit of weight; random among equals, weighted.
+
+use std::sync::Mutex;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::least_active::lowest_cost;
+use super::{Candidate, LoadBalance, PickContext};
+
+#[derive(Debug)]
+pub struct ShortestResponse {
+    rng: Mutex<SmallRng>,
+}
+
+impl ShortestResponse {
+    pub fn new() -> ShortestResponse {
+        ShortestResponse {
+            rng: Mutex::new(SmallRng::from_os_rng()),
+        }
+    }
+
+    pub fn seeded(seed: u64) -> ShortestResponse {
+        ShortestResponse {
+            rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+        }
+    }
+}
+
+impl Default for ShortestResponse {
+    fn default() -> ShortestResponse {
+        ShortestResponse::new()
+    }
+}
+
+impl LoadBalance for ShortestResponse {
+    fn pick(&self, candidates: &[Candidate<'_>], ctx: &PickContext<'_>) -> usize {
+        let unit = self.rng.lock().expect("rng lock").random::<f64>();
+        // Providers not measured yet look as fast as the fastest, so they
+        // get tried.
+        let fastest = candidates
+            .iter()
+            .filter_map(|c| c.load.mean_response_ns())
+            .fold(f64::INFINITY, f64::min);
+        let default = if fastest.is_finite() { fastest } else { 1.0 };
+        lowest_cost(candidates, ctx, unit, |c| {
+            c.load.mean_response_ns().unwrap_or(default) * f64::from(c.load.active() + 1)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::simulation::slow_share;
+    use super::*;
+
+    #[test]
+    fn ten_times_slower_provider_gets_under_15_percent() {
+        let share = slow_share(&ShortestResponse::seeded(3));
+        assert!(share < 0.15, "slow provider got {share:.3}");
+    }
+}
