@@ -205,7 +205,7 @@ async fn run_demo() -> anyhow::Result<()> {
         reference.providers().len()
     );
 
-    println!("== 3,000 calls, straight from consumer to providers");
+    println!("== 3,000 calls, straight from consumer to providers (P2C balancer: the faster get more)");
     let started = Instant::now();
     let mut spread = BTreeMap::new();
     for i in 0..3000 {

@@ -18,7 +18,7 @@
 //! # impl<I> Stub for GreeterClient<I> { type Invoker = I; const INTERFACE: &'static str = "demo.Greeter"; fn from_invoker(i: I) -> Self { GreeterClient(i) } }
 //! # fn run() -> Result<(), consumer_sdk::ConsumerError> {
 //! use consumer_sdk::{Consumer, ConsumerConfig};
-//! use std::time::Duration;
+//! use std::time::{Duration, SystemTime, UNIX_EPOCH};
 //!
 //! let consumer = Consumer::new(ConsumerConfig::default());
 //! let greeter = consumer
@@ -33,11 +33,11 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use rpc_core::balance::{self, Candidate, LoadBalance, PickContext};
 use rpc_core::frame::RequestHead;
 use rpc_core::registry::{ProviderList, RegistrySession, SessionConfig};
 use rpc_core::{CallOptions, ConnectionConfig, Endpoint, Error, InvalidServiceKey, Invoker, ServiceKey, Stub};
@@ -131,6 +131,9 @@ impl Consumer {
             timeout: self.inner.config.default_timeout,
             retries: self.inner.config.default_retries,
             providers: Vec::new(),
+            balance: Balance::default(),
+            warmup: balance::DEFAULT_WARMUP,
+            hash_attachment: None,
             _stub: PhantomData,
         }
     }
@@ -156,7 +159,40 @@ pub struct ReferenceBuilder<S> {
     timeout: Duration,
     retries: usize,
     providers: Vec<SocketAddr>,
+    balance: Balance,
+    warmup: Duration,
+    hash_attachment: Option<String>,
     _stub: PhantomData<fn() -> S>,
+}
+
+/// Which load balancer a reference uses; see `rpc_core::balance`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Balance {
+    Random,
+    RoundRobin,
+    LeastActive,
+    /// By the value of the attachment named with
+    /// [`ReferenceBuilder::hash_attachment`].
+    ConsistentHash,
+    ShortestResponse,
+    /// Power of two choices over peak-EWMA latency x in-flight calls: the
+    /// default, because it reacts to slow and overloaded providers at once.
+    #[default]
+    P2c,
+}
+
+impl Balance {
+    fn build(self) -> Box<dyn LoadBalance> {
+        match self {
+            Balance::Random => Box::new(balance::Random::new()),
+            Balance::RoundRobin => Box::new(balance::RoundRobin::new()),
+            Balance::LeastActive => Box::new(balance::LeastActive::new()),
+            Balance::ConsistentHash => Box::new(balance::ConsistentHash::new()),
+            Balance::ShortestResponse => Box::new(balance::ShortestResponse::new()),
+            Balance::P2c => Box::new(balance::P2c::new()),
+        }
+    }
 }
 
 impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
@@ -182,6 +218,25 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
         self
     }
 
+    /// The load balancer (default [`Balance::P2c`]).
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.balance = balance;
+        self
+    }
+
+    /// How long a new provider's weight ramps up (default 10 minutes; zero
+    /// turns warm-up off).
+    pub fn warmup(mut self, warmup: Duration) -> Self {
+        self.warmup = warmup;
+        self
+    }
+
+    /// The attachment whose value is the key of [`Balance::ConsistentHash`].
+    pub fn hash_attachment(mut self, name: impl Into<String>) -> Self {
+        self.hash_attachment = Some(name.into());
+        self
+    }
+
     /// Calls these providers directly, without a registry.
     pub fn direct(mut self, providers: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.providers = providers.into_iter().collect();
@@ -201,8 +256,16 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
             });
         }
         let directory = if !self.providers.is_empty() {
-            let endpoints = self.providers.iter().map(|&a| self.consumer.endpoint(a)).collect();
-            Directory::fixed(endpoints)
+            let members = self
+                .providers
+                .iter()
+                .map(|&a| Member {
+                    endpoint: self.consumer.endpoint(a),
+                    weight: DEFAULT_WEIGHT,
+                    start_time_ms: 0,
+                })
+                .collect();
+            Directory::fixed(members)
         } else if let Some(registry) = self.consumer.registry() {
             Directory::follow(self.consumer.clone(), registry.subscribe(&key), key.clone())
         } else {
@@ -216,21 +279,35 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
                 timeout: self.timeout,
                 retries: self.retries,
                 directory,
-                next: AtomicUsize::new(0),
+                balancer: self.balance.build(),
+                warmup: self.warmup,
+                hash_attachment: self.hash_attachment,
             }),
         }))
     }
 }
 
-/// The endpoints for `list`: those in `current` that stay, plus new ones
-/// (also returned on their own, to be connected).
-fn next_endpoints(
+/// Weight of a provider given without one (direct mode).
+const DEFAULT_WEIGHT: u32 = 100;
+
+/// A provider in a [`Directory`]: its endpoint and what the balancer weighs.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub endpoint: Arc<Endpoint>,
+    pub weight: u32,
+    /// Unix ms (0 = unknown: no warm-up).
+    pub start_time_ms: i64,
+}
+
+/// The members for `list`: the endpoints in `current` that stay, plus new
+/// ones (also returned on their own, to be connected).
+fn next_members(
     consumer: &Consumer,
     key: &ServiceKey,
     list: &ProviderList,
-    current: &[Arc<Endpoint>],
-) -> (Vec<Arc<Endpoint>>, Vec<Arc<Endpoint>>) {
-    let held: HashMap<SocketAddr, &Arc<Endpoint>> = current.iter().map(|e| (e.addr(), e)).collect();
+    current: &[Member],
+) -> (Vec<Member>, Vec<Arc<Endpoint>>) {
+    let held: HashMap<SocketAddr, &Arc<Endpoint>> = current.iter().map(|m| (m.endpoint.addr(), &m.endpoint)).collect();
     let mut next = Vec::with_capacity(list.providers.len());
     let mut fresh = Vec::new();
     for (addr, instance) in &list.providers {
@@ -238,14 +315,19 @@ fn next_endpoints(
             warn!(service = %key, %addr, host = %instance.host, "provider address is not ip:port; skipped");
             continue;
         };
-        match held.get(&addr) {
-            Some(endpoint) => next.push(Arc::clone(endpoint)),
+        let endpoint = match held.get(&addr) {
+            Some(endpoint) => Arc::clone(endpoint),
             None => {
                 let endpoint = consumer.endpoint(addr);
                 fresh.push(endpoint.clone());
-                next.push(endpoint);
+                endpoint
             }
-        }
+        };
+        next.push(Member {
+            endpoint,
+            weight: instance.weight,
+            start_time_ms: instance.start_time_ms,
+        });
     }
     (next, fresh)
 }
@@ -262,7 +344,9 @@ struct ReferenceInner {
     timeout: Duration,
     retries: usize,
     directory: Directory,
-    next: AtomicUsize,
+    balancer: Box<dyn LoadBalance>,
+    warmup: Duration,
+    hash_attachment: Option<String>,
 }
 
 impl Reference {
@@ -272,12 +356,22 @@ impl Reference {
 
     /// Provider addresses the reference currently calls.
     pub fn providers(&self) -> Vec<SocketAddr> {
-        self.inner.directory.endpoints().iter().map(|e| e.addr()).collect()
+        self.inner
+            .directory
+            .members()
+            .iter()
+            .map(|m| m.endpoint.addr())
+            .collect()
     }
 
     /// Calls waiting for an answer, over all providers of this reference.
     pub fn in_flight(&self) -> usize {
-        self.inner.directory.endpoints().iter().map(|e| e.in_flight()).sum()
+        self.inner
+            .directory
+            .members()
+            .iter()
+            .map(|m| m.endpoint.in_flight())
+            .sum()
     }
 
     /// Waits until the provider list satisfies `ready` (e.g. non-empty), at
@@ -304,7 +398,7 @@ impl Reference {
 /// connections close once no call uses them.
 #[derive(Debug)]
 pub struct Directory {
-    endpoints: Arc<RwLock<Arc<Vec<Arc<Endpoint>>>>>,
+    endpoints: Arc<RwLock<Arc<Vec<Member>>>>,
     /// Bumped on every change (for waiters).
     version: watch::Receiver<u64>,
     /// Stops the follower task when the directory goes.
@@ -321,10 +415,10 @@ impl Drop for AbortOnDrop {
 }
 
 impl Directory {
-    fn fixed(endpoints: Vec<Arc<Endpoint>>) -> Directory {
+    fn fixed(members: Vec<Member>) -> Directory {
         let (_, version) = watch::channel(0);
         Directory {
-            endpoints: Arc::new(RwLock::new(Arc::new(endpoints))),
+            endpoints: Arc::new(RwLock::new(Arc::new(members))),
             version,
             _follower: None,
         }
@@ -333,7 +427,7 @@ impl Directory {
     fn follow(consumer: Consumer, mut lists: watch::Receiver<Arc<ProviderList>>, key: ServiceKey) -> Directory {
         // The list held already (e.g. loaded from the cache file) is usable at once.
         let initial = lists.borrow_and_update().clone();
-        let (endpoints, mut fresh) = next_endpoints(&consumer, &key, &initial, &[]);
+        let (endpoints, mut fresh) = next_members(&consumer, &key, &initial, &[]);
         let endpoints = Arc::new(RwLock::new(Arc::new(endpoints)));
         let (version_tx, version) = watch::channel(0u64);
         let shared = endpoints.clone();
@@ -352,7 +446,7 @@ impl Directory {
                 }
                 let list = lists.borrow_and_update().clone();
                 let current = shared.read().expect("directory lock").clone();
-                let (next, new) = next_endpoints(&consumer, &key, &list, &current);
+                let (next, new) = next_members(&consumer, &key, &list, &current);
                 debug!(service = %key, providers = next.len(), revision = list.revision, "directory updated");
                 *shared.write().expect("directory lock") = Arc::new(next);
                 version_tx.send_modify(|v| *v += 1);
@@ -367,7 +461,7 @@ impl Directory {
     }
 
     /// The providers now.
-    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+    pub fn members(&self) -> Arc<Vec<Member>> {
         self.endpoints.read().expect("directory lock").clone()
     }
 
@@ -377,30 +471,58 @@ impl Directory {
 }
 
 impl Invoker for Reference {
+    /// Failover: each try goes to a provider not yet tried for this call,
+    /// chosen by the balancer; only retryable errors are retried, within one
+    /// deadline for the whole call.
     async fn invoke(&self, method: &'static str, payload: Bytes, options: &CallOptions) -> Result<Bytes, Error> {
         let inner = &*self.inner;
         let timeout = options.timeout.unwrap_or(inner.timeout);
         let deadline = Instant::now() + timeout;
-        let endpoints = inner.directory.endpoints();
-        let count = endpoints.len();
-        if count == 0 {
+        let members = inner.directory.members();
+        if members.is_empty() {
             return Err(Error::NoProvider(inner.key.to_string()));
         }
-        let first = inner.next.fetch_add(1, Ordering::Relaxed);
-        let tries = 1 + inner.retries.min(count.saturating_sub(1));
+        let tries = 1 + inner.retries.min(members.len() - 1);
         let head = RequestHead {
             service: &inner.key,
             method,
             timeout_ms: 0,
             attachments: &options.attachments,
         };
+        let hash_key = inner
+            .hash_attachment
+            .as_ref()
+            .and_then(|name| options.attachments.get(name))
+            .map(String::as_bytes);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let ctx = PickContext {
+            hash_key,
+            now_ms,
+            warmup: inner.warmup,
+        };
+        let mut tried: Vec<usize> = Vec::with_capacity(tries);
         let mut last_error = Error::NoProvider(inner.key.to_string());
         for attempt in 0..tries {
-            let endpoint = &endpoints[(first + attempt) % count];
+            let untried: Vec<usize> = (0..members.len()).filter(|i| !tried.contains(i)).collect();
+            let candidates: Vec<Candidate<'_>> = untried
+                .iter()
+                .map(|&i| Candidate {
+                    addr: members[i].endpoint.addr(),
+                    weight: members[i].weight,
+                    start_time_ms: members[i].start_time_ms,
+                    load: members[i].endpoint.load(),
+                })
+                .collect();
+            let chosen = untried[inner.balancer.pick(&candidates, &ctx)];
+            tried.push(chosen);
+            let endpoint = &members[chosen].endpoint;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(Error::Timeout(timeout));
             }
+            let timer = endpoint.load().start();
             // Connecting counts against the deadline too.
             let result = match tokio::time::timeout(remaining, endpoint.connection()).await {
                 Err(_) => Err(Error::Timeout(timeout)),
@@ -410,6 +532,13 @@ impl Invoker for Reference {
                     conn.call(head, &payload, remaining.max(Duration::from_millis(1))).await
                 }
             };
+            match &result {
+                // The provider answered: its latency counts.
+                Ok(_) | Err(Error::Provider(_) | Error::BadRequest(_) | Error::MethodNotFound(_)) => timer.finish(),
+                // A slow provider that timed out counts as slow as the deadline.
+                Err(Error::Timeout(_)) => timer.finish(),
+                Err(_) => drop(timer),
+            }
             match result {
                 Err(e) if e.is_retryable() && attempt + 1 < tries => {
                     debug!(service = %inner.key, method, provider = %endpoint.addr(), error = %e, "retrying on another provider");

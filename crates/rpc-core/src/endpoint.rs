@@ -15,6 +15,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use tokio::time::Instant;
 
+use crate::balance::Load;
 use crate::{Connection, ConnectionConfig, Error};
 
 #[derive(Debug)]
@@ -23,6 +24,7 @@ pub struct Endpoint {
     config: ConnectionConfig,
     current: Mutex<Option<Connection>>,
     reconnect: tokio::sync::Mutex<Reconnect>,
+    load: Load,
 }
 
 #[derive(Debug)]
@@ -38,6 +40,7 @@ impl Endpoint {
             addr,
             config,
             current: Mutex::new(None),
+            load: Load::default(),
             reconnect: tokio::sync::Mutex::new(Reconnect {
                 failures: 0,
                 retry_at: None,
@@ -48,6 +51,11 @@ impl Endpoint {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// This consumer's calls to the provider: in flight, latency.
+    pub fn load(&self) -> &Load {
+        &self.load
     }
 
     /// The live connection, if there is one (no connect attempt).
