@@ -30,7 +30,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -40,7 +40,9 @@ use bytes::Bytes;
 use rpc_core::balance::{self, Candidate, LoadBalance, PickContext};
 use rpc_core::frame::RequestHead;
 use rpc_core::registry::{ProviderList, RegistrySession, SessionConfig};
-use rpc_core::{CallOptions, ConnectionConfig, Endpoint, Error, InvalidServiceKey, Invoker, ServiceKey, Stub};
+use rpc_core::{
+    CallOptions, ConnectionConfig, Endpoint, Error, InvalidServiceKey, Invoker, RetryBudget, ServiceKey, Stub,
+};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -134,6 +136,9 @@ impl Consumer {
             balance: Balance::default(),
             warmup: balance::DEFAULT_WARMUP,
             hash_attachment: None,
+            attempt_timeout: None,
+            idempotent: HashSet::new(),
+            retry_budget: Some(Arc::new(RetryBudget::default())),
             _stub: PhantomData,
         }
     }
@@ -162,6 +167,9 @@ pub struct ReferenceBuilder<S> {
     balance: Balance,
     warmup: Duration,
     hash_attachment: Option<String>,
+    attempt_timeout: Option<Duration>,
+    idempotent: HashSet<String>,
+    retry_budget: Option<Arc<RetryBudget>>,
     _stub: PhantomData<fn() -> S>,
 }
 
@@ -237,6 +245,29 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
         self
     }
 
+    /// Limit of each try (default: none, the call's deadline only). With it,
+    /// a try that times out on an idempotent method is retried elsewhere
+    /// while the call's deadline allows.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// Methods (as named in the .proto file) safe to run twice: a timeout on
+    /// them may be retried on another provider. Others are never retried
+    /// after a timeout, since the provider may still be running them.
+    pub fn idempotent(mut self, methods: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.idempotent.extend(methods.into_iter().map(Into::into));
+        self
+    }
+
+    /// The retry budget (default: retries may add 20% of the calls over
+    /// 10 s, plus one per second); `None` = unlimited.
+    pub fn retry_budget(mut self, budget: Option<RetryBudget>) -> Self {
+        self.retry_budget = budget.map(Arc::new);
+        self
+    }
+
     /// Calls these providers directly, without a registry.
     pub fn direct(mut self, providers: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.providers = providers.into_iter().collect();
@@ -282,6 +313,9 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
                 balancer: self.balance.build(),
                 warmup: self.warmup,
                 hash_attachment: self.hash_attachment,
+                attempt_timeout: self.attempt_timeout,
+                idempotent: self.idempotent,
+                retry_budget: self.retry_budget,
             }),
         }))
     }
@@ -347,6 +381,9 @@ struct ReferenceInner {
     balancer: Box<dyn LoadBalance>,
     warmup: Duration,
     hash_attachment: Option<String>,
+    attempt_timeout: Option<Duration>,
+    idempotent: HashSet<String>,
+    retry_budget: Option<Arc<RetryBudget>>,
 }
 
 impl Reference {
@@ -504,8 +541,21 @@ impl Invoker for Reference {
         };
         let mut tried: Vec<usize> = Vec::with_capacity(tries);
         let mut last_error = Error::NoProvider(inner.key.to_string());
+        if let Some(budget) = &inner.retry_budget {
+            budget.record_call();
+        }
+        let idempotent = inner.idempotent.contains(method);
         for attempt in 0..tries {
-            let untried: Vec<usize> = (0..members.len()).filter(|i| !tried.contains(i)).collect();
+            if attempt > 0 && inner.retry_budget.as_ref().is_some_and(|b| !b.try_retry()) {
+                debug!(service = %inner.key, method, "retry budget spent; not retrying");
+                return Err(last_error);
+            }
+            let mut untried: Vec<usize> = (0..members.len()).filter(|i| !tried.contains(i)).collect();
+            // Providers that refuse connections are set aside until their
+            // next reconnect attempt is due (unless nothing else is left).
+            if untried.iter().any(|&i| !members[i].endpoint.is_backing_off()) {
+                untried.retain(|&i| !members[i].endpoint.is_backing_off());
+            }
             let candidates: Vec<Candidate<'_>> = untried
                 .iter()
                 .map(|&i| Candidate {
@@ -518,17 +568,19 @@ impl Invoker for Reference {
             let chosen = untried[inner.balancer.pick(&candidates, &ctx)];
             tried.push(chosen);
             let endpoint = &members[chosen].endpoint;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(Error::Timeout(timeout));
             }
+            let remaining = inner.attempt_timeout.map_or(left, |t| t.min(left));
+            let try_deadline = Instant::now() + remaining;
             let timer = endpoint.load().start();
             // Connecting counts against the deadline too.
             let result = match tokio::time::timeout(remaining, endpoint.connection()).await {
-                Err(_) => Err(Error::Timeout(timeout)),
+                Err(_) => Err(Error::Timeout(remaining)),
                 Ok(Err(e)) => Err(e),
                 Ok(Ok(conn)) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    let remaining = try_deadline.saturating_duration_since(Instant::now());
                     conn.call(head, &payload, remaining.max(Duration::from_millis(1))).await
                 }
             };
@@ -539,12 +591,15 @@ impl Invoker for Reference {
                 Err(Error::Timeout(_)) => timer.finish(),
                 Err(_) => drop(timer),
             }
+            let timed_out = matches!(result, Err(Error::Timeout(_)));
+            let deadline_left = Instant::now() < deadline;
             match result {
-                Err(e) if e.is_retryable() && attempt + 1 < tries => {
+                Err(e) if attempt + 1 < tries && (e.is_retryable() || (timed_out && idempotent && deadline_left)) => {
                     debug!(service = %inner.key, method, provider = %endpoint.addr(), error = %e, "retrying on another provider");
                     last_error = e;
                 }
-                Err(Error::Timeout(_)) => return Err(Error::Timeout(timeout)),
+                // The try's own limit, or the whole call's deadline.
+                Err(Error::Timeout(t)) => return Err(Error::Timeout(if deadline_left { t } else { timeout })),
                 other => return other,
             }
         }

@@ -64,6 +64,19 @@ impl Endpoint {
         current.as_ref().filter(|c| !c.is_closed()).cloned()
     }
 
+    /// Whether the endpoint is backing off after failed connects: such a
+    /// provider is set aside by the consumer until its next attempt is due.
+    pub fn is_backing_off(&self) -> bool {
+        if self.current().is_some() {
+            return false;
+        }
+        match self.reconnect.try_lock() {
+            Ok(state) => state.retry_at.is_some_and(|at| Instant::now() < at),
+            // A connect attempt is under way: not set aside.
+            Err(_) => false,
+        }
+    }
+
     /// Calls pending on the current connection.
     pub fn in_flight(&self) -> usize {
         self.current().map_or(0, |c| c.in_flight())

@@ -24,6 +24,7 @@ pub mod frame;
 pub mod invoke;
 mod outbox;
 pub mod registry;
+pub mod retry_budget;
 pub mod server;
 mod service_key;
 
@@ -32,5 +33,6 @@ pub use client::{Connection, ConnectionConfig};
 pub use endpoint::Endpoint;
 pub use error::{Code, Error, Status};
 pub use invoke::{CallOptions, Invoker, Stub};
+pub use retry_budget::RetryBudget;
 pub use server::{Dispatch, Request, Server, ServerConfig, Service};
 pub use service_key::{InvalidServiceKey, ServiceKey};
