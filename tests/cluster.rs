@@ -4,22 +4,23 @@
 //! connections is set aside at once.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rpc_core::{Error, Request, RetryBudget, Status};
-use tern::consumer::{Balance, Consumer, ConsumerConfig, Reference, ReferenceBuilder};
+use tern::consumer::{Balance, Cluster, Consumer, ConsumerConfig, MethodConfig, Reference, ReferenceBuilder};
 use tern::demo::{Echo, EchoClient, EchoReply, EchoRequest, EchoServer};
 use tern::provider::Provider;
 
 /// Records `(call id, provider)` for every request it sees, then answers
-/// `Busy`, or echoes after `delay`.
+/// `Busy` (while `busy_left` > 0), or echoes after `delay`.
 #[derive(Clone)]
 struct Recording {
     name: usize,
     seen: Arc<Mutex<Vec<(u64, usize)>>>,
-    busy: bool,
+    busy_left: Arc<AtomicI64>,
     delay: Duration,
 }
 
@@ -27,8 +28,8 @@ impl Echo for Recording {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<EchoReply, Status> {
         let id = request.get_ref().id;
         self.seen.lock().unwrap().push((id, self.name));
-        if self.busy {
-            return Err(Status::busy("always busy"));
+        if self.busy_left.fetch_sub(1, Ordering::SeqCst) > 0 {
+            return Err(Status::busy("busy"));
         }
         tokio::time::sleep(self.delay).await;
         Ok(EchoReply {
@@ -39,13 +40,19 @@ impl Echo for Recording {
 }
 
 async fn providers(n: usize, busy: bool, delay: Duration) -> (Vec<Provider>, Arc<Mutex<Vec<(u64, usize)>>>) {
+    let delays = vec![delay; n];
+    providers_with(&delays, if busy { i64::MAX } else { 0 }).await
+}
+
+/// Providers with the given delays, each busy for its first `busy_first` calls.
+async fn providers_with(delays: &[Duration], busy_first: i64) -> (Vec<Provider>, Arc<Mutex<Vec<(u64, usize)>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut list = Vec::new();
-    for name in 0..n {
+    for (name, &delay) in delays.iter().enumerate() {
         let service = Recording {
             name,
             seen: seen.clone(),
-            busy,
+            busy_left: Arc::new(AtomicI64::new(busy_first)),
             delay,
         };
         list.push(
@@ -163,4 +170,114 @@ async fn a_provider_refusing_connections_is_set_aside_at_once() {
     // Without setting it aside, about half the calls would go to the dead
     // provider; with it, only the probes after each back-off do.
     assert!(failed <= 5, "{failed} of 200 calls failed");
+}
+
+fn hits(seen: &Mutex<Vec<(u64, usize)>>, id: u64) -> Vec<usize> {
+    let mut providers: Vec<usize> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(i, _)| *i == id)
+        .map(|(_, p)| *p)
+        .collect();
+    providers.sort_unstable();
+    providers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failfast_tries_once() {
+    let (list, seen) = providers(2, true, Duration::ZERO).await;
+    let client = reference(list.iter().map(Provider::local_addr))
+        .cluster(Cluster::Failfast)
+        .retries(5)
+        .build()
+        .unwrap();
+    assert!(matches!(client.echo(request(1)).await, Err(Error::Busy(_))));
+    assert_eq!(hits(&seen, 1).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failsafe_answers_an_empty_reply() {
+    let (list, _) = providers(1, true, Duration::ZERO).await;
+    let client = reference(list.iter().map(Provider::local_addr))
+        .cluster(Cluster::Failsafe)
+        .build()
+        .unwrap();
+    assert_eq!(client.echo(request(7)).await.unwrap(), EchoReply::default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_answers_now_and_retries_in_the_background() {
+    let (list, seen) = providers_with(&[Duration::ZERO], 1).await;
+    let client = reference(list.iter().map(Provider::local_addr))
+        .cluster(Cluster::Failback)
+        .build()
+        .unwrap();
+    assert_eq!(client.echo(request(3)).await.unwrap(), EchoReply::default());
+    let start = Instant::now();
+    while hits(&seen, 3).len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no background retry");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forking_returns_the_first_success() {
+    let slow = Duration::from_secs(5);
+    let (list, seen) = providers_with(&[slow, Duration::ZERO, slow], 0).await;
+    let client = reference(list.iter().map(Provider::local_addr))
+        .cluster(Cluster::Forking { parallel: 3 })
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    assert_eq!(client.echo(request(4)).await.unwrap().id, 4);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "waited {:?} for the slow ones",
+        start.elapsed()
+    );
+    // All three were asked (the slow ones may log their start just after).
+    while hits(&seen, 4) != [0, 1, 2] {
+        assert!(start.elapsed() < Duration::from_secs(4), "asked {:?}", hits(&seen, 4));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_calls_everyone_and_fails_if_anyone_fails() {
+    let (list, seen) = providers(3, false, Duration::ZERO).await;
+    let client = reference(list.iter().map(Provider::local_addr))
+        .cluster(Cluster::Broadcast)
+        .build()
+        .unwrap();
+    assert_eq!(client.echo(request(5)).await.unwrap().id, 5);
+    assert_eq!(hits(&seen, 5), [0, 1, 2]);
+
+    let (mut list, _) = providers(2, false, Duration::ZERO).await;
+    let (busy, _) = providers(1, true, Duration::ZERO).await;
+    list.extend(busy);
+    let client = reference(list.iter().map(Provider::local_addr))
+        .cluster(Cluster::Broadcast)
+        .build()
+        .unwrap();
+    assert!(matches!(client.echo(request(6)).await, Err(Error::Busy(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_settings_override_the_reference() {
+    let (list, seen) = providers(3, true, Duration::ZERO).await;
+    let client = reference(list.iter().map(Provider::local_addr))
+        .retries(2)
+        .retry_budget(None)
+        .method(
+            "Echo",
+            MethodConfig {
+                retries: Some(0),
+                ..MethodConfig::default()
+            },
+        )
+        .build()
+        .unwrap();
+    assert!(client.echo(request(8)).await.is_err());
+    assert_eq!(hits(&seen, 8).len(), 1, "the method's retries (0) apply");
 }

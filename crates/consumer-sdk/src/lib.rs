@@ -33,7 +33,7 @@
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -43,7 +43,7 @@ use rpc_core::registry::{ProviderList, RegistrySession, SessionConfig};
 use rpc_core::{
     CallOptions, ConnectionConfig, Endpoint, Error, InvalidServiceKey, Invoker, RetryBudget, ServiceKey, Stub,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -139,6 +139,8 @@ impl Consumer {
             attempt_timeout: None,
             idempotent: HashSet::new(),
             retry_budget: Some(Arc::new(RetryBudget::default())),
+            cluster: Cluster::default(),
+            methods: HashMap::new(),
             _stub: PhantomData,
         }
     }
@@ -170,6 +172,8 @@ pub struct ReferenceBuilder<S> {
     attempt_timeout: Option<Duration>,
     idempotent: HashSet<String>,
     retry_budget: Option<Arc<RetryBudget>>,
+    cluster: Cluster,
+    methods: HashMap<String, MethodConfig>,
     _stub: PhantomData<fn() -> S>,
 }
 
@@ -268,6 +272,18 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
         self
     }
 
+    /// What to do when a call fails (default [`Cluster::Failover`]).
+    pub fn cluster(mut self, cluster: Cluster) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Settings for one method (named as in the .proto file).
+    pub fn method(mut self, name: impl Into<String>, config: MethodConfig) -> Self {
+        self.methods.insert(name.into(), config);
+        self
+    }
+
     /// Calls these providers directly, without a registry.
     pub fn direct(mut self, providers: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.providers = providers.into_iter().collect();
@@ -316,6 +332,9 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
                 attempt_timeout: self.attempt_timeout,
                 idempotent: self.idempotent,
                 retry_budget: self.retry_budget,
+                cluster: self.cluster,
+                methods: self.methods,
+                failback: OnceLock::new(),
             }),
         }))
     }
@@ -384,6 +403,37 @@ struct ReferenceInner {
     attempt_timeout: Option<Duration>,
     idempotent: HashSet<String>,
     retry_budget: Option<Arc<RetryBudget>>,
+    cluster: Cluster,
+    methods: HashMap<String, MethodConfig>,
+    failback: OnceLock<FailbackQueue>,
+}
+
+/// What a reference does when a call fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Cluster {
+    /// Try other providers, up to `retries`, for retryable errors (default).
+    #[default]
+    Failover,
+    /// One try; the error goes straight to the caller.
+    Failfast,
+    /// One try; on error, log it and answer with an empty (default) reply.
+    Failsafe,
+    /// One try; on error, answer with an empty reply and retry the call in
+    /// the background (bounded queue; when full, the error is returned).
+    Failback,
+    /// `parallel` providers at once; the first success wins.
+    Forking { parallel: usize },
+    /// Every provider; an error if any fails.
+    Broadcast,
+}
+
+/// Settings for one method, overriding the reference's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MethodConfig {
+    pub timeout: Option<Duration>,
+    pub retries: Option<usize>,
+    pub cluster: Option<Cluster>,
 }
 
 impl Reference {
@@ -508,101 +558,300 @@ impl Directory {
 }
 
 impl Invoker for Reference {
-    /// Failover: each try goes to a provider not yet tried for this call,
-    /// chosen by the balancer; only retryable errors are retried, within one
-    /// deadline for the whole call.
     async fn invoke(&self, method: &'static str, payload: Bytes, options: &CallOptions) -> Result<Bytes, Error> {
         let inner = &*self.inner;
-        let timeout = options.timeout.unwrap_or(inner.timeout);
-        let deadline = Instant::now() + timeout;
+        let config = inner.methods.get(method);
+        let cluster = config.and_then(|c| c.cluster).unwrap_or(inner.cluster);
+        let retries = config.and_then(|c| c.retries).unwrap_or(inner.retries);
+        let timeout = options
+            .timeout
+            .or(config.and_then(|c| c.timeout))
+            .unwrap_or(inner.timeout);
+        let call = Call {
+            method,
+            payload: &payload,
+            attachments: &options.attachments,
+            timeout,
+            deadline: Instant::now() + timeout,
+        };
         let members = inner.directory.members();
         if members.is_empty() {
             return Err(Error::NoProvider(inner.key.to_string()));
         }
-        let tries = 1 + inner.retries.min(members.len() - 1);
-        let head = RequestHead {
-            service: &inner.key,
-            method,
-            timeout_ms: 0,
-            attachments: &options.attachments,
-        };
-        let hash_key = inner
-            .hash_attachment
-            .as_ref()
-            .and_then(|name| options.attachments.get(name))
-            .map(String::as_bytes);
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let ctx = PickContext {
-            hash_key,
-            now_ms,
+        match cluster {
+            Cluster::Failover => self.failover(&members, &call, retries).await,
+            Cluster::Failfast => self.failover(&members, &call, 0).await,
+            Cluster::Failsafe => match self.failover(&members, &call, 0).await {
+                Ok(reply) => Ok(reply),
+                Err(e) => {
+                    warn!(service = %inner.key, method, error = %e, "call failed; failsafe returns an empty reply");
+                    Ok(Bytes::new())
+                }
+            },
+            Cluster::Failback => match self.failover(&members, &call, 0).await {
+                Ok(reply) => Ok(reply),
+                Err(e) => self.fail_back(method, &payload, &options.attachments, e),
+            },
+            Cluster::Forking { parallel } => self.fan_out(&members, &call, parallel.max(1), true).await,
+            Cluster::Broadcast => self.fan_out(&members, &call, members.len(), false).await,
+        }
+    }
+}
+
+/// One call, as the cluster strategies see it.
+struct Call<'a> {
+    method: &'static str,
+    payload: &'a Bytes,
+    attachments: &'a HashMap<String, String>,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Reference {
+    fn pick_context<'a>(&self, attachments: &'a HashMap<String, String>) -> PickContext<'a> {
+        let inner = &*self.inner;
+        PickContext {
+            hash_key: inner
+                .hash_attachment
+                .as_ref()
+                .and_then(|name| attachments.get(name))
+                .map(String::as_bytes),
+            now_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
             warmup: inner.warmup,
-        };
-        let mut tried: Vec<usize> = Vec::with_capacity(tries);
-        let mut last_error = Error::NoProvider(inner.key.to_string());
+        }
+    }
+
+    /// The balancer's choice among members not in `tried`; providers that
+    /// refuse connections are set aside until their next reconnect attempt
+    /// is due (unless nothing else is left).
+    fn pick(&self, members: &[Member], tried: &[usize], ctx: &PickContext<'_>) -> Option<usize> {
+        let mut untried: Vec<usize> = (0..members.len()).filter(|i| !tried.contains(i)).collect();
+        if untried.iter().any(|&i| !members[i].endpoint.is_backing_off()) {
+            untried.retain(|&i| !members[i].endpoint.is_backing_off());
+        }
+        if untried.is_empty() {
+            return None;
+        }
+        let candidates: Vec<Candidate<'_>> = untried
+            .iter()
+            .map(|&i| Candidate {
+                addr: members[i].endpoint.addr(),
+                weight: members[i].weight,
+                start_time_ms: members[i].start_time_ms,
+                load: members[i].endpoint.load(),
+            })
+            .collect();
+        Some(untried[self.inner.balancer.pick(&candidates, ctx)])
+    }
+
+    /// Failover: each try goes to a provider not yet tried for this call;
+    /// only retryable errors are retried (a timeout only for idempotent
+    /// methods), within the call's deadline and the retry budget.
+    async fn failover(&self, members: &[Member], call: &Call<'_>, retries: usize) -> Result<Bytes, Error> {
+        let inner = &*self.inner;
+        let tries = 1 + retries.min(members.len() - 1);
+        let ctx = self.pick_context(call.attachments);
+        let idempotent = inner.idempotent.contains(call.method);
         if let Some(budget) = &inner.retry_budget {
             budget.record_call();
         }
-        let idempotent = inner.idempotent.contains(method);
+        let mut tried: Vec<usize> = Vec::with_capacity(tries);
+        let mut last_error = Error::NoProvider(inner.key.to_string());
         for attempt in 0..tries {
             if attempt > 0 && inner.retry_budget.as_ref().is_some_and(|b| !b.try_retry()) {
-                debug!(service = %inner.key, method, "retry budget spent; not retrying");
+                debug!(service = %inner.key, method = call.method, "retry budget spent; not retrying");
                 return Err(last_error);
             }
-            let mut untried: Vec<usize> = (0..members.len()).filter(|i| !tried.contains(i)).collect();
-            // Providers that refuse connections are set aside until their
-            // next reconnect attempt is due (unless nothing else is left).
-            if untried.iter().any(|&i| !members[i].endpoint.is_backing_off()) {
-                untried.retain(|&i| !members[i].endpoint.is_backing_off());
-            }
-            let candidates: Vec<Candidate<'_>> = untried
-                .iter()
-                .map(|&i| Candidate {
-                    addr: members[i].endpoint.addr(),
-                    weight: members[i].weight,
-                    start_time_ms: members[i].start_time_ms,
-                    load: members[i].endpoint.load(),
-                })
-                .collect();
-            let chosen = untried[inner.balancer.pick(&candidates, &ctx)];
-            tried.push(chosen);
-            let endpoint = &members[chosen].endpoint;
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Timeout(timeout));
-            }
-            let remaining = inner.attempt_timeout.map_or(left, |t| t.min(left));
-            let try_deadline = Instant::now() + remaining;
-            let timer = endpoint.load().start();
-            // Connecting counts against the deadline too.
-            let result = match tokio::time::timeout(remaining, endpoint.connection()).await {
-                Err(_) => Err(Error::Timeout(remaining)),
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(conn)) => {
-                    let remaining = try_deadline.saturating_duration_since(Instant::now());
-                    conn.call(head, &payload, remaining.max(Duration::from_millis(1))).await
-                }
+            let Some(chosen) = self.pick(members, &tried, &ctx) else {
+                break;
             };
-            match &result {
-                // The provider answered: its latency counts.
-                Ok(_) | Err(Error::Provider(_) | Error::BadRequest(_) | Error::MethodNotFound(_)) => timer.finish(),
-                // A slow provider that timed out counts as slow as the deadline.
-                Err(Error::Timeout(_)) => timer.finish(),
-                Err(_) => drop(timer),
-            }
+            tried.push(chosen);
+            let result = try_member(inner, &members[chosen], call).await;
             let timed_out = matches!(result, Err(Error::Timeout(_)));
-            let deadline_left = Instant::now() < deadline;
+            let deadline_left = Instant::now() < call.deadline;
             match result {
                 Err(e) if attempt + 1 < tries && (e.is_retryable() || (timed_out && idempotent && deadline_left)) => {
-                    debug!(service = %inner.key, method, provider = %endpoint.addr(), error = %e, "retrying on another provider");
+                    debug!(service = %inner.key, method = call.method, provider = %members[chosen].endpoint.addr(), error = %e, "retrying on another provider");
                     last_error = e;
                 }
                 // The try's own limit, or the whole call's deadline.
-                Err(Error::Timeout(t)) => return Err(Error::Timeout(if deadline_left { t } else { timeout })),
+                Err(Error::Timeout(t)) => return Err(Error::Timeout(if deadline_left { t } else { call.timeout })),
                 other => return other,
             }
         }
         Err(last_error)
+    }
+
+    /// Forking (`first_wins`): `n` providers at once, the first success
+    /// wins and the rest are cancelled. Broadcast: every provider; an error
+    /// if any fails, else the last answer.
+    async fn fan_out(&self, members: &[Member], call: &Call<'_>, n: usize, first_wins: bool) -> Result<Bytes, Error> {
+        let ctx = self.pick_context(call.attachments);
+        let mut chosen = Vec::with_capacity(n);
+        while chosen.len() < n.min(members.len()) {
+            let Some(i) = self.pick(members, &chosen, &ctx) else {
+                break;
+            };
+            chosen.push(i);
+        }
+        // Owned by this call: dropping the set cancels what is still running.
+        let mut calls = JoinSet::new();
+        for i in chosen {
+            let (inner, member) = (self.inner.clone(), members[i].clone());
+            let (method, payload, attachments) = (call.method, call.payload.clone(), call.attachments.clone());
+            let (timeout, deadline) = (call.timeout, call.deadline);
+            calls.spawn(async move {
+                let call = Call {
+                    method,
+                    payload: &payload,
+                    attachments: &attachments,
+                    timeout,
+                    deadline,
+                };
+                try_member(&inner, &member, &call).await
+            });
+        }
+        let mut first_error = None;
+        let mut last_reply = None;
+        while let Some(joined) = calls.join_next().await {
+            match joined.unwrap_or_else(|e| Err(Error::Internal(format!("call task failed: {e}")))) {
+                Ok(reply) if first_wins => return Ok(reply),
+                Ok(reply) => last_reply = Some(reply),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match (first_error, last_reply) {
+            (Some(e), _) => Err(e),
+            (None, Some(reply)) => Ok(reply),
+            (None, None) => Err(Error::NoProvider(self.inner.key.to_string())),
+        }
+    }
+
+    /// Failback: queue the failed call for background retries and answer
+    /// with an empty reply now; a full queue returns the error instead.
+    fn fail_back(
+        &self,
+        method: &'static str,
+        payload: &Bytes,
+        attachments: &HashMap<String, String>,
+        error: Error,
+    ) -> Result<Bytes, Error> {
+        let inner = &*self.inner;
+        let queue = inner
+            .failback
+            .get_or_init(|| FailbackQueue::start(Arc::downgrade(&self.inner)));
+        let item = FailedCall {
+            method,
+            payload: payload.clone(),
+            attachments: attachments.clone(),
+        };
+        match queue.tx.try_send(item) {
+            Ok(()) => {
+                warn!(service = %inner.key, method, %error, "call failed; queued for retry in the background");
+                Ok(Bytes::new())
+            }
+            Err(_) => Err(error),
+        }
+    }
+}
+
+/// One try on one provider, timed for the balancers. Connecting counts
+/// against the deadline; `attempt_timeout` limits the try.
+async fn try_member(inner: &ReferenceInner, member: &Member, call: &Call<'_>) -> Result<Bytes, Error> {
+    let left = call.deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(Error::Timeout(call.timeout));
+    }
+    let limit = inner.attempt_timeout.map_or(left, |t| t.min(left));
+    let try_deadline = Instant::now() + limit;
+    let endpoint = &member.endpoint;
+    let timer = endpoint.load().start();
+    let head = RequestHead {
+        service: &inner.key,
+        method: call.method,
+        timeout_ms: 0,
+        attachments: call.attachments,
+    };
+    let result = match tokio::time::timeout(limit, endpoint.connection()).await {
+        Err(_) => Err(Error::Timeout(limit)),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(conn)) => {
+            let remaining = try_deadline.saturating_duration_since(Instant::now());
+            conn.call(head, call.payload, remaining.max(Duration::from_millis(1)))
+                .await
+        }
+    };
+    match &result {
+        // The provider answered, or was too slow: its latency counts.
+        Ok(_) | Err(Error::Provider(_) | Error::BadRequest(_) | Error::MethodNotFound(_) | Error::Timeout(_)) => {
+            timer.finish()
+        }
+        Err(_) => drop(timer),
+    }
+    result
+}
+
+/// A call failback will retry.
+#[derive(Debug)]
+struct FailedCall {
+    method: &'static str,
+    payload: Bytes,
+    attachments: HashMap<String, String>,
+}
+
+/// Failback's bounded queue and the task that retries it, owned by the
+/// reference (the task holds only a weak reference back).
+#[derive(Debug)]
+struct FailbackQueue {
+    tx: mpsc::Sender<FailedCall>,
+    _task: AbortOnDrop,
+}
+
+/// Failed calls kept for retry at most.
+const FAILBACK_QUEUE: usize = 1024;
+/// Background tries per failed call.
+const FAILBACK_TRIES: u32 = 3;
+
+impl FailbackQueue {
+    fn start(reference: Weak<ReferenceInner>) -> FailbackQueue {
+        let (tx, mut rx) = mpsc::channel::<FailedCall>(FAILBACK_QUEUE);
+        let task = tokio::spawn(async move {
+            while let Some(failed) = rx.recv().await {
+                for attempt in 1..=FAILBACK_TRIES {
+                    tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                    let Some(inner) = reference.upgrade() else { return };
+                    let reference = Reference { inner };
+                    let call = Call {
+                        method: failed.method,
+                        payload: &failed.payload,
+                        attachments: &failed.attachments,
+                        timeout: reference.inner.timeout,
+                        deadline: Instant::now() + reference.inner.timeout,
+                    };
+                    let members = reference.inner.directory.members();
+                    if members.is_empty() {
+                        continue;
+                    }
+                    match reference.failover(&members, &call, reference.inner.retries).await {
+                        Ok(_) => {
+                            debug!(service = %reference.inner.key, method = failed.method, attempt, "failback retry succeeded");
+                            break;
+                        }
+                        Err(e) if attempt == FAILBACK_TRIES => {
+                            warn!(service = %reference.inner.key, method = failed.method, error = %e, "failback gave up")
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        });
+        FailbackQueue {
+            tx,
+            _task: AbortOnDrop(task.abort_handle()),
+        }
     }
 }
