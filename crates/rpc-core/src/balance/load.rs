@@ -80,10 +80,15 @@ impl Load {
         }
     }
 
-    /// Records a response time (for tests and simulations).
+    /// Records a response time measured now.
     pub fn record(&self, rtt: Duration) {
+        self.record_at(rtt, Instant::now());
+    }
+
+    /// Records a response time measured at `now` (simulations run their own
+    /// clock).
+    pub fn record_at(&self, rtt: Duration, now: Instant) {
         let mut latency = self.latency.lock().expect("load lock");
-        let now = Instant::now();
         let rtt_ns = rtt.as_nanos() as f64;
         if rtt_ns > latency.ewma_ns {
             latency.ewma_ns = rtt_ns;

@@ -179,7 +179,7 @@ pub(crate) mod simulation {
     //! A discrete-event simulation of a consumer calling providers with
     //! different service times, to test balancers under real (simulated)
     //! load: each of `callers` callers picks a provider, the call takes that
-    //! provider's service time (in ms, times a random factor), and the
+    //! provider's service time (in units of 100 ms, times a random factor), and the
     //! caller calls again when it completes.
 
     use std::cmp::Reverse;
@@ -192,6 +192,12 @@ pub(crate) mod simulation {
     use super::testing::{candidates, loads};
     use super::{LoadBalance, PickContext};
 
+    /// Microseconds per unit of `service_ms`: 100 ms, so that 100k calls
+    /// span minutes of simulated time, well past the 10 s decay of the
+    /// latency EWMA (a short run would let one early outlier weigh on a
+    /// provider for the whole run).
+    const UNIT_US: f64 = 100_000.0;
+
     /// Shares of `picks` calls by provider.
     pub fn simulate(
         balancer: &dyn LoadBalance,
@@ -203,6 +209,8 @@ pub(crate) mod simulation {
         let loads = loads(weights.len());
         let list = candidates(weights, &loads);
         let ctx = PickContext::default();
+        // Simulated time, so that time-decayed statistics are reproducible.
+        let epoch = std::time::Instant::now();
         let mut rng = SmallRng::seed_from_u64(42);
         // (completion time in µs, provider)
         let mut events = BinaryHeap::new();
@@ -213,7 +221,7 @@ pub(crate) mod simulation {
             loads[i].add_active(1);
             // Exponential-ish spread around the mean service time.
             let factor = -(1.0 - rng.random::<f64>()).ln();
-            let took = (service_ms[i] * 1000.0 * factor).max(1.0) as u64;
+            let took = (service_ms[i] * UNIT_US * factor).max(1.0) as u64;
             events.push(Reverse((now + took, i, took)));
         };
         for _ in 0..callers {
@@ -222,7 +230,7 @@ pub(crate) mod simulation {
         for _ in callers..picks {
             let Reverse((now, i, took)) = events.pop().expect("a call in flight");
             loads[i].add_active(-1);
-            loads[i].record(Duration::from_micros(took));
+            loads[i].record_at(Duration::from_micros(took), epoch + Duration::from_micros(now));
             issue(now, &mut events, &mut rng);
         }
         counts.iter().map(|&c| c as f64 / picks as f64).collect()

@@ -73,6 +73,13 @@ mod tests {
     }
 
     #[test]
+    fn shares_follow_weights_under_load() {
+        let weights = [100, 200, 300, 400];
+        let shares = simulate(&P2c::seeded(6), &weights, &[1.0; 4], 40, 100_000);
+        assert_shares(&shares, &weights, 0.02);
+    }
+
+    #[test]
     fn equal_providers_share_evenly() {
         let weights = [100, 100, 100];
         let shares = simulate(&P2c::seeded(5), &weights, &[1.0; 3], 30, 100_000);

@@ -52,8 +52,16 @@ impl LoadBalance for ShortestResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::super::simulation::slow_share;
+    use super::super::simulation::{simulate, slow_share};
+    use super::super::testing::*;
     use super::*;
+
+    #[test]
+    fn shares_follow_weights_under_load() {
+        let weights = [100, 200, 300, 400];
+        let shares = simulate(&ShortestResponse::seeded(7), &weights, &[1.0; 4], 40, 100_000);
+        assert_shares(&shares, &weights, 0.02);
+    }
 
     #[test]
     fn ten_times_slower_provider_gets_under_15_percent() {
