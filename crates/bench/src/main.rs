@@ -4,10 +4,12 @@
 //!   [`rpc`]).
 //! - `bench registry`: the ConfigServer under many sessions (see
 //!   [`registry`]).
+//! - `bench failover`: consumer fault tolerance (see [`failover`]).
 //!
 //! Each system under test runs in its own process (`bench serve ...`,
 //! started by the driver); the driver process generates the load.
 
+mod failover;
 mod load;
 mod proc_stats;
 mod raw;
@@ -33,6 +35,8 @@ struct Cli {
 enum Command {
     /// Data plane: this framework vs tonic vs raw TCP.
     Rpc(rpc::RpcArgs),
+    /// Consumer fault tolerance: kills, joins, graceful stops, a slow provider.
+    Failover(failover::FailoverArgs),
     /// ConfigServer: registration rate, push latency, storm, memory.
     Registry(registry::RegistryArgs),
     /// Runs one system's echo server (started by the driver).
@@ -56,6 +60,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Rpc(args) => runtime.block_on(rpc::run(args)),
         Command::Registry(args) => runtime.block_on(registry::run(args)),
+        Command::Failover(args) => runtime.block_on(failover::run(args)),
         Command::Serve(args) => runtime.block_on(systems::serve(args)),
         Command::ServeConfigserver(_) => unreachable!("handled above"),
     }

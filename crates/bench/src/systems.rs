@@ -40,14 +40,31 @@ pub struct ServeArgs {
     /// Dispatch mode of this framework's provider.
     #[arg(long, default_value = "all")]
     dispatch: String,
+    /// Register with this ConfigServer (this framework only).
+    #[arg(long)]
+    registry: Option<String>,
+    /// Name returned in `served_by`.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Time each call takes (this framework only).
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
 }
 
-struct EchoService;
+#[derive(Default)]
+struct EchoService {
+    name: String,
+    delay: std::time::Duration,
+}
 
 impl proto::Echo for EchoService {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<EchoReply, Status> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         Ok(EchoReply {
             payload: request.into_inner().payload,
+            served_by: self.name.clone(),
         })
     }
 }
@@ -57,6 +74,7 @@ impl proto::echo_server::Echo for EchoService {
     async fn echo(&self, request: tonic::Request<EchoRequest>) -> Result<tonic::Response<EchoReply>, tonic::Status> {
         Ok(tonic::Response::new(EchoReply {
             payload: request.into_inner().payload,
+            served_by: String::new(),
         }))
     }
 }
@@ -66,21 +84,31 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     match args.system {
         System::Tern => {
             let dispatch: Dispatch = args.dispatch.parse().map_err(anyhow::Error::msg)?;
-            let provider = Provider::builder()
+            let service = EchoService {
+                name: args.name.clone(),
+                delay: std::time::Duration::from_millis(args.delay_ms),
+            };
+            let mut builder = Provider::builder()
                 .app("bench")
                 .bind(args.addr.to_string())
                 .dispatch(dispatch)
-                .service(proto::EchoServer::new(EchoService))
-                .start()
-                .await?;
+                .service(proto::EchoServer::new(service));
+            if let Some(registry) = args.registry {
+                let session =
+                    rpc_core::registry::SessionConfig::new([registry], "bench", rpc_core::registry::Role::Provider);
+                builder = builder.registry(session);
+            }
+            let provider = builder.start().await?;
             println!("listening {}", provider.local_addr());
-            std::future::pending::<()>().await;
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            term.recv().await;
+            provider.shutdown().await;
         }
         System::Tonic => {
             let incoming = tonic::transport::server::TcpIncoming::bind(args.addr)?.with_nodelay(Some(true));
             println!("listening {}", incoming.local_addr()?);
             tonic::transport::Server::builder()
-                .add_service(proto::echo_server::EchoServer::new(EchoService))
+                .add_service(proto::echo_server::EchoServer::new(EchoService::default()))
                 .serve_with_incoming(incoming)
                 .await?;
         }
