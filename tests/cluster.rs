@@ -281,3 +281,34 @@ async fn method_settings_override_the_reference() {
     assert!(client.echo(request(8)).await.is_err());
     assert_eq!(hits(&seen, 8).len(), 1, "the method's retries (0) apply");
 }
+
+struct Broken;
+
+impl Echo for Broken {
+    async fn echo(&self, _: Request<EchoRequest>) -> Result<EchoReply, Status> {
+        Err(Status::internal("broken"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_failures_eject_a_provider() {
+    let (healthy, _) = providers(1, false, Duration::ZERO).await;
+    let broken = Provider::builder()
+        .bind("127.0.0.1:0")
+        .service(EchoServer::new(Broken))
+        .start()
+        .await
+        .unwrap();
+    let addrs = [healthy[0].local_addr(), broken.local_addr()];
+    let count_failures = |client: EchoClient<Reference>| async move {
+        let mut failed = 0;
+        for id in 0..200 {
+            failed += usize::from(client.echo(request(id)).await.is_err());
+        }
+        failed
+    };
+    let without = count_failures(reference(addrs).retries(0).build().unwrap()).await;
+    let with = count_failures(reference(addrs).retries(0).circuit_breaker(Some(3)).build().unwrap()).await;
+    assert!(without > 50, "{without} failures without the breaker");
+    assert!(with <= 5, "{with} failures with the breaker (3 to trip it)");
+}

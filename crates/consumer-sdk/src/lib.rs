@@ -141,6 +141,7 @@ impl Consumer {
             retry_budget: Some(Arc::new(RetryBudget::default())),
             cluster: Cluster::default(),
             methods: HashMap::new(),
+            circuit_breaker: None,
             _stub: PhantomData,
         }
     }
@@ -174,6 +175,7 @@ pub struct ReferenceBuilder<S> {
     retry_budget: Option<Arc<RetryBudget>>,
     cluster: Cluster,
     methods: HashMap<String, MethodConfig>,
+    circuit_breaker: Option<u32>,
     _stub: PhantomData<fn() -> S>,
 }
 
@@ -278,6 +280,14 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
         self
     }
 
+    /// Consecutive-failure circuit breaking (default off): a provider that
+    /// fails this many calls in a row (connection lost, timeout, internal
+    /// error) is set aside for a growing ejection period, then probed.
+    pub fn circuit_breaker(mut self, consecutive_failures: Option<u32>) -> Self {
+        self.circuit_breaker = consecutive_failures;
+        self
+    }
+
     /// Settings for one method (named as in the .proto file).
     pub fn method(mut self, name: impl Into<String>, config: MethodConfig) -> Self {
         self.methods.insert(name.into(), config);
@@ -335,6 +345,7 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
                 cluster: self.cluster,
                 methods: self.methods,
                 failback: OnceLock::new(),
+                circuit_breaker: self.circuit_breaker,
             }),
         }))
     }
@@ -406,6 +417,7 @@ struct ReferenceInner {
     cluster: Cluster,
     methods: HashMap<String, MethodConfig>,
     failback: OnceLock<FailbackQueue>,
+    circuit_breaker: Option<u32>,
 }
 
 /// What a reference does when a call fails.
@@ -791,6 +803,13 @@ async fn try_member(inner: &ReferenceInner, member: &Member, call: &Call<'_>) ->
             timer.finish()
         }
         Err(_) => drop(timer),
+    }
+    if let Some(threshold) = inner.circuit_breaker {
+        let sick = matches!(
+            result,
+            Err(Error::Connect { .. } | Error::ConnectionClosed { .. } | Error::Timeout(_) | Error::Internal(_))
+        );
+        endpoint.record_outcome(!sick, threshold);
     }
     result
 }

@@ -25,7 +25,21 @@ pub struct Endpoint {
     current: Mutex<Option<Connection>>,
     reconnect: tokio::sync::Mutex<Reconnect>,
     load: Load,
+    breaker: Mutex<Breaker>,
 }
+
+/// Consecutive-failure circuit breaking (used when the consumer enables it).
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive: u32,
+    ejections: u32,
+    open_until: Option<Instant>,
+}
+
+/// First ejection period; it doubles with each ejection in a row, up to
+/// [`MAX_EJECTION`].
+const BASE_EJECTION: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_EJECTION: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug)]
 struct Reconnect {
@@ -41,6 +55,7 @@ impl Endpoint {
             config,
             current: Mutex::new(None),
             load: Load::default(),
+            breaker: Mutex::new(Breaker::default()),
             reconnect: tokio::sync::Mutex::new(Reconnect {
                 failures: 0,
                 retry_at: None,
@@ -67,6 +82,10 @@ impl Endpoint {
     /// Whether the endpoint is backing off after failed connects: such a
     /// provider is set aside by the consumer until its next attempt is due.
     pub fn is_backing_off(&self) -> bool {
+        let ejected = self.breaker.lock().expect("breaker lock").open_until;
+        if ejected.is_some_and(|until| Instant::now() < until) {
+            return true;
+        }
         if self.current().is_some() {
             return false;
         }
@@ -74,6 +93,28 @@ impl Endpoint {
             Ok(state) => state.retry_at.is_some_and(|at| Instant::now() < at),
             // A connect attempt is under way: not set aside.
             Err(_) => false,
+        }
+    }
+
+    /// Records a call's outcome for circuit breaking: after `threshold`
+    /// failures in a row the endpoint is set aside for an ejection period
+    /// (1 s, doubling per ejection in a row, at most 30 s); the first call
+    /// after it is the probe, and a success closes the circuit.
+    pub fn record_outcome(&self, healthy: bool, threshold: u32) {
+        let mut breaker = self.breaker.lock().expect("breaker lock");
+        if healthy {
+            *breaker = Breaker::default();
+            return;
+        }
+        breaker.consecutive += 1;
+        if breaker.consecutive >= threshold.max(1) {
+            let period = BASE_EJECTION
+                .saturating_mul(1 << breaker.ejections.min(5))
+                .min(MAX_EJECTION);
+            breaker.open_until = Some(Instant::now() + period);
+            breaker.ejections += 1;
+            breaker.consecutive = 0;
+            tracing::warn!(addr = %self.addr, ?period, "provider ejected after consecutive failures");
         }
     }
 

@@ -156,6 +156,32 @@ mod tests {
     use super::testing::*;
     use super::*;
 
+    /// Shares of a provider warming up next to an old one, at points along
+    /// the ramp, under each weighted balancer that needs no live load.
+    #[test]
+    fn warming_provider_shares_follow_the_ramp() {
+        let loads = loads(2);
+        let mut list = candidates(&[100, 100], &loads);
+        let now_ms = 100_000_000;
+        for (elapsed_s, expected) in [(60, 10.0 / 110.0), (300, 50.0 / 150.0), (600, 0.5)] {
+            list[1].start_time_ms = now_ms - elapsed_s * 1000;
+            let ctx = PickContext {
+                now_ms,
+                warmup: DEFAULT_WARMUP,
+                ..PickContext::default()
+            };
+            let balancers: [&dyn LoadBalance; 2] = [&Random::seeded(11), &RoundRobin::new()];
+            for balancer in balancers {
+                let warm = (0..100_000).filter(|_| balancer.pick(&list, &ctx) == 1).count();
+                let share = warm as f64 / 100_000.0;
+                assert!(
+                    (share - expected).abs() <= 0.02,
+                    "{balancer:?} at {elapsed_s} s: {share:.4} vs {expected:.4}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn warmup_ramps_linearly_then_holds() {
         let loads = loads(1);
