@@ -106,7 +106,7 @@ struct Tally {
 }
 
 /// Issues `rate` calls/s for `duration`, each in its own task (at most one
-/// second's worth in flight), until done; runs `events` alongside.
+/// second's worth in flight; beyond that a call counts as failed).
 async fn steady(client: &EchoClient<Reference>, rate: u32, duration: Duration, tally: &Arc<Tally>) {
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
