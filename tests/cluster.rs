@@ -312,3 +312,26 @@ async fn consecutive_failures_eject_a_provider() {
     assert!(without > 50, "{without} failures without the breaker");
     assert!(with <= 5, "{with} failures with the breaker (3 to trip it)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_resetting_connections_is_set_aside_at_once() {
+    let (healthy, _) = providers(1, false, Duration::ZERO).await;
+    // Accepts every connection and closes it at once.
+    let resetting = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let resetting_addr = resetting.local_addr().unwrap();
+    let acceptor = tokio::spawn(async move {
+        while let Ok((stream, _)) = resetting.accept().await {
+            drop(stream);
+        }
+    });
+    let client = reference([healthy[0].local_addr(), resetting_addr])
+        .retries(0)
+        .build()
+        .unwrap();
+    let mut failed = 0;
+    for id in 0..200 {
+        failed += usize::from(client.echo(request(id)).await.is_err());
+    }
+    assert!(failed <= 8, "{failed} of 200 calls failed");
+    acceptor.abort();
+}

@@ -45,8 +45,15 @@ const MAX_EJECTION: std::time::Duration = std::time::Duration::from_secs(30);
 struct Reconnect {
     failures: u32,
     retry_at: Option<Instant>,
+    /// When the last connection was made.
+    connected_at: Option<Instant>,
     rng: SmallRng,
 }
+
+/// A connection that closes sooner than this after it was made counts as a
+/// failed attempt: a provider that accepts and then resets is backed off
+/// like one that refuses.
+const STABLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Endpoint {
     pub fn new(addr: SocketAddr, config: ConnectionConfig) -> Endpoint {
@@ -59,6 +66,7 @@ impl Endpoint {
             reconnect: tokio::sync::Mutex::new(Reconnect {
                 failures: 0,
                 retry_at: None,
+                connected_at: None,
                 rng: SmallRng::from_os_rng(),
             }),
         }
@@ -89,8 +97,14 @@ impl Endpoint {
         if self.current().is_some() {
             return false;
         }
+        let now = Instant::now();
         match self.reconnect.try_lock() {
-            Ok(state) => state.retry_at.is_some_and(|at| Instant::now() < at),
+            // Backing off, or the last connection was reset soon after it
+            // was made (the back-off starts with the next attempt).
+            Ok(state) => {
+                state.retry_at.is_some_and(|at| now < at)
+                    || state.connected_at.is_some_and(|at| now - at < STABLE_AFTER)
+            }
             // A connect attempt is under way: not set aside.
             Err(_) => false,
         }
@@ -137,6 +151,18 @@ impl Endpoint {
         if let Some(conn) = self.current() {
             return Ok(conn);
         }
+        let now = Instant::now();
+        match state.connected_at.take() {
+            Some(at) if now - at < STABLE_AFTER => {
+                let failures = state.failures;
+                let delay = self.config.backoff.delay(failures, &mut state.rng);
+                state.failures = failures.saturating_add(1);
+                state.retry_at = Some(now + delay);
+                tracing::debug!(addr = %self.addr, lived = ?(now - at), ?delay, "connection reset soon after connecting; backing off");
+            }
+            Some(_) => state.failures = 0,
+            None => {}
+        }
         if let Some(at) = state.retry_at {
             let now = Instant::now();
             if now < at {
@@ -148,8 +174,9 @@ impl Endpoint {
         }
         match Connection::connect(self.addr, &self.config).await {
             Ok(conn) => {
-                state.failures = 0;
+                // `failures` is cleared once a connection proves stable.
                 state.retry_at = None;
+                state.connected_at = Some(Instant::now());
                 *self.current.lock().expect("endpoint lock") = Some(conn.clone());
                 Ok(conn)
             }
