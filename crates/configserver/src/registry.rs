@@ -982,4 +982,117 @@ mod tests {
         assert_eq!((due[0].key.clone(), due[0].sent), (key(), None));
         assert!(!snapshot_of(&registry.catch_up(&key(), None).0).unwrap().partial);
     }
+
+    mod properties {
+        use std::collections::BTreeSet;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Register { session: usize, port: u32, weight: u32 },
+            Unregister { session: usize, port: u32 },
+            Close { session: usize },
+            Flush,
+            CatchUp,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0..3usize, 1..6u32, 0..3u32).prop_map(|(session, port, weight)| Op::Register {
+                    session,
+                    port,
+                    weight
+                }),
+                (0..3usize, 1..6u32).prop_map(|(session, port)| Op::Unregister { session, port }),
+                (0..3usize).prop_map(|session| Op::Close { session }),
+                Just(Op::Flush),
+                Just(Op::CatchUp),
+            ]
+        }
+
+        /// What a subscriber holds after applying pushes as a node does.
+        #[derive(Default)]
+        struct Subscriber {
+            revision: Option<u64>,
+            providers: BTreeMap<String, u32>,
+        }
+
+        impl Subscriber {
+            fn apply(&mut self, registry: &Registry) {
+                let (messages, revision) = registry.catch_up(&key(), self.revision);
+                for message in messages {
+                    match message.body {
+                        Some(server_message::Body::Snapshot(s)) => {
+                            self.providers = s.providers.iter().map(|i| (instance_addr(i), i.weight)).collect();
+                            self.revision = Some(s.revision);
+                        }
+                        Some(server_message::Body::Delta(d)) => {
+                            assert_eq!(Some(d.from_revision), self.revision, "deltas arrive in order");
+                            for addr in &d.removed {
+                                self.providers.remove(addr);
+                            }
+                            for i in d.added.iter().chain(&d.updated) {
+                                self.providers.insert(instance_addr(i), i.weight);
+                            }
+                            self.revision = Some(d.to_revision);
+                        }
+                        other => panic!("unexpected push {other:?}"),
+                    }
+                }
+                assert_eq!(
+                    self.revision.unwrap_or(0),
+                    revision,
+                    "caught up to the returned revision"
+                );
+                self.revision = Some(revision);
+            }
+        }
+
+        proptest! {
+            /// Whatever happens, a subscriber that applies every snapshot
+            /// and delta it is sent ends up with exactly the providers the
+            /// registry holds (ports by weight).
+            #[test]
+            fn subscribers_converge_on_the_registry(ops in proptest::collection::vec(op(), 1..60)) {
+                let registry = Registry::new(RegistryConfig {
+                    startup_grace: Duration::ZERO,
+                    history_len: 3,
+                    max_catch_up_deltas: 2,
+                    ..RegistryConfig::default()
+                });
+                let mut sessions: Vec<SessionId> = (0..3).map(|i| registry.open_session(node(&format!("p{i}"))).0).collect();
+                let (consumer, _) = registry.open_session(node("consumer"));
+                registry.subscribe(consumer, key(), None).unwrap();
+                let mut subscriber = Subscriber::default();
+                for op in ops {
+                    match op {
+                        Op::Register { session, port, weight } => {
+                            let instance = Instance { weight, ..instance(port) };
+                            // A port held by another node is refused; that is fine.
+                            let _ = registry.register(sessions[session], key(), instance);
+                        }
+                        Op::Unregister { session, port } => {
+                            let _ = registry.unregister(sessions[session], &key(), "127.0.0.1", port);
+                        }
+                        Op::Close { session } => {
+                            registry.close_session(sessions[session], "test");
+                            sessions[session] = registry.open_session(node(&format!("p{session}"))).0;
+                        }
+                        Op::Flush => registry.flush(),
+                        Op::CatchUp => subscriber.apply(&registry),
+                    }
+                }
+                registry.flush();
+                subscriber.apply(&registry);
+                let held: BTreeSet<String> = registry.detail(&key()).map(|(_, p, _)| p.iter().map(instance_addr).collect()).unwrap_or_default();
+                let seen: BTreeSet<String> = subscriber.providers.keys().cloned().collect();
+                prop_assert_eq!(seen, held);
+                let weights: BTreeMap<String, u32> = registry.detail(&key()).map(|(_, p, _)| p.iter().map(|i| (instance_addr(i), i.weight)).collect()).unwrap_or_default();
+                prop_assert_eq!(&subscriber.providers, &weights);
+            }
+        }
+    }
 }
