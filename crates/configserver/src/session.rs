@@ -15,6 +15,7 @@ use rpc_core::ServiceKey;
 use tern_proto::registry::registry_server::Registry as RegistryRpc;
 use tern_proto::registry::{NodeMessage, ServerMessage, Welcome, node_message, server_message};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -58,7 +59,17 @@ impl RegistryService {
     }
 }
 
-type Outbound = ReceiverStream<Result<ServerMessage, Status>>;
+/// Messages are boxed in the queue: a queue's first block of 32 slots is
+/// allocated with the session, and 32 inline messages would cost ~5 KiB per
+/// node where boxes cost 256 bytes.
+type Outbound = tokio_stream::adapters::Map<
+    ReceiverStream<Box<ServerMessage>>,
+    fn(Box<ServerMessage>) -> Result<ServerMessage, Status>,
+>;
+
+fn unbox(message: Box<ServerMessage>) -> Result<ServerMessage, Status> {
+    Ok(*message)
+}
 
 #[tonic::async_trait]
 impl RegistryRpc for RegistryService {
@@ -75,11 +86,12 @@ impl RegistryRpc for RegistryService {
                 _ = run(this.registry.clone(), this.heartbeats, inbound, tx, peer) => {}
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let outbound: Outbound = ReceiverStream::new(rx).map(unbox as fn(_) -> _);
+        Ok(Response::new(Box::pin(outbound)))
     }
 }
 
-type Tx = mpsc::Sender<Result<ServerMessage, Status>>;
+type Tx = mpsc::Sender<Box<ServerMessage>>;
 
 async fn run(
     registry: Arc<Registry>,
@@ -103,7 +115,7 @@ async fn run(
                 Ok(Ok(Some(_))) => "the first message must be Hello".to_owned(),
             };
             warn!(?peer, reason = %why, "refusing session");
-            let _ = tx.send(Ok(registry::error(0, "protocol", why))).await;
+            let _ = tx.send(Box::new(registry::error(0, "protocol", why))).await;
             return;
         }
     };
@@ -124,7 +136,7 @@ async fn run(
             heartbeat_timeout_ms: heartbeats.timeout.as_millis() as u32,
         })),
     };
-    let reason = if tx.send(Ok(welcome)).await.is_err() {
+    let reason = if tx.send(Box::new(welcome)).await.is_err() {
         "node went away".to_owned()
     } else {
         tokio::select! {
@@ -188,7 +200,7 @@ async fn read_loop(
                     request_id,
                     body: Some(server_message::Body::Heartbeat(hb)),
                 };
-                if tx.send_timeout(Ok(echo), heartbeats.timeout).await.is_err() {
+                if tx.send_timeout(Box::new(echo), heartbeats.timeout).await.is_err() {
                     return "node went away or stopped reading".to_owned();
                 }
                 continue;
@@ -205,7 +217,7 @@ async fn read_loop(
                 registry::error(request_id, e.kind(), e.to_string())
             }
         };
-        if tx.send_timeout(Ok(answer), heartbeats.timeout).await.is_err() {
+        if tx.send_timeout(Box::new(answer), heartbeats.timeout).await.is_err() {
             return "node went away".to_owned();
         }
     }
@@ -225,7 +237,7 @@ async fn push_loop(registry: &Registry, push: &PushQueue, tx: &Tx) -> String {
                 if matches!(message.body, Some(server_message::Body::Snapshot(_))) {
                     metrics.pushed_snapshots.fetch_add(1, Ordering::Relaxed);
                 }
-                if tx.send(Ok(message)).await.is_err() {
+                if tx.send(Box::new(message)).await.is_err() {
                     return "node went away".to_owned();
                 }
             }
