@@ -67,6 +67,8 @@ type Outbound = tokio_stream::adapters::Map<
     fn(Box<ServerMessage>) -> Result<ServerMessage, Status>,
 >;
 
+// The box comes from the queue; this only moves the message out of it.
+#[allow(clippy::boxed_local)]
 fn unbox(message: Box<ServerMessage>) -> Result<ServerMessage, Status> {
     Ok(*message)
 }
