@@ -47,8 +47,8 @@ async fn run_provider(name: String, registry: String) -> anyhow::Result<()> {
         .service_with(GreeterServer::new(Hello { name }), VERSION, "")
         .start()
         .await?;
-    println!("listening {}", provider.local_addr());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    println!("listening {}", provider.local_addr());
     term.recv().await;
     provider.shutdown().await;
     Ok(())

@@ -101,11 +101,12 @@ async fn provider(args: ProviderArgs) -> Result<(), Box<dyn std::error::Error>> 
     if !args.registry.is_empty() {
         builder = builder.registry(SessionConfig::new(args.registry, "tern-node", Role::Provider));
     }
+    // Handlers first: a signal right after the ready line must not kill us.
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
     let provider = builder.start().await?;
     println!("listening {}", provider.local_addr());
-    let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     provider.shutdown().await;

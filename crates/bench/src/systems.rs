@@ -98,9 +98,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     rpc_core::registry::SessionConfig::new([registry], "bench", rpc_core::registry::Role::Provider);
                 builder = builder.registry(session);
             }
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             let provider = builder.start().await?;
             println!("listening {}", provider.local_addr());
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             term.recv().await;
             provider.shutdown().await;
         }

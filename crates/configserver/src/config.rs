@@ -163,15 +163,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
+        // Handlers first: a signal right after the ready line must not kill us.
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
         let server = crate::ConfigServer::start(config).await?;
         println!(
             "configserver listening {} admin {}",
             server.local_addr(),
             server.admin_addr()
         );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         tracing::info!("signal received; shutting down");
