@@ -335,3 +335,35 @@ async fn a_provider_resetting_connections_is_set_aside_at_once() {
     assert!(failed <= 8, "{failed} of 200 calls failed");
     acceptor.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_accepts_but_never_answers_is_timed_out_and_ejected() {
+    let (healthy, _) = providers(1, false, Duration::ZERO).await;
+    // Accepts connections and holds them open without reading or answering.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let client = reference([healthy[0].local_addr(), silent_addr])
+        .timeout(Duration::from_secs(2))
+        .attempt_timeout(Duration::from_millis(100))
+        .retries(1)
+        .idempotent(["Echo"])
+        .circuit_breaker(Some(2))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    for id in 0..100 {
+        client
+            .echo(request(id))
+            .await
+            .expect("every call answered by the healthy provider");
+    }
+    // Only the tries that tripped the breaker waited for the deadline.
+    assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+    holder.abort();
+}
