@@ -639,10 +639,13 @@ impl Reference {
     /// refuse connections are set aside until their next reconnect attempt
     /// is due (unless nothing else is left).
     fn pick(&self, members: &[Member], tried: &[usize], ctx: &PickContext<'_>) -> Option<usize> {
-        let mut untried: Vec<usize> = (0..members.len()).filter(|i| !tried.contains(i)).collect();
-        if untried.iter().any(|&i| !members[i].endpoint.is_backing_off()) {
-            untried.retain(|&i| !members[i].endpoint.is_backing_off());
-        }
+        let untried: Vec<usize> = (0..members.len()).filter(|i| !tried.contains(i)).collect();
+        let available: Vec<usize> = untried
+            .iter()
+            .copied()
+            .filter(|&i| !members[i].endpoint.is_backing_off())
+            .collect();
+        let untried = if available.is_empty() { untried } else { available };
         if untried.is_empty() {
             return None;
         }

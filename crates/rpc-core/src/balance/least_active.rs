@@ -3,28 +3,23 @@
 //! weight 100 before it stops being preferred); random among equals,
 //! weighted.
 
-use std::sync::Mutex;
-
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-
-use super::{Candidate, LoadBalance, PickContext, effective_weight, weighted_choice};
+use super::{Candidate, LoadBalance, PickContext, SharedRng, effective_weight, weighted_choice};
 
 #[derive(Debug)]
 pub struct LeastActive {
-    rng: Mutex<SmallRng>,
+    rng: SharedRng,
 }
 
 impl LeastActive {
     pub fn new() -> LeastActive {
         LeastActive {
-            rng: Mutex::new(SmallRng::from_os_rng()),
+            rng: SharedRng::from_os(),
         }
     }
 
     pub fn seeded(seed: u64) -> LeastActive {
         LeastActive {
-            rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+            rng: SharedRng::seeded(seed),
         }
     }
 }
@@ -59,7 +54,7 @@ pub(super) fn lowest_cost(
 
 impl LoadBalance for LeastActive {
     fn pick(&self, candidates: &[Candidate<'_>], ctx: &PickContext<'_>) -> usize {
-        let unit = self.rng.lock().expect("rng lock").random::<f64>();
+        let [unit] = self.rng.units();
         lowest_cost(candidates, ctx, unit, |c| f64::from(c.load.active() + 1))
     }
 }

@@ -83,6 +83,27 @@ pub fn effective_weight(candidate: &Candidate<'_>, ctx: &PickContext<'_>) -> f64
     }
 }
 
+/// The random source of a balancer: seeded from the OS, or from a fixed seed
+/// for reproducible tests. Locked only for the draw itself.
+#[derive(Debug)]
+struct SharedRng(std::sync::Mutex<rand::rngs::SmallRng>);
+
+impl SharedRng {
+    fn from_os() -> SharedRng {
+        SharedRng(std::sync::Mutex::new(rand::SeedableRng::from_os_rng()))
+    }
+
+    fn seeded(seed: u64) -> SharedRng {
+        SharedRng(std::sync::Mutex::new(rand::SeedableRng::seed_from_u64(seed)))
+    }
+
+    /// `N` uniform draws in [0, 1).
+    fn units<const N: usize>(&self) -> [f64; N] {
+        let mut rng = self.0.lock().expect("rng lock");
+        std::array::from_fn(|_| rand::Rng::random::<f64>(&mut *rng))
+    }
+}
+
 /// Weighted random choice among `indices` (by `weights`, same order);
 /// uniform if all weights are zero.
 fn weighted_choice(indices: &[usize], weights: &[f64], unit: f64) -> usize {

@@ -4,28 +4,23 @@
 //! real in-flight counts, so a slow or overloaded provider loses most
 //! comparisons while every provider keeps being sampled.
 
-use std::sync::Mutex;
-
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-
-use super::{Candidate, LoadBalance, PickContext, effective_weight, weighted_choice};
+use super::{Candidate, LoadBalance, PickContext, SharedRng, effective_weight, weighted_choice};
 
 #[derive(Debug)]
 pub struct P2c {
-    rng: Mutex<SmallRng>,
+    rng: SharedRng,
 }
 
 impl P2c {
     pub fn new() -> P2c {
         P2c {
-            rng: Mutex::new(SmallRng::from_os_rng()),
+            rng: SharedRng::from_os(),
         }
     }
 
     pub fn seeded(seed: u64) -> P2c {
         P2c {
-            rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+            rng: SharedRng::seeded(seed),
         }
     }
 }
@@ -42,10 +37,7 @@ impl LoadBalance for P2c {
             return 0;
         }
         let weights: Vec<f64> = candidates.iter().map(|c| effective_weight(c, ctx)).collect();
-        let (u1, u2) = {
-            let mut rng = self.rng.lock().expect("rng lock");
-            (rng.random::<f64>(), rng.random::<f64>())
-        };
+        let [u1, u2] = self.rng.units();
         let all: Vec<usize> = (0..candidates.len()).collect();
         let a = weighted_choice(&all, &weights, u1);
         let rest: Vec<usize> = all.iter().copied().filter(|&i| i != a).collect();

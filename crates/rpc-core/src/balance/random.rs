@@ -1,30 +1,25 @@
 //! Weighted random: each provider gets calls in proportion to its
 //! (warmed-up) weight; uniform when the weights are equal.
 
-use std::sync::Mutex;
-
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-
-use super::{Candidate, LoadBalance, PickContext, effective_weight, weighted_choice};
+use super::{Candidate, LoadBalance, PickContext, SharedRng, effective_weight, weighted_choice};
 
 #[derive(Debug)]
 pub struct Random {
-    rng: Mutex<SmallRng>,
+    rng: SharedRng,
 }
 
 impl Random {
     pub fn new() -> Random {
-        Random::from_rng(SmallRng::from_os_rng())
+        Random {
+            rng: SharedRng::from_os(),
+        }
     }
 
     /// Reproducible picks (tests).
     pub fn seeded(seed: u64) -> Random {
-        Random::from_rng(SmallRng::seed_from_u64(seed))
-    }
-
-    fn from_rng(rng: SmallRng) -> Random {
-        Random { rng: Mutex::new(rng) }
+        Random {
+            rng: SharedRng::seeded(seed),
+        }
     }
 }
 
@@ -38,7 +33,7 @@ impl LoadBalance for Random {
     fn pick(&self, candidates: &[Candidate<'_>], ctx: &PickContext<'_>) -> usize {
         let indices: Vec<usize> = (0..candidates.len()).collect();
         let weights: Vec<f64> = candidates.iter().map(|c| effective_weight(c, ctx)).collect();
-        let unit = self.rng.lock().expect("rng lock").random::<f64>();
+        let [unit] = self.rng.units();
         weighted_choice(&indices, &weights, unit)
     }
 }

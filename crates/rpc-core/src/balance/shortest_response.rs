@@ -1,29 +1,24 @@
 //! Shortest response: the lowest mean of recent response times multiplied by
 //! (calls in flight + 1), per unit of weight; random among equals, weighted.
 
-use std::sync::Mutex;
-
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-
 use super::least_active::lowest_cost;
-use super::{Candidate, LoadBalance, PickContext};
+use super::{Candidate, LoadBalance, PickContext, SharedRng};
 
 #[derive(Debug)]
 pub struct ShortestResponse {
-    rng: Mutex<SmallRng>,
+    rng: SharedRng,
 }
 
 impl ShortestResponse {
     pub fn new() -> ShortestResponse {
         ShortestResponse {
-            rng: Mutex::new(SmallRng::from_os_rng()),
+            rng: SharedRng::from_os(),
         }
     }
 
     pub fn seeded(seed: u64) -> ShortestResponse {
         ShortestResponse {
-            rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+            rng: SharedRng::seeded(seed),
         }
     }
 }
@@ -36,7 +31,7 @@ impl Default for ShortestResponse {
 
 impl LoadBalance for ShortestResponse {
     fn pick(&self, candidates: &[Candidate<'_>], ctx: &PickContext<'_>) -> usize {
-        let unit = self.rng.lock().expect("rng lock").random::<f64>();
+        let [unit] = self.rng.units();
         // Providers not measured yet look as fast as the fastest, so they
         // get tried.
         let fastest = candidates
