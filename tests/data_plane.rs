@@ -161,6 +161,7 @@ async fn call_past_deadline_times_out_and_late_answer_is_dropped_without_leaking
         method: "Echo",
         timeout_ms: 0,
         attachments: &attachments,
+        extra: &[],
     };
 
     let started = Instant::now();
@@ -465,6 +466,7 @@ async fn unknown_service_and_method_get_their_status() {
         method: "Echo",
         timeout_ms: 0,
         attachments: &attachments,
+        extra: &[],
     };
     let err = conn.call(head, b"", LIMIT).await.unwrap_err();
     assert!(

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum NodeRole {
     /// Run the ConfigServer.
-    Configserver(configserver::config::Cli),
+    Configserver(Box<configserver::config::Cli>),
     /// Run a provider of demo.Echo and demo.Greeter.
     Provider(ProviderArgs),
 }
@@ -83,7 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_writer(std::io::stderr)
         .init();
     match cli.role {
-        NodeRole::Configserver(args) => Ok(configserver::config::run(args)?),
+        NodeRole::Configserver(args) => Ok(configserver::config::run(*args)?),
         NodeRole::Provider(args) => tokio::runtime::Runtime::new()?.block_on(provider(args)),
     }
 }

@@ -41,9 +41,13 @@ impl Node {
         }
     }
 
-    /// A ConfigServer: `(node, registry addr, admin addr)`.
+    /// A ConfigServer: `(node, registry addr, admin addr)`. Its rules live
+    /// in memory unless `extra` names a store or data dir.
     pub fn configserver(listen: &str, extra: &[&str]) -> (Node, SocketAddr, SocketAddr) {
         let mut args = vec!["configserver", "--listen", listen, "--admin-listen", "127.0.0.1:0"];
+        if !extra.iter().any(|a| *a == "--store" || *a == "--data-dir") {
+            args.extend_from_slice(&["--store", "sqlite::memory:"]);
+        }
         args.extend_from_slice(extra);
         let node = Node::spawn(&args);
         // "configserver listening <addr> admin <addr>"

@@ -193,6 +193,8 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
         "127.0.0.1:0",
         "--startup-grace-ms",
         "0",
+        "--store",
+        "sqlite::memory:",
     ])?;
     let registry: SocketAddr = cs
         .line

@@ -44,7 +44,7 @@ enum Command {
     Serve(systems::ServeArgs),
     /// Runs the ConfigServer (started by the driver; same code as the binary).
     #[command(hide = true)]
-    ServeConfigserver(configserver::config::Cli),
+    ServeConfigserver(Box<configserver::config::Cli>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     if let Command::ServeConfigserver(args) = cli.command {
-        return configserver::config::run(args);
+        return configserver::config::run(*args);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {

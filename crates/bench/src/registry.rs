@@ -76,7 +76,7 @@ impl Server {
                 "--admin-listen",
                 "127.0.0.1:0",
             ])
-            .args(["--startup-grace-ms", "0"])
+            .args(["--startup-grace-ms", "0", "--store", "sqlite::memory:"])
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .spawn()

@@ -1,32 +1,204 @@
 //! Admin HTTP API (axum): services, one service's providers and consumers,
-//! health and Prometheus metrics.
+//! governance rules, health and Prometheus metrics.
 //!
 //! - `GET /api/services`: `[{service, revision, providers, consumers}]`
 //! - `GET /api/services/{key}`: providers and consumers of one service; `key`
 //!   is `[group/]interface[:version]` (URL-encode `/` as `%2F` or use it as is)
+//! - `GET /api/rules[?service=KEY]`: stored rules `[{service, name, rule, revision, updated_at_ms, updated_by}]`
+//! - `GET /api/rule?service=KEY&name=NAME`: one rule
+//! - `PUT /api/rule?service=KEY&name=NAME` with the rule's JSON as body:
+//!   validated, stored, pushed; `400 {"error", "field"}` names what is wrong
+//! - `DELETE /api/rule?service=KEY&name=NAME`
+//! - `GET /api/rules/history[?service=KEY][&name=NAME][&limit=N]`: audited
+//!   changes, newest first
+//!
+//! With an admin token configured (see [`crate::auth`]) the rule endpoints
+//! need `Authorization: Bearer <token>`; `X-Tern-Actor` names who made a
+//! change in the audit log (default `admin`).
 //! - `GET /healthz`: `ok`
 //! - `GET /metrics`: Prometheus text format
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{FromRef, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use rpc_core::ServiceKey;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tern_proto::registry::Instance;
 
+use crate::auth::Credentials;
+use crate::governance::{Governance, RuleError};
 use crate::registry::Registry;
+use crate::store::StoredRule;
 
-pub fn router(registry: Arc<Registry>) -> Router {
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub governance: Arc<Governance>,
+    pub credentials: Arc<Credentials>,
+}
+
+impl FromRef<AdminState> for Arc<Registry> {
+    fn from_ref(state: &AdminState) -> Arc<Registry> {
+        state.registry.clone()
+    }
+}
+
+pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/api/services", get(services))
         .route("/api/services/{*key}", get(service))
+        .route("/api/rules", get(list_rules))
+        .route("/api/rules/history", get(rule_history))
+        .route("/api/rule", get(get_rule).put(put_rule).delete(delete_rule))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .with_state(registry)
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+struct RuleQuery {
+    service: Option<String>,
+    name: Option<String>,
+    limit: Option<u32>,
+}
+
+fn error(status: StatusCode, message: String, field: Option<&str>) -> Response {
+    (status, Json(json!({"error": message, "field": field}))).into_response()
+}
+
+/// A request refused before it reached the rules.
+#[derive(Debug)]
+struct Refused(StatusCode, &'static str);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        error(self.0, self.1.to_owned(), None)
+    }
+}
+
+fn rule_error(e: RuleError) -> Response {
+    let field = match &e {
+        RuleError::Invalid(invalid) => Some(invalid.field.as_str()),
+        RuleError::Service(_) => Some("service"),
+        RuleError::Name(_) => Some("name"),
+        _ => None,
+    };
+    let status = match &e {
+        RuleError::NotFound { .. } => StatusCode::NOT_FOUND,
+        RuleError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    error(status, e.to_string(), field)
+}
+
+/// `Err` unless the request carries the admin token (when one is set).
+fn admin_only(state: &AdminState, headers: &HeaderMap) -> Result<(), Refused> {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if state.credentials.is_admin(authorization) {
+        Ok(())
+    } else {
+        Err(Refused(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint needs the admin token (Authorization: Bearer ...)",
+        ))
+    }
+}
+
+/// `service` and `name`, both required.
+fn rule_id(query: &RuleQuery) -> Result<(&str, &str), Refused> {
+    match (&query.service, &query.name) {
+        (Some(service), Some(name)) => Ok((service, name)),
+        _ => Err(Refused(
+            StatusCode::BAD_REQUEST,
+            "query parameters service and name are required",
+        )),
+    }
+}
+
+fn rule_json(rule: &StoredRule) -> Value {
+    json!({
+        "service": rule.service, "name": rule.name,
+        "rule": serde_json::from_str::<Value>(&rule.body).unwrap_or(Value::Null),
+        "revision": rule.revision, "updated_at_ms": rule.updated_at_ms, "updated_by": rule.updated_by,
+    })
+}
+
+async fn list_rules(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<RuleQuery>) -> Response {
+    if let Err(refused) = admin_only(&state, &headers) {
+        return refused.into_response();
+    }
+    match state.governance.list(query.service.as_deref()).await {
+        Ok(rules) => Json(rules.iter().map(rule_json).collect::<Vec<_>>()).into_response(),
+        Err(e) => rule_error(e),
+    }
+}
+
+async fn get_rule(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<RuleQuery>) -> Response {
+    let (service, name) = match admin_only(&state, &headers).and_then(|()| rule_id(&query)) {
+        Ok(id) => id,
+        Err(refused) => return refused.into_response(),
+    };
+    match state.governance.get(service, name).await {
+        Ok(rule) => Json(rule_json(&rule)).into_response(),
+        Err(e) => rule_error(e),
+    }
+}
+
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-tern-actor")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .unwrap_or("admin")
+        .to_owned()
+}
+
+async fn put_rule(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Query(query): Query<RuleQuery>,
+    body: String,
+) -> Response {
+    let (service, name) = match admin_only(&state, &headers).and_then(|()| rule_id(&query)) {
+        Ok(id) => id,
+        Err(refused) => return refused.into_response(),
+    };
+    match state.governance.put(service, name, &body, &actor(&headers)).await {
+        Ok(rule) => Json(rule_json(&rule)).into_response(),
+        Err(e) => rule_error(e),
+    }
+}
+
+async fn delete_rule(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<RuleQuery>) -> Response {
+    let (service, name) = match admin_only(&state, &headers).and_then(|()| rule_id(&query)) {
+        Ok(id) => id,
+        Err(refused) => return refused.into_response(),
+    };
+    match state.governance.delete(service, name, &actor(&headers)).await {
+        Ok(revision) => Json(json!({"deleted": name, "revision": revision})).into_response(),
+        Err(e) => rule_error(e),
+    }
+}
+
+async fn rule_history(State(state): State<AdminState>, headers: HeaderMap, Query(query): Query<RuleQuery>) -> Response {
+    if let Err(refused) = admin_only(&state, &headers) {
+        return refused.into_response();
+    }
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    match state
+        .governance
+        .history(query.service.as_deref(), query.name.as_deref(), limit)
+        .await
+    {
+        Ok(entries) => Json(entries).into_response(),
+        Err(e) => rule_error(e),
+    }
 }
 
 async fn services(State(registry): State<Arc<Registry>>) -> Json<Value> {

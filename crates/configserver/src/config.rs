@@ -9,7 +9,13 @@
 //! admin-listen = "127.0.0.1:9601"
 //! heartbeat-interval-ms = 1000
 //! heartbeat-timeout-ms = 3000
+//! data-dir = "/var/lib/configserver"
+//! # store = "postgres://configserver@db.internal/configserver"
+//! # credentials = "/etc/configserver/credentials.toml"
 //! ```
+//!
+//! `configserver rules ...` instead talks to a running server's admin API
+//! (see [`crate::cli`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,6 +35,14 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub settings: Settings,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Lists, reads, writes and deletes governance rules on a running server.
+    Rules(crate::cli::RulesCli),
 }
 
 /// Every setting is optional here; unset ones come from the file or defaults.
@@ -63,6 +77,19 @@ pub struct Settings {
     /// Largest provider instance accepted, in bytes [default: 16384].
     #[arg(long, env = "CONFIGSERVER_MAX_INSTANCE_BYTES")]
     pub max_instance_bytes: Option<usize>,
+    /// Where the default SQLite rule store lives [default: ./configserver-data].
+    #[arg(long, env = "CONFIGSERVER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Rule store URL: sqlite://FILE, postgres://... or mysql://... (several
+    /// servers may share one) [default: rules.db in the data dir].
+    #[arg(long, env = "CONFIGSERVER_STORE")]
+    pub store: Option<String>,
+    /// How often the store is checked for rules other servers wrote [default: 1000].
+    #[arg(long, env = "CONFIGSERVER_RULES_POLL_MS")]
+    pub rules_poll_ms: Option<u64>,
+    /// App credentials and admin token (TOML); access control is off without it.
+    #[arg(long, env = "CONFIGSERVER_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
 }
 
 impl Settings {
@@ -88,10 +115,15 @@ impl Settings {
             startup_grace_ms: self.startup_grace_ms.or(fallback.startup_grace_ms),
             max_message_bytes: self.max_message_bytes.or(fallback.max_message_bytes),
             max_instance_bytes: self.max_instance_bytes.or(fallback.max_instance_bytes),
+            data_dir: self.data_dir.or(fallback.data_dir),
+            store: self.store.or(fallback.store),
+            rules_poll_ms: self.rules_poll_ms.or(fallback.rules_poll_ms),
+            credentials: self.credentials.or(fallback.credentials),
         }
     }
 
-    /// The server configuration: these settings over the defaults.
+    /// The server configuration: these settings over the defaults. The
+    /// store and credentials are left to [`Cli::resolve`].
     pub fn into_config(self) -> ServerConfig {
         let mut config = ServerConfig::default();
         let ms = Duration::from_millis;
@@ -122,6 +154,9 @@ impl Settings {
         if let Some(v) = self.max_instance_bytes {
             config.registry.max_instance_bytes = v;
         }
+        if let Some(v) = self.rules_poll_ms {
+            config.rules_poll = ms(v.max(10));
+        }
         config
     }
 }
@@ -137,7 +172,28 @@ impl Cli {
             Some(path) => Settings::from_file(path)?,
             None => Settings::default(),
         };
-        Ok(self.settings.or(file).into_config())
+        let settings = self.settings.or(file);
+        let (store, data_dir, credentials) = (
+            settings.store.clone(),
+            settings.data_dir.clone(),
+            settings.credentials.clone(),
+        );
+        let mut config = settings.into_config();
+        config.store = Some(match store {
+            Some(url) => url,
+            None => {
+                let dir = data_dir.unwrap_or_else(|| PathBuf::from("configserver-data"));
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+                let dir = dir
+                    .canonicalize()
+                    .with_context(|| format!("data dir {}", dir.display()))?;
+                format!("sqlite://{}?mode=rwc", dir.join("rules.db").display())
+            }
+        });
+        if let Some(path) = credentials {
+            config.credentials = Some(crate::auth::Credentials::from_file(&path)?);
+        }
+        Ok(config)
     }
 }
 
@@ -160,6 +216,9 @@ pub fn main() -> anyhow::Result<()> {
 ///
 /// Bad configuration, or an address that cannot be bound.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Rules(rules)) = cli.command {
+        return crate::cli::run(rules);
+    }
     let config = cli.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {

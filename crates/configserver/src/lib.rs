@@ -7,17 +7,25 @@
 //!
 //! - [`registry`]: the map, revisions, coalesced deltas and their history.
 //! - [`session`]: one node's gRPC stream (Hello, requests, heartbeats, pushes).
-//! - [`admin`]: the admin HTTP API (services, health, metrics).
+//! - [`governance`]: validated rule writes, and their push through the registry.
+//! - [`store`]: the durable rule store (SQLite, PostgreSQL, MySQL) and its audit log.
+//! - [`auth`]: optional app credentials and the admin token.
+//! - [`admin`]: the admin HTTP API (services, rules, health, metrics).
+//! - [`cli`]: `configserver rules ...`, the admin API from the command line.
 //! - [`server`]: a running server ([`ConfigServer`]) with one shutdown.
 //! - [`config`]: flags, environment and TOML file of the binary.
 //! - [`metrics`]: counters for `/metrics`.
 
 pub mod admin;
+pub mod auth;
+pub mod cli;
 pub mod config;
+pub mod governance;
 pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod store;
 
 pub use registry::{Registry, RegistryConfig};
 pub use server::{ConfigServer, ServerConfig};

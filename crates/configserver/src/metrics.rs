@@ -13,6 +13,8 @@ pub struct Metrics {
     pub pushed_messages: AtomicU64,
     pub pushed_bytes: AtomicU64,
     pub pushed_snapshots: AtomicU64,
+    pub pushed_rules: AtomicU64,
+    pub rule_changes: AtomicU64,
 }
 
 impl Metrics {
@@ -20,6 +22,16 @@ impl Metrics {
     pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
         let counters = [
+            (
+                "configserver_pushed_rules_total",
+                "Rule sets pushed to nodes",
+                &self.pushed_rules,
+            ),
+            (
+                "configserver_rule_changes_total",
+                "Rule changes applied (local writes and ones read from a shared store)",
+                &self.rule_changes,
+            ),
             (
                 "configserver_sessions_opened_total",
                 "Sessions opened",

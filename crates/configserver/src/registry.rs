@@ -18,6 +18,10 @@
 //! at most one "dirty" mark per service, and catches up with deltas or one
 //! snapshot when it is ready.
 //!
+//! Governance rules travel the same way: [`Registry::set_rules`] marks every
+//! session that provides or subscribes to the service, and each session's
+//! push task sends it the current [`RuleSet`] (the latest, never a backlog).
+//!
 //! All state sits behind one `std::sync::Mutex`, never held across an
 //! `.await`. Lock order: the registry, then a session's [`PushQueue`].
 
@@ -29,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use rpc_core::ServiceKey;
+use rpc_core::governance::RuleSet;
 use rpc_core::registry::convert::{addr_of, instance_addr};
 use tern_proto::registry::{self as pb, Delta, Instance, ServerMessage, Snapshot, server_message};
 use tokio::sync::Notify;
@@ -82,6 +87,8 @@ pub enum RegistryError {
     TooLarge(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl RegistryError {
@@ -92,6 +99,7 @@ impl RegistryError {
             RegistryError::Duplicate(_) => "duplicate",
             RegistryError::TooLarge(_) => "too_large",
             RegistryError::NotFound(_) => "not_found",
+            RegistryError::Forbidden(_) => "forbidden",
         }
     }
 }
@@ -117,6 +125,8 @@ pub struct PushQueue {
 struct PushState {
     dirty: BTreeSet<ServiceKey>,
     sent: HashMap<ServiceKey, Sent>,
+    /// Services whose rules the session must be sent.
+    rules: BTreeSet<ServiceKey>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -127,6 +137,14 @@ struct Sent {
     /// new subscription, the end of the startup grace), so a push that was
     /// in flight meanwhile cannot overwrite the reset.
     generation: u64,
+}
+
+/// What a session's push task must send next.
+#[derive(Debug, Default)]
+pub struct Work {
+    pub due: Vec<Due>,
+    /// Services whose current rules must be sent.
+    pub rules: Vec<ServiceKey>,
 }
 
 /// A service due to be pushed to a session.
@@ -151,17 +169,24 @@ impl PushQueue {
         self.notify.notify_one();
     }
 
+    fn mark_rules(&self, key: &ServiceKey) {
+        self.state.lock().expect("push lock").rules.insert(key.clone());
+        self.notify.notify_one();
+    }
+
     fn forget(&self, key: &ServiceKey) {
         let mut state = self.state.lock().expect("push lock");
         state.sent.remove(key);
         state.dirty.remove(key);
     }
 
-    /// Waits until some subscribed service is dirty, then takes them all.
-    pub async fn next(&self) -> Vec<Due> {
+    /// Waits until some subscribed service is dirty or has new rules, then
+    /// takes them all.
+    pub async fn next(&self) -> Work {
         loop {
             {
                 let mut state = self.state.lock().expect("push lock");
+                let rules: Vec<ServiceKey> = std::mem::take(&mut state.rules).into_iter().collect();
                 let dirty = std::mem::take(&mut state.dirty);
                 let due: Vec<Due> = dirty
                     .into_iter()
@@ -174,8 +199,8 @@ impl PushQueue {
                         })
                     })
                     .collect();
-                if !due.is_empty() {
-                    return due;
+                if !due.is_empty() || !rules.is_empty() {
+                    return Work { due, rules };
                 }
             }
             self.notify.notified().await;
@@ -246,6 +271,8 @@ impl Pending {
 #[derive(Debug, Default)]
 struct State {
     services: HashMap<ServiceKey, ServiceEntry>,
+    /// Governance rules by service (set by the rule store).
+    rules: HashMap<ServiceKey, Arc<RuleSet>>,
     sessions: HashMap<SessionId, SessionEntry>,
     dirty: BTreeSet<ServiceKey>,
     next_session: SessionId,
@@ -309,6 +336,11 @@ impl Registry {
         );
         self.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
         (id, push)
+    }
+
+    /// The app a session said it is in its Hello.
+    pub fn app_of(&self, id: SessionId) -> Option<String> {
+        self.lock().sessions.get(&id).map(|s| s.node.app.clone())
     }
 
     /// Removes a session's instances, subscriptions and consumer entries.
@@ -399,6 +431,11 @@ impl Registry {
             }
             _ => {}
         }
+        if let Some(session) = state.sessions.get(&id)
+            && !session.registered.iter().any(|(k, _)| *k == key)
+        {
+            session.push.mark_rules(&key);
+        }
         if unchanged {
             if let Some((_, owner)) = state.services.get_mut(&key).and_then(|e| e.providers.get_mut(&addr)) {
                 *owner = id;
@@ -466,7 +503,9 @@ impl Registry {
                 session.subscribed.len()
             )));
         }
-        session.subscribed.insert(key.clone());
+        if session.subscribed.insert(key.clone()) {
+            session.push.mark_rules(&key);
+        }
         let (node, push) = (session.node.clone(), session.push.clone());
         let entry = state.services.entry(key.clone()).or_default();
         entry.subscribers.insert(id);
@@ -600,6 +639,64 @@ impl Registry {
                 partial,
             })),
         }
+    }
+
+    /// Replaces the rules of `key` (`None`: it has none) and marks every
+    /// session that provides or subscribes to it.
+    pub fn set_rules(&self, key: &ServiceKey, rules: Option<Arc<RuleSet>>) {
+        let mut state = self.lock();
+        match rules {
+            Some(rules) => state.rules.insert(key.clone(), rules),
+            None => state.rules.remove(key),
+        };
+        let Some(entry) = state.services.get(key) else {
+            return;
+        };
+        let mut marked = 0usize;
+        let owners = entry.providers.values().map(|(_, owner)| owner);
+        let interested: BTreeSet<SessionId> = entry.subscribers.iter().chain(owners).copied().collect();
+        for id in interested {
+            if let Some(session) = state.sessions.get(&id) {
+                session.push.mark_rules(key);
+                marked += 1;
+            }
+        }
+        debug!(service = %key, sessions = marked, "rules changed");
+    }
+
+    /// The rules of `key` for session `id`: all of them for a session that
+    /// provides the service, without service tokens its access rules refuse
+    /// for any other node.
+    pub fn rules_for(&self, id: SessionId, key: &ServiceKey) -> Option<ServerMessage> {
+        let (rules, provides, node) = {
+            let state = self.lock();
+            let session = state.sessions.get(&id)?;
+            let provides = session.registered.iter().any(|(k, _)| k == key);
+            (state.rules.get(key).cloned(), provides, session.node.clone())
+        };
+        let rules = rules.unwrap_or_default();
+        let rules = if provides {
+            rules
+        } else {
+            let ip = node
+                .peer
+                .map(|p| p.ip().to_canonical())
+                .or_else(|| node.host.parse().ok());
+            Arc::new(rules.redacted_for(&node.app, ip))
+        };
+        Some(ServerMessage {
+            request_id: 0,
+            body: Some(server_message::Body::Rules(pb::Rules {
+                service: Some(key.into()),
+                revision: rules.revision,
+                rules_json: serde_json::to_string(&rules.rules).expect("rules serialize"),
+            })),
+        })
+    }
+
+    /// The rules of `key` as the registry holds them.
+    pub fn rules(&self, key: &ServiceKey) -> Option<Arc<RuleSet>> {
+        self.lock().rules.get(key).cloned()
     }
 
     /// Whether the startup grace period is still running.
@@ -864,13 +961,13 @@ mod tests {
         let epoch = registry.epoch().to_owned();
         registry.subscribe(consumer, key(), Some((&epoch, 1))).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let due = rt.block_on(push.next());
+        let due = rt.block_on(push.next()).due;
         assert_eq!(
             due.iter().map(|d| (d.key.clone(), d.sent)).collect::<Vec<_>>(),
             vec![(key(), Some(1))]
         );
         registry.subscribe(consumer, key(), Some(("another-epoch", 1))).unwrap();
-        let due = rt.block_on(push.next());
+        let due = rt.block_on(push.next()).due;
         assert_eq!(
             due.iter().map(|d| (d.key.clone(), d.sent)).collect::<Vec<_>>(),
             vec![(key(), None)]
@@ -974,11 +1071,11 @@ mod tests {
         registry.subscribe(consumer, key(), None).unwrap();
         assert!(snapshot_of(&registry.catch_up(&key(), None).0).unwrap().partial);
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let due = rt.block_on(push.next());
+        let due = rt.block_on(push.next()).due;
         registry.end_grace();
         // The push that was in flight when the grace ended must not hide the reset.
         push.sent(&due[0], 0);
-        let due = rt.block_on(push.next());
+        let due = rt.block_on(push.next()).due;
         assert_eq!((due[0].key.clone(), due[0].sent), (key(), None));
         assert!(!snapshot_of(&registry.catch_up(&key(), None).0).unwrap().partial);
     }

@@ -1,5 +1,6 @@
 //! A running ConfigServer: the gRPC registry endpoint, the admin HTTP API,
-//! the push flusher and the startup grace timer, with one shutdown.
+//! the push flusher, the startup grace timer and the rule store follower,
+//! with one shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,8 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
+use crate::admin::AdminState;
+use crate::auth::Credentials;
+use crate::governance::Governance;
 use crate::registry::{Registry, RegistryConfig};
 use crate::session::{Heartbeats, RegistryService};
+use crate::store::{RuleStore, StoreError};
 
 /// Settings of a [`ConfigServer`].
 #[derive(Debug, Clone)]
@@ -30,6 +35,13 @@ pub struct ServerConfig {
     /// Largest control message accepted.
     pub max_message_bytes: usize,
     pub registry: RegistryConfig,
+    /// Rule store URL (`sqlite://...`, `postgres://...`, `mysql://...`);
+    /// `None`: an in-memory SQLite database (rules last until the server stops).
+    pub store: Option<String>,
+    /// How often the store is checked for rules written by other servers.
+    pub rules_poll: Duration,
+    /// App credentials and admin token; `None`: access control off.
+    pub credentials: Option<Credentials>,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +54,9 @@ impl Default for ServerConfig {
             coalesce: Duration::from_millis(5),
             max_message_bytes: 1024 * 1024,
             registry: RegistryConfig::default(),
+            store: None,
+            rules_poll: Duration::from_secs(1),
+            credentials: None,
         }
     }
 }
@@ -54,12 +69,15 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("heartbeat timeout {timeout:?} must be longer than the interval {interval:?}")]
     Heartbeats { interval: Duration, timeout: Duration },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A running ConfigServer.
 #[derive(Debug)]
 pub struct ConfigServer {
     registry: Arc<Registry>,
+    governance: Arc<Governance>,
     local_addr: SocketAddr,
     admin_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -96,6 +114,11 @@ impl ConfigServer {
         })?;
 
         let registry = Arc::new(Registry::new(config.registry.clone()));
+        // Rules are loaded before the first node can connect, so that its
+        // first registration or subscription already gets them.
+        let store = RuleStore::open(config.store.as_deref().unwrap_or(IN_MEMORY_STORE)).await?;
+        let governance = Arc::new(Governance::start(store, registry.clone()).await?);
+        let credentials = config.credentials.clone().map(Arc::new);
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let heartbeats = Heartbeats {
@@ -103,7 +126,13 @@ impl ConfigServer {
             timeout: config.heartbeat_timeout,
         };
 
-        let service = RegistryService::new(registry.clone(), heartbeats, shutdown.clone(), tracker.clone());
+        let service = RegistryService::new(
+            registry.clone(),
+            heartbeats,
+            credentials.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        );
         let grpc_service = RegistryServer::new(service).max_decoding_message_size(config.max_message_bytes);
         let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
         let token = shutdown.clone();
@@ -118,7 +147,11 @@ impl ConfigServer {
         });
 
         let token = shutdown.clone();
-        let router = crate::admin::router(registry.clone());
+        let router = crate::admin::router(AdminState {
+            registry: registry.clone(),
+            governance: governance.clone(),
+            credentials: credentials.unwrap_or_default(),
+        });
         tracker.spawn(async move {
             let served = axum::serve(admin, router)
                 .with_graceful_shutdown(token.cancelled_owned())
@@ -129,6 +162,7 @@ impl ConfigServer {
         });
 
         tracker.spawn(flusher(registry.clone(), config.coalesce, shutdown.clone()));
+        tracker.spawn(governance.clone().follow(config.rules_poll, shutdown.clone()));
         let (grace_registry, grace, token) = (registry.clone(), config.registry.startup_grace, shutdown.clone());
         tracker.spawn(async move {
             tokio::select! {
@@ -139,6 +173,7 @@ impl ConfigServer {
         info!(%local_addr, %admin_addr, epoch = registry.epoch(), "configserver started");
         Ok(ConfigServer {
             registry,
+            governance,
             local_addr,
             admin_addr,
             shutdown,
@@ -159,6 +194,11 @@ impl ConfigServer {
         &self.registry
     }
 
+    /// The rules: writes, reads and history.
+    pub fn governance(&self) -> &Arc<Governance> {
+        &self.governance
+    }
+
     /// Stops serving: sessions end (nodes reconnect elsewhere), listeners close.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
@@ -169,6 +209,7 @@ impl ConfigServer {
         {
             error!("tasks still running 10 s after shutdown");
         }
+        self.governance.store().close().await;
         info!("configserver stopped");
     }
 }
@@ -180,6 +221,9 @@ impl Drop for ConfigServer {
         self.shutdown.cancel();
     }
 }
+
+/// The store used when none is configured: rules live as long as the server.
+pub const IN_MEMORY_STORE: &str = "sqlite::memory:";
 
 /// Waits for changes, lets them gather for the coalescing window, flushes.
 async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: CancellationToken) {

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::auth::Credentials;
 use crate::registry::{self, NodeInfo, PushQueue, Registry, SessionId};
 
 /// Messages queued towards one node before the session waits for it to read.
@@ -39,6 +40,8 @@ pub struct Heartbeats {
 pub struct RegistryService {
     registry: Arc<Registry>,
     heartbeats: Heartbeats,
+    /// `None`: access control is off.
+    credentials: Option<Arc<Credentials>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -47,12 +50,14 @@ impl RegistryService {
     pub fn new(
         registry: Arc<Registry>,
         heartbeats: Heartbeats,
+        credentials: Option<Arc<Credentials>>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
         RegistryService {
             registry,
             heartbeats,
+            credentials,
             shutdown,
             tracker,
         }
@@ -85,7 +90,7 @@ impl RegistryRpc for RegistryService {
         self.tracker.spawn(async move {
             tokio::select! {
                 _ = this.shutdown.cancelled() => {}
-                _ = run(this.registry.clone(), this.heartbeats, inbound, tx, peer) => {}
+                _ = run(this.registry.clone(), this.heartbeats, this.credentials.clone(), inbound, tx, peer) => {}
             }
         });
         let outbound: Outbound = ReceiverStream::new(rx).map(unbox as fn(_) -> _);
@@ -98,6 +103,7 @@ type Tx = mpsc::Sender<Box<ServerMessage>>;
 async fn run(
     registry: Arc<Registry>,
     heartbeats: Heartbeats,
+    credentials: Option<Arc<Credentials>>,
     mut inbound: Streaming<NodeMessage>,
     tx: Tx,
     peer: Option<SocketAddr>,
@@ -121,6 +127,16 @@ async fn run(
             return;
         }
     };
+    if let Some(credentials) = &credentials
+        && let Err(why) = credentials.authenticate(&hello.app, &hello.token)
+    {
+        warn!(?peer, app = %hello.app, reason = %why, "refusing session");
+        registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
+        let _ = tx
+            .send(Box::new(registry::error(request_id, "unauthenticated", why)))
+            .await;
+        return;
+    }
     let node = NodeInfo {
         app: hello.app,
         role: hello.role,
@@ -142,8 +158,8 @@ async fn run(
         "node went away".to_owned()
     } else {
         tokio::select! {
-            reason = read_loop(&registry, id, heartbeats, &mut inbound, &tx) => reason,
-            reason = push_loop(&registry, &push, &tx) => reason,
+            reason = read_loop(&registry, id, heartbeats, credentials.as_deref(), &mut inbound, &tx) => reason,
+            reason = push_loop(&registry, id, &push, &tx) => reason,
         }
     };
     registry.close_session(id, &reason);
@@ -154,6 +170,7 @@ async fn read_loop(
     registry: &Registry,
     id: SessionId,
     heartbeats: Heartbeats,
+    credentials: Option<&Credentials>,
     inbound: &mut Streaming<NodeMessage>,
     tx: &Tx,
 ) -> String {
@@ -175,7 +192,15 @@ async fn read_loop(
         let request_id = message.request_id;
         let result = match message.body {
             Some(node_message::Body::Register(r)) => match (r.service, r.instance) {
-                (Some(key), Some(instance)) => registry.register(id, ServiceKey::from(&key), instance),
+                (Some(key), Some(instance)) => {
+                    let key = ServiceKey::from(&key);
+                    match credentials.zip(registry.app_of(id)) {
+                        Some((c, app)) if !c.may_provide(&app, &key) => Err(registry::RegistryError::Forbidden(
+                            format!("app {app:?} may not provide {key}"),
+                        )),
+                        _ => registry.register(id, key, instance),
+                    }
+                }
                 _ => Err(registry::RegistryError::Invalid(
                     "Register needs a service and an instance".into(),
                 )),
@@ -226,9 +251,19 @@ async fn read_loop(
 }
 
 /// Sends the node what it lacks of each dirty service, as it becomes ready.
-async fn push_loop(registry: &Registry, push: &PushQueue, tx: &Tx) -> String {
+async fn push_loop(registry: &Registry, id: SessionId, push: &PushQueue, tx: &Tx) -> String {
     loop {
-        for due in push.next().await {
+        let work = push.next().await;
+        for key in work.rules {
+            let Some(message) = registry.rules_for(id, &key) else {
+                continue;
+            };
+            registry.metrics.pushed_rules.fetch_add(1, Ordering::Relaxed);
+            if tx.send(Box::new(message)).await.is_err() {
+                return "node went away".to_owned();
+            }
+        }
+        for due in work.due {
             let (messages, revision) = registry.catch_up(&due.key, due.sent);
             for message in messages {
                 let metrics = &registry.metrics;

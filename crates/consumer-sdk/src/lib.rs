@@ -39,10 +39,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rpc_core::balance::{self, Candidate, LoadBalance, PickContext};
 use rpc_core::frame::RequestHead;
+use rpc_core::governance::{ATTACH_APP, ATTACH_TOKEN, ConsumerIdentity, ConsumerPolicy, RuleSet};
 use rpc_core::registry::{ProviderList, RegistrySession, SessionConfig};
 use rpc_core::{
     CallOptions, ConnectionConfig, Endpoint, Error, InvalidServiceKey, Invoker, RetryBudget, ServiceKey, Stub,
 };
+use tern_proto::registry::Instance;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -320,11 +322,13 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
                     endpoint: self.consumer.endpoint(a),
                     weight: DEFAULT_WEIGHT,
                     start_time_ms: 0,
+                    instance: None,
                 })
                 .collect();
             Directory::fixed(members)
         } else if let Some(registry) = self.consumer.registry() {
-            Directory::follow(self.consumer.clone(), registry.subscribe(&key), key.clone())
+            let feeds = (registry.subscribe(&key), registry.rules(&key));
+            Directory::follow(self.consumer.clone(), feeds, key.clone())
         } else {
             return Err(ConsumerError::NoProviders {
                 service: key.to_string(),
@@ -332,6 +336,7 @@ impl<S: Stub<Invoker = Reference>> ReferenceBuilder<S> {
         };
         Ok(S::from_invoker(Reference {
             inner: Arc::new(ReferenceInner {
+                app: self.consumer.config().app.clone(),
                 key,
                 timeout: self.timeout,
                 retries: self.retries,
@@ -361,14 +366,18 @@ pub struct Member {
     pub weight: u32,
     /// Unix ms (0 = unknown: no warm-up).
     pub start_time_ms: i64,
+    /// The registration (zone, metadata for routes); `None` in direct mode.
+    pub instance: Option<Arc<Instance>>,
 }
 
-/// The members for `list`: the endpoints in `current` that stay, plus new
-/// ones (also returned on their own, to be connected).
+/// The members for `list` under `policy`'s weight overrides: the endpoints
+/// in `current` that stay, plus new ones (also returned on their own, to be
+/// connected).
 fn next_members(
     consumer: &Consumer,
     key: &ServiceKey,
     list: &ProviderList,
+    policy: &ConsumerPolicy,
     current: &[Member],
 ) -> (Vec<Member>, Vec<Arc<Endpoint>>) {
     let held: HashMap<SocketAddr, &Arc<Endpoint>> = current.iter().map(|m| (m.endpoint.addr(), &m.endpoint)).collect();
@@ -389,8 +398,9 @@ fn next_members(
         };
         next.push(Member {
             endpoint,
-            weight: instance.weight,
+            weight: policy.weight_of(addr).unwrap_or(instance.weight),
             start_time_ms: instance.start_time_ms,
+            instance: Some(instance.clone()),
         });
     }
     (next, fresh)
@@ -405,6 +415,8 @@ pub struct Reference {
 #[derive(Debug)]
 struct ReferenceInner {
     key: ServiceKey,
+    /// This consumer's app name, sent with every call.
+    app: String,
     timeout: Duration,
     retries: usize,
     directory: Directory,
@@ -498,6 +510,10 @@ impl Reference {
 #[derive(Debug)]
 pub struct Directory {
     endpoints: Arc<RwLock<Arc<Vec<Member>>>>,
+    /// The service's governance rules as this consumer applies them.
+    policy: Arc<RwLock<Arc<ConsumerPolicy>>>,
+    /// This consumer's zone, for zone affinity.
+    zone: String,
     /// Bumped on every change (for waiters).
     version: watch::Receiver<u64>,
     /// Stops the follower task when the directory goes.
@@ -518,19 +534,35 @@ impl Directory {
         let (_, version) = watch::channel(0);
         Directory {
             endpoints: Arc::new(RwLock::new(Arc::new(members))),
+            policy: Arc::default(),
+            zone: String::new(),
             version,
             _follower: None,
         }
     }
 
-    fn follow(consumer: Consumer, mut lists: watch::Receiver<Arc<ProviderList>>, key: ServiceKey) -> Directory {
-        // The list held already (e.g. loaded from the cache file) is usable at once.
+    fn follow(
+        consumer: Consumer,
+        (mut lists, mut rules): (watch::Receiver<Arc<ProviderList>>, watch::Receiver<Arc<RuleSet>>),
+        key: ServiceKey,
+    ) -> Directory {
+        let registry = consumer.registry().map(RegistrySession::config);
+        let me = ConsumerIdentity {
+            app: consumer.config().app.clone(),
+            zone: registry.map(|c| c.zone.clone()).unwrap_or_default(),
+            labels: registry.map(|c| c.labels.clone()).unwrap_or_default(),
+        };
+        // What is held already (e.g. loaded from the cache file) is usable at once.
         let initial = lists.borrow_and_update().clone();
-        let (endpoints, mut fresh) = next_members(&consumer, &key, &initial, &[]);
+        let policy = Arc::new(ConsumerPolicy::new(&rules.borrow_and_update(), &me));
+        let (endpoints, mut fresh) = next_members(&consumer, &key, &initial, &policy, &[]);
         let endpoints = Arc::new(RwLock::new(Arc::new(endpoints)));
+        let policy = Arc::new(RwLock::new(policy));
         let (version_tx, version) = watch::channel(0u64);
-        let shared = endpoints.clone();
+        let (shared, shared_policy) = (endpoints.clone(), policy.clone());
+        let zone = me.zone.clone();
         let task = tokio::spawn(async move {
+            let mut rules_open = true;
             loop {
                 // Open connections to new providers now; attempts not done
                 // by the next change are dropped with this set.
@@ -540,12 +572,21 @@ impl Directory {
                         let _ = endpoint.connection().await;
                     });
                 }
-                if lists.changed().await.is_err() {
-                    break;
+                tokio::select! {
+                    changed = lists.changed() => if changed.is_err() { break },
+                    changed = rules.changed(), if rules_open => match changed {
+                        Ok(()) => {
+                            let set = rules.borrow_and_update().clone();
+                            debug!(service = %key, revision = set.revision, rules = set.rules.len(), "applying rules");
+                            *shared_policy.write().expect("policy lock") = Arc::new(ConsumerPolicy::new(&set, &me));
+                        }
+                        Err(_) => rules_open = false,
+                    },
                 }
                 let list = lists.borrow_and_update().clone();
+                let policy = shared_policy.read().expect("policy lock").clone();
                 let current = shared.read().expect("directory lock").clone();
-                let (next, new) = next_members(&consumer, &key, &list, &current);
+                let (next, new) = next_members(&consumer, &key, &list, &policy, &current);
                 debug!(service = %key, providers = next.len(), revision = list.revision, "directory updated");
                 *shared.write().expect("directory lock") = Arc::new(next);
                 version_tx.send_modify(|v| *v += 1);
@@ -554,6 +595,8 @@ impl Directory {
         });
         Directory {
             endpoints,
+            policy,
+            zone,
             version,
             _follower: Some(AbortOnDrop(task.abort_handle())),
         }
@@ -562,6 +605,48 @@ impl Directory {
     /// The providers now.
     pub fn members(&self) -> Arc<Vec<Member>> {
         self.endpoints.read().expect("directory lock").clone()
+    }
+
+    /// The rules now, as this consumer applies them.
+    pub fn policy(&self) -> Arc<ConsumerPolicy> {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    /// The members a call of `method` may go to under the routing rules:
+    /// condition routes that apply to this consumer, then zone affinity
+    /// (in-zone providers while at least the rule's share of them is not
+    /// set aside). A route that matches no provider is ignored unless it
+    /// is `force`d.
+    fn route(&self, method: &str, policy: &ConsumerPolicy) -> Arc<Vec<Member>> {
+        let members = self.members();
+        if !policy.narrows(method) {
+            return members;
+        }
+        let mut chosen: Vec<Member> = members.to_vec();
+        for route in policy.routes.iter().filter(|r| r.applies_to(method)) {
+            let selected: Vec<Member> = chosen
+                .iter()
+                .filter(|m| m.instance.as_ref().is_some_and(|i| route.selects(&i.metadata)))
+                .cloned()
+                .collect();
+            if !selected.is_empty() || route.force {
+                chosen = selected;
+            }
+        }
+        if let Some(share) = policy.zone_affinity
+            && !self.zone.is_empty()
+        {
+            let in_zone: Vec<Member> = chosen
+                .iter()
+                .filter(|m| m.instance.as_ref().is_some_and(|i| i.zone == self.zone))
+                .cloned()
+                .collect();
+            let healthy = in_zone.iter().filter(|m| !m.endpoint.is_backing_off()).count();
+            if healthy > 0 && healthy as f64 >= share * in_zone.len() as f64 {
+                chosen = in_zone;
+            }
+        }
+        Arc::new(chosen)
     }
 
     fn changes(&self) -> watch::Receiver<u64> {
@@ -579,14 +664,16 @@ impl Invoker for Reference {
             .timeout
             .or(config.and_then(|c| c.timeout))
             .unwrap_or(inner.timeout);
+        let policy = inner.directory.policy();
+        let members = inner.directory.route(method, &policy);
         let call = Call {
             method,
             payload: &payload,
             attachments: &options.attachments,
+            policy,
             timeout,
             deadline: Instant::now() + timeout,
         };
-        let members = inner.directory.members();
         if members.is_empty() {
             return Err(Error::NoProvider(inner.key.to_string()));
         }
@@ -615,6 +702,8 @@ struct Call<'a> {
     method: &'static str,
     payload: &'a Bytes,
     attachments: &'a HashMap<String, String>,
+    /// The rules in force when the call started (token, routes).
+    policy: Arc<ConsumerPolicy>,
     timeout: Duration,
     deadline: Instant,
 }
@@ -716,12 +805,13 @@ impl Reference {
         for i in chosen {
             let (inner, member) = (self.inner.clone(), members[i].clone());
             let (method, payload, attachments) = (call.method, call.payload.clone(), call.attachments.clone());
-            let (timeout, deadline) = (call.timeout, call.deadline);
+            let (policy, timeout, deadline) = (call.policy.clone(), call.timeout, call.deadline);
             calls.spawn(async move {
                 let call = Call {
                     method,
                     payload: &payload,
                     attachments: &attachments,
+                    policy,
                     timeout,
                     deadline,
                 };
@@ -785,11 +875,19 @@ async fn try_member(inner: &ReferenceInner, member: &Member, call: &Call<'_>) ->
     let try_deadline = Instant::now() + limit;
     let endpoint = &member.endpoint;
     let timer = endpoint.load().start();
+    // Who is calling, and the service token if the rules gave us one.
+    let app = inner.app.as_str();
+    let extra = match call.policy.token_for(call.method) {
+        Some(token) => [(ATTACH_APP, app), (ATTACH_TOKEN, token)],
+        None => [(ATTACH_APP, app), ("", "")],
+    };
+    let extra = if extra[1].0.is_empty() { &extra[..1] } else { &extra[..] };
     let head = RequestHead {
         service: &inner.key,
         method: call.method,
         timeout_ms: 0,
         attachments: call.attachments,
+        extra,
     };
     let result = match tokio::time::timeout(limit, endpoint.connection()).await {
         Err(_) => Err(Error::Timeout(limit)),
@@ -847,14 +945,16 @@ impl FailbackQueue {
                     tokio::time::sleep(Duration::from_millis(200) * attempt).await;
                     let Some(inner) = reference.upgrade() else { return };
                     let reference = Reference { inner };
+                    let policy = reference.inner.directory.policy();
+                    let members = reference.inner.directory.route(failed.method, &policy);
                     let call = Call {
                         method: failed.method,
                         payload: &failed.payload,
                         attachments: &failed.attachments,
+                        policy,
                         timeout: reference.inner.timeout,
                         deadline: Instant::now() + reference.inner.timeout,
                     };
-                    let members = reference.inner.directory.members();
                     if members.is_empty() {
                         continue;
                     }

@@ -12,6 +12,11 @@
 //!    consumers close their connections or go quiet (`drain_quiet`);
 //! 4. finish in-flight calls (within the grace period) and exit.
 //!
+//! With a ConfigServer the provider also enforces the governance rules it
+//! pushes for each served service (access lists, service tokens, QPS limits;
+//! see `rpc_core::governance`) and keeps enforcing the last ones it received
+//! while the ConfigServer is away.
+//!
 //! ```no_run
 //! # use rpc_core::{Request, Service, Status, codegen::{Bytes, BoxFuture}};
 //! # struct GreeterServer;
@@ -36,15 +41,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rpc_core::governance::ProviderPolicy;
+
 use rpc_core::registry::{RegistryError, RegistrySession, Role, SessionConfig};
-use rpc_core::server::{Dispatch, Server, ServerConfig, Service};
-use rpc_core::{InvalidServiceKey, ServiceKey};
+use rpc_core::server::{Admission, Dispatch, Server, ServerConfig, Service};
+use rpc_core::{InvalidServiceKey, ServiceKey, Status};
 use tern_proto::registry::Instance;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{info, warn};
 
 /// Why a provider could not start.
@@ -182,13 +190,6 @@ impl ProviderBuilder {
             None => TcpListener::bind(&self.bind).await.map_err(bind_err)?,
         };
         let local_addr = listener.local_addr().map_err(bind_err)?;
-        let mut server = self.server;
-        // Settings may have been given after the services; apply them now.
-        server.set_config(self.config);
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(listener, async move {
-            let _ = stop_rx.await;
-        }));
         let host = self.advertise.clone().unwrap_or_else(|| {
             let ip = local_addr.ip();
             if ip.is_unspecified() {
@@ -197,6 +198,28 @@ impl ProviderBuilder {
                 ip.to_string()
             }
         });
+        let mut server = self.server;
+        // Settings may have been given after the services; apply them now.
+        server.set_config(self.config);
+        // The session starts before the first call can arrive, so that rules
+        // it receives are enforced from the start.
+        let session = self.registry.map(|mut config| {
+            config.role = Role::Provider;
+            config.app = self.app.clone();
+            config.host = host.clone();
+            if config.zone.is_empty() {
+                config.zone = self.zone.clone();
+            }
+            RegistrySession::start(config)
+        });
+        let mut rule_watchers = JoinSet::new();
+        if let Some(session) = &session {
+            server.set_admission(Arc::new(Rules::follow(session, &self.keys, &mut rule_watchers)));
+        }
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(listener, async move {
+            let _ = stop_rx.await;
+        }));
         let mut provider = Provider {
             app: self.app.clone(),
             local_addr,
@@ -206,16 +229,10 @@ impl ProviderBuilder {
             unregister_grace: self.unregister_grace,
             stop: Some(stop_tx),
             task: Some(task),
+            _rule_watchers: rule_watchers,
         };
-        if let Some(mut config) = self.registry {
-            config.role = Role::Provider;
-            config.app = self.app.clone();
-            config.host = provider.host.clone();
-            if config.zone.is_empty() {
-                config.zone = self.zone.clone();
-            }
-            let connect_timeout = config.connect_timeout;
-            let session = RegistrySession::start(config);
+        if let Some(session) = session {
+            let connect_timeout = session.config().connect_timeout;
             // Register on a live stream when one comes up in time, so that a
             // refusal fails `start`; otherwise the registration is sent as
             // soon as the ConfigServer is reachable.
@@ -273,6 +290,53 @@ pub struct Provider {
     unregister_grace: Duration,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// Recompile the rules of each service as they are pushed.
+    _rule_watchers: JoinSet<()>,
+}
+
+/// The governance rules of the served services, as the server checks them.
+#[derive(Debug)]
+struct Rules {
+    policies: HashMap<ServiceKey, Arc<RwLock<Arc<ProviderPolicy>>>>,
+}
+
+impl Rules {
+    /// Follows the pushed rules of `keys`; the watchers stop with `tasks`.
+    fn follow(session: &RegistrySession, keys: &[ServiceKey], tasks: &mut JoinSet<()>) -> Rules {
+        let mut policies = HashMap::new();
+        for key in keys {
+            let mut pushed = session.rules(key);
+            let initial = ProviderPolicy::new(&pushed.borrow_and_update(), None);
+            let policy = Arc::new(RwLock::new(Arc::new(initial)));
+            policies.insert(key.clone(), policy.clone());
+            let key = key.clone();
+            tasks.spawn(async move {
+                while pushed.changed().await.is_ok() {
+                    let set = pushed.borrow_and_update().clone();
+                    let previous = policy.read().expect("policy lock").clone();
+                    let next = ProviderPolicy::new(&set, Some(&previous));
+                    info!(service = %key, revision = set.revision, rules = set.rules.len(), "enforcing rules");
+                    *policy.write().expect("policy lock") = Arc::new(next);
+                }
+            });
+        }
+        Rules { policies }
+    }
+}
+
+impl Admission for Rules {
+    fn admit(
+        &self,
+        service: &ServiceKey,
+        method: &str,
+        peer: Option<SocketAddr>,
+        attachments: &HashMap<String, String>,
+    ) -> Result<(), Status> {
+        match self.policies.get(service) {
+            Some(policy) => policy.read().expect("policy lock").admit(method, peer, attachments),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Provider {

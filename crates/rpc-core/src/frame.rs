@@ -108,12 +108,20 @@ pub struct RequestHead<'a> {
     pub method: &'a str,
     pub timeout_ms: u32,
     pub attachments: &'a HashMap<String, String>,
+    /// Attachments the SDK adds (the caller's app, a service token): encoded
+    /// after `attachments`, so that on a repeated key they win.
+    pub extra: &'a [(&'a str, &'a str)],
 }
 
 /// Appends a complete Request frame to `dst`.
 pub fn encode_request(dst: &mut BytesMut, request_id: u64, head: &RequestHead<'_>, payload: &[u8]) {
     let key = head.service;
-    let attachments_len: usize = head.attachments.iter().map(|(k, v)| map_entry_len(6, k, v)).sum();
+    let attachments_len: usize = head
+        .attachments
+        .iter()
+        .map(|(k, v)| map_entry_len(6, k, v))
+        .sum::<usize>()
+        + head.extra.iter().map(|(k, v)| map_entry_len(6, k, v)).sum::<usize>();
     let body_len = str_len(1, &key.interface)
         + str_len(2, &key.version)
         + str_len(3, &key.group)
@@ -145,6 +153,9 @@ pub fn encode_request(dst: &mut BytesMut, request_id: u64, head: &RequestHead<'_
         encode_varint(head.timeout_ms.into(), buf);
     }
     for (k, v) in head.attachments {
+        put_map_entry(6, k, v, buf);
+    }
+    for (k, v) in head.extra {
         put_map_entry(6, k, v, buf);
     }
     put_str(7, payload, buf);
@@ -239,7 +250,7 @@ mod tests {
             payload in proptest::collection::vec(any::<u8>(), 0..300), id in any::<u64>(),
         ) {
             let key = ServiceKey::new(interface.clone(), version.clone(), group.clone());
-            let head = RequestHead { service: &key, method: &method, timeout_ms, attachments: &attachments };
+            let head = RequestHead { service: &key, method: &method, timeout_ms, attachments: &attachments, extra: &[] };
             let frame = decode_one(|b| encode_request(b, id, &head, &payload));
             prop_assert_eq!(frame.header.kind, Kind::Request);
             prop_assert_eq!(frame.header.request_id, id);
@@ -283,6 +294,7 @@ mod tests {
             method: "SayHello",
             timeout_ms: 500,
             attachments: &HashMap::new(),
+            extra: &[],
         };
         let mut wire = BytesMut::new();
         encode_request(&mut wire, 1, &head, &[0x0a, 0x05, b'w', b'o', b'r', b'l', b'd']);

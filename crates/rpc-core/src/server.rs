@@ -72,6 +72,24 @@ pub trait Service: Send + Sync + 'static {
     fn call(&self, method: &str, request: Request<Bytes>) -> BoxFuture<Bytes>;
 }
 
+/// A check every call passes before its method runs (governance rules:
+/// access, tokens, QPS limits). It runs on the connection's task, so it must
+/// not block.
+pub trait Admission: Send + Sync + 'static {
+    /// `Err` refuses the call with that status.
+    ///
+    /// # Errors
+    ///
+    /// The refusal, sent to the caller.
+    fn admit(
+        &self,
+        service: &ServiceKey,
+        method: &str,
+        peer: Option<SocketAddr>,
+        attachments: &HashMap<String, String>,
+    ) -> Result<(), Status>;
+}
+
 /// An incoming call: the message plus what came with it.
 #[derive(Debug, Clone)]
 pub struct Request<T> {
@@ -201,6 +219,7 @@ impl Default for ServerConfig {
 pub struct Server {
     config: ServerConfig,
     services: HashMap<ServiceKey, Arc<dyn Service>>,
+    admission: Option<Arc<dyn Admission>>,
 }
 
 impl fmt::Debug for Server {
@@ -208,6 +227,7 @@ impl fmt::Debug for Server {
         f.debug_struct("Server")
             .field("config", &self.config)
             .field("services", &self.services.keys().collect::<Vec<_>>())
+            .field("admission", &self.admission.is_some())
             .finish()
     }
 }
@@ -217,7 +237,13 @@ impl Server {
         Server {
             config,
             services: HashMap::new(),
+            admission: None,
         }
+    }
+
+    /// Sets the check every call passes before its method runs.
+    pub fn set_admission(&mut self, admission: Arc<dyn Admission>) {
+        self.admission = Some(admission);
     }
 
     /// Adds `service` under its interface name and the given version and
@@ -243,6 +269,7 @@ impl Server {
         let config = self.config;
         let ctx = Arc::new(Ctx {
             services: self.services,
+            admission: self.admission,
             dispatch: DispatchState::new(config.dispatch),
             config: config.clone(),
             stop: CancellationToken::new(),
@@ -300,6 +327,7 @@ impl Server {
 /// What every connection of a server shares.
 struct Ctx {
     services: HashMap<ServiceKey, Arc<dyn Service>>,
+    admission: Option<Arc<dyn Admission>>,
     dispatch: DispatchState,
     config: ServerConfig,
     /// Stop reading new requests.
@@ -572,6 +600,11 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, frame: Frame) -> Answer {
     let Some(service) = ctx.services.get(&key) else {
         return answer(Err(Status::new(Code::ServiceNotFound, key.to_string())));
     };
+    if let Some(admission) = &ctx.admission
+        && let Err(refused) = admission.admit(&key, &body.method, Some(peer), &body.attachments)
+    {
+        return answer(Err(refused));
+    }
     let timeout = (body.timeout_ms > 0).then(|| Duration::from_millis(body.timeout_ms.into()));
     let deadline = timeout.map(|t| Instant::now() + t);
     let request = Request {

@@ -19,6 +19,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 use super::convert::{addr_of, instance_addr};
+use crate::governance::{Rule, RuleSet};
 use crate::{Backoff, ServiceKey};
 
 /// What this node is to the registry.
@@ -57,6 +58,8 @@ pub struct SessionConfig {
     pub backoff: Backoff,
     /// Where to keep the last known provider lists, if anywhere.
     pub cache_file: Option<PathBuf>,
+    /// This app's credential, when the ConfigServer requires one.
+    pub token: String,
 }
 
 impl SessionConfig {
@@ -79,6 +82,7 @@ impl SessionConfig {
                 max: Duration::from_secs(2),
             },
             cache_file: None,
+            token: String::new(),
         }
     }
 }
@@ -134,6 +138,8 @@ struct Inner {
 struct Desired {
     registrations: BTreeMap<(ServiceKey, String), Instance>,
     subscriptions: HashMap<ServiceKey, watch::Sender<Arc<ProviderList>>>,
+    /// The last rules received per service; kept across reconnects.
+    rules: HashMap<ServiceKey, watch::Sender<Arc<RuleSet>>>,
     /// Lists loaded from the cache file, used as subscriptions start.
     cached: HashMap<ServiceKey, ProviderList>,
     /// Set, under this lock, when the desired state is replayed on a new
@@ -268,6 +274,18 @@ impl RegistrySession {
         rx
     }
 
+    /// The governance rules of `key` as last pushed (empty until the first
+    /// push). The server sends them for every service this node registers
+    /// or subscribes to; they are kept while the ConfigServer is away.
+    pub fn rules(&self, key: &ServiceKey) -> watch::Receiver<Arc<RuleSet>> {
+        let mut desired = self.desired();
+        desired
+            .rules
+            .entry(key.clone())
+            .or_insert_with(|| watch::channel(Arc::default()).0)
+            .subscribe()
+    }
+
     /// Closes the stream; the ConfigServer drops this node's instances and
     /// subscriptions at once.
     pub fn shutdown(&self) {
@@ -386,6 +404,7 @@ impl SessionTask {
             host: self.config.host.clone(),
             zone: self.config.zone.clone(),
             labels: self.config.labels.clone(),
+            token: self.config.token.clone(),
         };
         out.try_send(NodeMessage {
             request_id: 0,
@@ -562,6 +581,10 @@ impl SessionTask {
                 None
             }
             Some(server_message::Body::Delta(delta)) => self.apply_delta(delta, epoch),
+            Some(server_message::Body::Rules(rules)) => {
+                self.apply_rules(rules);
+                None
+            }
             Some(server_message::Body::Ack(_)) => {
                 answer(Ok(()));
                 None
@@ -637,6 +660,26 @@ impl SessionTask {
         None
     }
 
+    fn apply_rules(&self, message: pb::Rules) {
+        let Some(key) = message.service.as_ref().map(ServiceKey::from) else {
+            return;
+        };
+        let set = match parse_rules(message.revision, &message.rules_json) {
+            Ok(set) => set,
+            Err(e) => {
+                warn!(service = %key, error = %e, "unreadable rules pushed; keeping the previous ones");
+                return;
+            }
+        };
+        debug!(service = %key, revision = set.revision, rules = set.rules.len(), "rules");
+        let mut desired = self.desired.lock().expect("registry desired lock");
+        let tx = desired
+            .rules
+            .entry(key)
+            .or_insert_with(|| watch::channel(Arc::default()).0);
+        tx.send_replace(Arc::new(set));
+    }
+
     /// Writes the lists to the cache file if they changed since the last
     /// write (called at most once per heartbeat interval, and at stream end).
     async fn save_cache(&self) {
@@ -672,6 +715,24 @@ impl SessionTask {
             warn!(path = %path.display(), error = %e, "cannot save provider cache");
         }
     }
+}
+
+/// A pushed rule set. A rule this version does not understand (a kind added
+/// by a newer server) is skipped with a warning rather than discarding the
+/// whole set.
+fn parse_rules(revision: u64, json: &str) -> Result<RuleSet, serde_json::Error> {
+    let raw: BTreeMap<String, serde_json::Value> = serde_json::from_str(json)?;
+    let rules = raw
+        .into_iter()
+        .filter_map(|(name, value)| match serde_json::from_value::<Rule>(value) {
+            Ok(rule) => Some((name, rule)),
+            Err(e) => {
+                warn!(rule = %name, error = %e, "skipping a rule this node does not understand");
+                None
+            }
+        })
+        .collect();
+    Ok(RuleSet { revision, rules })
 }
 
 fn load_cache(path: &PathBuf) -> HashMap<ServiceKey, ProviderList> {

@@ -1,0 +1,153 @@
+//! Registry access control (off unless a credentials file is given).
+//!
+//! ```toml
+//! # Needed for admin writes and for reading rules (they hold service tokens).
+//! admin-token = "change-me-admin"
+//!
+//! [apps.greeter]
+//! token = "change-me-greeter"
+//! # Service keys this app may register: exact keys, interface names, or
+//! # prefixes ending in '*'. Leave out to let the app register nothing.
+//! provide = ["demo.Greeter:1.0.0", "demo.*"]
+//!
+//! [apps.web]
+//! token = "change-me-web"
+//! ```
+//!
+//! With credentials, a session's Hello must carry its app's token, and an
+//! app may register only the services its `provide` list names.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+use rpc_core::ServiceKey;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Credentials {
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    #[serde(default)]
+    pub apps: HashMap<String, AppCredential>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppCredential {
+    pub token: String,
+    #[serde(default)]
+    pub provide: Vec<String>,
+}
+
+impl Credentials {
+    /// Reads and checks a credentials file.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, is not valid TOML of this shape, or has an
+    /// empty token (named).
+    pub fn from_file(path: &Path) -> anyhow::Result<Credentials> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let credentials: Credentials = toml::from_str(&text).with_context(|| format!("in {}", path.display()))?;
+        if credentials.admin_token.as_deref() == Some("") {
+            anyhow::bail!("in {}: admin-token is empty", path.display());
+        }
+        if let Some((app, _)) = credentials.apps.iter().find(|(_, c)| c.token.is_empty()) {
+            anyhow::bail!("in {}: app {app:?} has an empty token", path.display());
+        }
+        Ok(credentials)
+    }
+
+    /// Checks the token an app presented in Hello.
+    ///
+    /// # Errors
+    ///
+    /// Why the session is refused (unknown app or wrong token).
+    pub fn authenticate(&self, app: &str, token: &str) -> Result<(), String> {
+        match self.apps.get(app) {
+            None => Err(format!("unknown app {app:?}")),
+            Some(c) if !eq(c.token.as_bytes(), token.as_bytes()) => {
+                Err(format!("wrong or missing token for app {app:?}"))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Whether `app` may register `key`.
+    pub fn may_provide(&self, app: &str, key: &ServiceKey) -> bool {
+        let Some(credential) = self.apps.get(app) else {
+            return false;
+        };
+        let text = key.to_string();
+        credential
+            .provide
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => text.starts_with(prefix) || key.interface.starts_with(prefix),
+                None => *pattern == text || *pattern == key.interface,
+            })
+    }
+
+    /// Whether an `Authorization` header value carries the admin token. No
+    /// admin token configured: admin calls are open.
+    pub fn is_admin(&self, authorization: Option<&str>) -> bool {
+        match &self.admin_token {
+            None => true,
+            Some(token) => authorization
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|given| eq(given.as_bytes(), token.as_bytes())),
+        }
+    }
+}
+
+/// Compares without stopping at the first difference.
+fn eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn credentials() -> Credentials {
+        toml::from_str(
+            r#"
+            admin-token = "admin-secret"
+            [apps.greeter]
+            token = "greeter-secret"
+            provide = ["demo.Greeter:1.0", "shop.*"]
+            [apps.web]
+            token = "web-secret"
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn apps_authenticate_with_their_own_token() {
+        let c = credentials();
+        c.authenticate("greeter", "greeter-secret").unwrap();
+        assert!(c.authenticate("greeter", "web-secret").unwrap_err().contains("greeter"));
+        assert!(c.authenticate("rogue", "x").unwrap_err().contains("rogue"));
+    }
+
+    #[test]
+    fn apps_provide_only_what_their_list_names() {
+        let c = credentials();
+        assert!(c.may_provide("greeter", &"demo.Greeter:1.0".parse().unwrap()));
+        assert!(c.may_provide("greeter", &"shop.Cart".parse().unwrap()));
+        assert!(!c.may_provide("greeter", &"demo.Greeter:2.0".parse().unwrap()));
+        assert!(!c.may_provide("web", &"demo.Greeter:1.0".parse().unwrap()));
+    }
+
+    #[test]
+    fn admin_calls_need_the_bearer_token() {
+        let c = credentials();
+        assert!(c.is_admin(Some("Bearer admin-secret")));
+        assert!(!c.is_admin(Some("Bearer nope")));
+        assert!(!c.is_admin(None));
+        assert!(Credentials::default().is_admin(None));
+    }
+}
