@@ -1,9 +1,11 @@
 //! The `configserver` binary: starts, answers its admin API, stops cleanly
-//! on SIGTERM, and refuses bad configuration with a clear message.
+//! on SIGTERM, refuses bad configuration with a clear message, and keeps
+//! rules written with `configserver rules` across a restart.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 fn configserver() -> Command {
@@ -12,10 +14,21 @@ fn configserver() -> Command {
     command
 }
 
-#[test]
-fn serves_admin_api_and_exits_cleanly_on_sigterm() {
+/// A fresh directory for one test's data.
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("configserver-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts the server on free ports with its data in `data_dir`; returns
+/// the child and the admin address.
+fn start(data_dir: &Path) -> (Child, String) {
     let mut child = configserver()
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -25,6 +38,77 @@ fn serves_admin_api_and_exits_cleanly_on_sigterm() {
         .unwrap();
     // "configserver listening <addr> admin <addr>"
     let admin = line.split_whitespace().nth(4).expect("admin address").to_owned();
+    (child, admin)
+}
+
+fn stop(mut child: Child) -> ExitStatus {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "still running 10 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `configserver rules ARGS` against `admin`: (success, stdout, stderr).
+fn rules(admin: &str, args: &[&str]) -> (bool, String, String) {
+    let output = configserver()
+        .args(["rules", "--admin", &format!("http://{admin}"), "--actor", "tester"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn rules_cli_writes_reads_audits_and_rules_survive_a_restart() {
+    let dir = temp_dir("rules-cli");
+    let (child, admin) = start(&dir);
+    let rule = r#"{"kind":"access","deny_apps":["batch"]}"#;
+    let (ok, out, err) = rules(&admin, &["put", "demo.Greeter:1.0.0", "no-batch", rule]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"revision\": 1") && out.contains("batch"), "{out}");
+
+    // A bad rule: refused, exit status 1, the message names field and value.
+    let (ok, _, err) = rules(&admin, &["put", "demo.Greeter:1.0.0", "bad", r#"{"kind":"qps_limit","qps":-3}"#]);
+    assert!(!ok);
+    assert!(err.contains("qps") && err.contains("-3"), "{err}");
+    let (ok, _, err) = rules(&admin, &["get", "demo.Greeter:1.0.0", "bad"]);
+    assert!(!ok && err.contains("404"), "{err}");
+
+    let (ok, out, err) = rules(&admin, &["history", "--service", "demo.Greeter:1.0.0"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"actor\": \"tester\""), "{out}");
+    assert!(stop(child).success());
+
+    // The same data dir: the rule is still there.
+    let (child, admin) = start(&dir);
+    let (ok, out, err) = rules(&admin, &["list"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("no-batch") && out.contains("batch"), "{out}");
+    let (ok, out, err) = rules(&admin, &["delete", "demo.Greeter:1.0.0", "no-batch"]);
+    assert!(ok && out.contains("\"revision\": 2"), "{out}{err}");
+    let (ok, out, _) = rules(&admin, &["list"]);
+    assert!(ok && out.trim() == "[]", "{out}");
+    assert!(stop(child).success());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn serves_admin_api_and_exits_cleanly_on_sigterm() {
+    let dir = temp_dir("sigterm");
+    let (child, admin) = start(&dir);
 
     let mut http = TcpStream::connect(&admin).unwrap();
     http.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
@@ -35,26 +119,14 @@ fn serves_admin_api_and_exits_cleanly_on_sigterm() {
         "{response}"
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "still running 10 s after SIGTERM");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = stop(child);
     assert!(status.success(), "exit status {status}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn bad_configuration_is_refused_naming_the_value() {
-    let dir = std::env::temp_dir().join(format!("configserver-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("bad-config");
     let file = dir.join("bad.toml");
     std::fs::write(&file, "heartbeat-intervl-ms = 500\n").unwrap();
     let output = configserver().arg("--config").arg(&file).output().unwrap();
@@ -65,6 +137,8 @@ fn bad_configuration_is_refused_naming_the_value() {
     let output = configserver()
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(["--heartbeat-interval-ms", "3000", "--heartbeat-timeout-ms", "1000"])
+        .arg("--data-dir")
+        .arg(&dir)
         .output()
         .unwrap();
     assert!(!output.status.success());
