@@ -3,7 +3,8 @@
 //!
 //! - `tern-node configserver [configserver flags]`: the ConfigServer, same
 //!   code as the `configserver` binary.
-//! - `tern-node provider [--bind ADDR] [--registry ADDR,...] [--name NAME]`:
+//! - `tern-node provider [--bind ADDR] [--registry ADDR,...] [--name NAME]
+//!   [--app APP] [--zone ZONE] [--label K=V]... [--token TOKEN]`:
 //!   prints `listening <addr>` once serving (and registered, with a
 //!   registry), and `begin <id>` when a call with a non-zero `delay_ms` starts
 //!   waiting, so a test can act while calls are in flight. Stops gracefully
@@ -47,6 +48,23 @@ struct ProviderArgs {
     version: String,
     #[arg(long, default_value_t = 300)]
     unregister_grace_ms: u64,
+    /// Application name reported to the ConfigServer.
+    #[arg(long, default_value = "tern-node")]
+    app: String,
+    #[arg(long, default_value = "")]
+    zone: String,
+    /// Instance metadata (`key=value`), matched by route rules.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// The app's credential, when the ConfigServer requires one.
+    #[arg(long, default_value = "")]
+    token: String,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("label {text:?} is not key=value"))
 }
 
 struct Service {
@@ -93,13 +111,19 @@ async fn provider(args: ProviderArgs) -> Result<(), Box<dyn std::error::Error>> 
     let addr = listener.local_addr()?;
     let name = args.name.unwrap_or_else(|| addr.to_string());
     let mut builder = Provider::builder()
-        .app("tern-node")
+        .app(args.app.clone())
+        .zone(args.zone)
         .listener(listener)
         .unregister_grace(Duration::from_millis(args.unregister_grace_ms))
         .service_with(EchoServer::new(Service { name: name.clone() }), &args.version, "")
         .service_with(GreeterServer::new(Service { name }), &args.version, "");
+    for (key, value) in args.labels {
+        builder = builder.metadata(key, value);
+    }
     if !args.registry.is_empty() {
-        builder = builder.registry(SessionConfig::new(args.registry, "tern-node", Role::Provider));
+        let mut session = SessionConfig::new(args.registry, args.app, Role::Provider);
+        session.token = args.token;
+        builder = builder.registry(session);
     }
     // Handlers first: a signal right after the ready line must not kill us.
     let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);

@@ -65,6 +65,46 @@ impl Node {
         (node, addr)
     }
 
+    /// A provider like [`Node::provider`] with more flags (`--app`,
+    /// `--zone`, `--label`, `--token`).
+    pub fn provider_with(registry: SocketAddr, name: &str, extra: &[&str]) -> (Node, SocketAddr) {
+        let registry = registry.to_string();
+        let mut args = vec!["provider", "--registry", &registry, "--name", name];
+        args.extend_from_slice(extra);
+        let node = Node::spawn(&args);
+        let addr = node.first_line[1].parse().expect("provider address");
+        (node, addr)
+    }
+
+    /// Runs `tern-node ARGS` to its end (bounded); its exit status and stderr.
+    pub fn run_to_end(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tern-node"))
+            .args(args)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tern-node starts");
+        let mut stderr = child.stderr.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        });
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("tern-node {args:?} still running after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        (status, reader.join().unwrap())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -123,16 +163,29 @@ pub fn free_port() -> u16 {
 
 /// `GET path` over HTTP/1.0; the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    Ok(http(addr, "GET", path, "").await?.1)
+}
+
+/// One HTTP/1.0 request; `(status code, body)`.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-        .await?;
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    Ok(response
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Reads one counter from a Prometheus text page.

@@ -81,7 +81,10 @@ fn rules_cli_writes_reads_audits_and_rules_survive_a_restart() {
     assert!(out.contains("\"revision\": 1") && out.contains("batch"), "{out}");
 
     // A bad rule: refused, exit status 1, the message names field and value.
-    let (ok, _, err) = rules(&admin, &["put", "demo.Greeter:1.0.0", "bad", r#"{"kind":"qps_limit","qps":-3}"#]);
+    let (ok, _, err) = rules(
+        &admin,
+        &["put", "demo.Greeter:1.0.0", "bad", r#"{"kind":"qps_limit","qps":-3}"#],
+    );
     assert!(!ok);
     assert!(err.contains("qps") && err.contains("-3"), "{err}");
     let (ok, _, err) = rules(&admin, &["get", "demo.Greeter:1.0.0", "bad"]);

@@ -461,6 +461,11 @@ pub struct MethodConfig {
 }
 
 impl Reference {
+    /// Revision of the governance rules this reference applies (0: none yet).
+    pub fn rules_revision(&self) -> u64 {
+        self.inner.directory.policy().revision
+    }
+
     pub fn service(&self) -> &ServiceKey {
         &self.inner.key
     }

@@ -1,0 +1,416 @@
+//! End-to-end tests of governance rules with real processes: the
+//! ConfigServer and providers run as `tern-node` children, consumers run
+//! here, rules are written through the admin API.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{Node, free_port, http};
+use rpc_core::Error;
+use rpc_core::registry::{Role, SessionConfig};
+use tern::consumer::{Balance, Consumer, ConsumerConfig, Reference};
+use tern::demo::{GreeterClient, HelloRequest};
+use tern_proto::registry::registry_client::RegistryClient;
+use tern_proto::registry::{self as pb, NodeMessage, node_message, server_message};
+
+/// Bound on any single wait.
+const LIMIT: Duration = Duration::from_secs(15);
+const SERVICE: &str = "demo.Greeter:1.0.0";
+
+/// Writes a rule through the admin API; its revision.
+async fn put_rule(admin: SocketAddr, name: &str, rule: &str) -> u64 {
+    let path = format!("/api/rule?service={SERVICE}&name={name}");
+    let (status, body) = http(admin, "PUT", &path, rule).await.unwrap();
+    assert_eq!(status, 200, "PUT {name}: {body}");
+    let stored: serde_json::Value = serde_json::from_str(&body).unwrap();
+    stored["revision"].as_u64().expect("revision")
+}
+
+struct Who<'a> {
+    app: &'a str,
+    zone: &'a str,
+    labels: &'a [(&'a str, &'a str)],
+}
+
+const WEB: Who<'static> = Who {
+    app: "web",
+    zone: "",
+    labels: &[],
+};
+
+fn consumer(registry: SocketAddr, who: Who<'_>, balance: Balance) -> GreeterClient<Reference> {
+    let mut session = SessionConfig::new([registry.to_string()], who.app, Role::Consumer);
+    session.zone = who.zone.to_owned();
+    session.labels = who.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let consumer = Consumer::new(ConsumerConfig {
+        app: who.app.to_owned(),
+        registry: Some(session),
+        ..ConsumerConfig::default()
+    });
+    consumer
+        .reference::<GreeterClient<_>>()
+        .version("1.0.0")
+        .timeout(Duration::from_secs(2))
+        .balance(balance)
+        // Providers here are seconds old: no warm-up ramp on their weights.
+        .warmup(Duration::ZERO)
+        .build()
+        .unwrap()
+}
+
+async fn wait_for_providers(client: &GreeterClient<Reference>, n: usize) {
+    let ok = client.invoker().wait_for_providers(LIMIT, |p| p.len() == n).await;
+    assert!(ok, "expected {n} providers, have {:?}", client.invoker().providers());
+}
+
+/// Waits until the consumer applies rules of at least `revision`.
+async fn wait_for_rules(client: &GreeterClient<Reference>, revision: u64) {
+    let deadline = Instant::now() + LIMIT;
+    while client.invoker().rules_revision() < revision {
+        assert!(
+            Instant::now() < deadline,
+            "consumer never applied rules revision {revision}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn hello(client: &GreeterClient<Reference>) -> Result<String, Error> {
+    client
+        .say_hello(HelloRequest { name: "rules".into() })
+        .await
+        .map(|r| r.served_by)
+}
+
+/// Calls until `done` holds for a result (bounded); the time it took.
+async fn call_until(
+    client: &GreeterClient<Reference>,
+    what: &str,
+    done: impl Fn(&Result<String, Error>) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let result = hello(client).await;
+        if done(&result) {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < LIMIT, "never saw {what}; last result {result:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Shares of `calls` calls by provider name.
+async fn shares(client: &GreeterClient<Reference>, calls: usize) -> HashMap<String, f64> {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..calls {
+        *counts.entry(hello(client).await.unwrap()).or_default() += 1;
+    }
+    counts.into_iter().map(|(k, v)| (k, v as f64 / calls as f64)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_consumer_gets_forbidden_within_a_second_while_others_go_on() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &[]);
+    let (_provider, _) = Node::provider(registry, "a");
+    let web = consumer(registry, WEB, Balance::Random);
+    let batch = consumer(registry, Who { app: "batch", ..WEB }, Balance::Random);
+    wait_for_providers(&web, 1).await;
+    wait_for_providers(&batch, 1).await;
+    hello(&batch).await.unwrap();
+
+    let written = Instant::now();
+    put_rule(admin, "no-batch", r#"{"kind":"access","deny_apps":["batch"]}"#).await;
+    call_until(&batch, "Forbidden", |r| matches!(r, Err(Error::Forbidden(_)))).await;
+    let took = written.elapsed();
+    eprintln!("deny rule enforced {took:?} after the write");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let Err(Error::Forbidden(message)) = hello(&batch).await else {
+        panic!("batch allowed again")
+    };
+    assert!(message.contains("no-batch") && message.contains("batch"), "{message}");
+    assert_eq!(hello(&web).await.unwrap(), "a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qps_limit_holds_the_provider_to_its_rate_under_heavier_load() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &[]);
+    let (_provider, _) = Node::provider(registry, "a");
+    let client = consumer(registry, WEB, Balance::Random);
+    wait_for_providers(&client, 1).await;
+    put_rule(admin, "limit", r#"{"kind":"qps_limit","qps":100}"#).await;
+    call_until(&client, "RateLimited", |r| matches!(r, Err(Error::RateLimited(_)))).await;
+
+    // Eight callers back to back: far more than 100 calls/s offered.
+    let window = Duration::from_secs(3);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let (mut ok, mut limited) = (0u64, 0u64);
+            while start.elapsed() < window {
+                match hello(&client).await {
+                    Ok(_) => ok += 1,
+                    Err(Error::RateLimited(_)) => limited += 1,
+                    Err(e) => panic!("unexpected failure {e}"),
+                }
+            }
+            (ok, limited)
+        });
+    }
+    let (mut ok, mut limited) = (0, 0);
+    while let Some(counts) = tasks.join_next().await {
+        let (o, l) = counts.unwrap();
+        ok += o;
+        limited += l;
+    }
+    let rate = ok as f64 / start.elapsed().as_secs_f64();
+    eprintln!(
+        "{ok} admitted, {limited} limited in {:?}: {rate:.1} calls/s",
+        start.elapsed()
+    );
+    assert!(
+        limited > ok,
+        "the load was not heavier than the limit: {limited} limited, {ok} admitted"
+    );
+    assert!((90.0..=110.0).contains(&rate), "{rate:.1} calls/s admitted, limit 100");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_override_shifts_the_shares() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &[]);
+    let (_a, a) = Node::provider(registry, "a");
+    let (_b, _) = Node::provider(registry, "b");
+    let client = consumer(registry, WEB, Balance::RoundRobin);
+    wait_for_providers(&client, 2).await;
+    let before = shares(&client, 400).await;
+    assert!((before["a"] - 0.5).abs() < 0.05, "{before:?}");
+
+    let rule = format!(r#"{{"kind":"weight","overrides":[{{"address":"{a}","weight":300}}]}}"#);
+    let revision = put_rule(admin, "a-heavier", &rule).await;
+    wait_for_rules(&client, revision).await;
+    let after = shares(&client, 2000).await;
+    eprintln!("shares before {before:?}, after a=300 b=100: {after:?}");
+    assert!((after["a"] - 0.75).abs() < 0.03, "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_affinity_keeps_calls_in_zone_and_falls_back_when_the_zone_empties() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &[]);
+    let (mut near, _) = Node::provider_with(registry, "near", &["--zone", "z1"]);
+    let (_far1, _) = Node::provider_with(registry, "far1", &["--zone", "z2"]);
+    let (_far2, _) = Node::provider_with(registry, "far2", &["--zone", "z2"]);
+    let client = consumer(registry, Who { zone: "z1", ..WEB }, Balance::Random);
+    wait_for_providers(&client, 3).await;
+    let revision = put_rule(
+        admin,
+        "stay-in-zone",
+        r#"{"kind":"zone_affinity","min_healthy_share":0.5}"#,
+    )
+    .await;
+    wait_for_rules(&client, revision).await;
+    let in_zone = shares(&client, 200).await;
+    assert_eq!(in_zone.get("near"), Some(&1.0), "{in_zone:?}");
+
+    near.kill_hard();
+    wait_for_providers(&client, 2).await;
+    let fallback = shares(&client, 200).await;
+    eprintln!("in zone: {in_zone:?}; after the zone emptied: {fallback:?}");
+    assert!(
+        fallback.get("far1").is_some() && fallback.get("far2").is_some(),
+        "{fallback:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_sends_matching_consumers_to_matching_providers() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &[]);
+    let (_stable, _) = Node::provider_with(registry, "stable", &["--label", "env=stable"]);
+    let (_gray, _) = Node::provider_with(registry, "gray", &["--label", "env=gray"]);
+    let tester = consumer(
+        registry,
+        Who {
+            labels: &[("env", "gray")],
+            ..WEB
+        },
+        Balance::Random,
+    );
+    let plain = consumer(registry, WEB, Balance::Random);
+    wait_for_providers(&tester, 2).await;
+    wait_for_providers(&plain, 2).await;
+
+    // A route whose providers do not exist is refused, naming the field.
+    let path = format!("/api/rule?service={SERVICE}&name=nowhere");
+    let (status, body) = http(
+        admin,
+        "PUT",
+        &path,
+        r#"{"kind":"route","when":{"labels":{"env":"gray"}},"then":{"env":"canary"}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("then") && body.contains("canary"), "{body}");
+
+    let rule = r#"{"kind":"route","when":{"labels":{"env":"gray"}},"then":{"env":"gray"}}"#;
+    let revision = put_rule(admin, "gray", rule).await;
+    wait_for_rules(&tester, revision).await;
+    wait_for_rules(&plain, revision).await;
+    assert_eq!(shares(&tester, 100).await.get("gray"), Some(&1.0));
+    let spread = shares(&plain, 200).await;
+    assert!(
+        spread.len() == 2,
+        "a consumer the route does not match uses every provider: {spread:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_without_the_service_token_are_refused() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &[]);
+    let (_provider, addr) = Node::provider(registry, "a");
+    let web = consumer(registry, WEB, Balance::Random);
+    let batch = consumer(registry, Who { app: "batch", ..WEB }, Balance::Random);
+    wait_for_providers(&web, 1).await;
+    put_rule(admin, "web-only", r#"{"kind":"access","allow_apps":["web"]}"#).await;
+    let revision = put_rule(admin, "token", r#"{"kind":"token"}"#).await;
+    wait_for_rules(&web, revision).await;
+    wait_for_rules(&batch, revision).await;
+
+    // The ConfigServer handed the token to web, which the rules allow.
+    call_until(&web, "a call with the token", Result::is_ok).await;
+    // A consumer that does not go through the registry has no token.
+    let direct = Consumer::new(ConsumerConfig {
+        app: "web".into(),
+        ..ConsumerConfig::default()
+    })
+    .reference::<GreeterClient<_>>()
+    .version("1.0.0")
+    .direct([addr])
+    .build()
+    .unwrap();
+    let refused = hello(&direct).await.unwrap_err();
+    assert!(matches!(refused, Error::Unauthenticated(_)), "{refused}");
+    // batch was not sent the token, and is denied anyway.
+    assert!(matches!(hello(&batch).await, Err(Error::Forbidden(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_survive_a_configserver_restart_and_providers_enforce_them_while_it_is_down() {
+    let dir = std::env::temp_dir().join(format!("tern-governance-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data_dir = dir.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let flags = [
+        "--data-dir",
+        data_dir,
+        "--heartbeat-interval-ms",
+        "200",
+        "--heartbeat-timeout-ms",
+        "600",
+    ];
+    let (mut cs, registry, admin) = Node::configserver(&listen, &flags);
+    let (_provider, _) = Node::provider(registry, "a");
+    let batch = consumer(registry, Who { app: "batch", ..WEB }, Balance::Random);
+    wait_for_providers(&batch, 1).await;
+    put_rule(admin, "no-batch", r#"{"kind":"access","deny_apps":["batch"]}"#).await;
+    call_until(&batch, "Forbidden", |r| matches!(r, Err(Error::Forbidden(_)))).await;
+
+    // The ConfigServer dies. Past the nodes' silence timeout (600 ms) the
+    // provider has no server, and still refuses batch.
+    cs.kill_hard();
+    let observe = Instant::now();
+    let mut calls = 0;
+    while observe.elapsed() < Duration::from_millis(1500) {
+        let result = hello(&batch).await;
+        assert!(matches!(result, Err(Error::Forbidden(_))), "{result:?}");
+        calls += 1;
+    }
+    eprintln!("{calls} calls refused while the ConfigServer was down");
+
+    // Back with the same data dir: a provider that starts now gets the rule
+    // from the store.
+    let (_cs, registry, _) = Node::configserver(&listen, &flags);
+    let (_fresh, fresh) = Node::provider(registry, "fresh");
+    let fresh_only = Consumer::new(ConsumerConfig {
+        app: "batch".into(),
+        ..ConsumerConfig::default()
+    })
+    .reference::<GreeterClient<_>>()
+    .version("1.0.0")
+    .direct([fresh])
+    .build()
+    .unwrap();
+    let refused = hello(&fresh_only).await.unwrap_err();
+    assert!(matches!(refused, Error::Forbidden(_)), "{refused}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_credentials_apps_must_authenticate_and_provide_only_their_services() {
+    let dir = std::env::temp_dir().join(format!("tern-credentials-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("credentials.toml");
+    std::fs::write(
+        &file,
+        r#"
+        admin-token = "admin-secret-1"
+        [apps.greeter]
+        token = "greeter-secret"
+        provide = ["demo.Greeter:1.0.0", "demo.Echo:1.0.0"]
+        [apps.rogue]
+        token = "rogue-secret"
+        "#,
+    )
+    .unwrap();
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &["--credentials", file.to_str().unwrap()]);
+
+    // The allowed app registers; the rogue one is refused with a clear error.
+    let (_good, _) = Node::provider_with(registry, "good", &["--app", "greeter", "--token", "greeter-secret"]);
+    let registry_flag = registry.to_string();
+    let (status, stderr) = Node::run_to_end(
+        &[
+            "provider",
+            "--registry",
+            &registry_flag,
+            "--app",
+            "rogue",
+            "--token",
+            "rogue-secret",
+        ],
+        LIMIT,
+    );
+    assert!(!status.success());
+    assert!(
+        stderr.contains("may not provide") && stderr.contains("rogue"),
+        "{stderr}"
+    );
+
+    // A wrong token ends the session at Hello.
+    let mut client = RegistryClient::connect(format!("http://{registry}")).await.unwrap();
+    let hello = NodeMessage {
+        request_id: 1,
+        body: Some(node_message::Body::Hello(pb::Hello {
+            app: "greeter".into(),
+            token: "guess".into(),
+            ..pb::Hello::default()
+        })),
+    };
+    let mut answers = client.session(tokio_stream::iter([hello])).await.unwrap().into_inner();
+    let answer = answers.message().await.unwrap().expect("an answer");
+    let Some(server_message::Body::Error(error)) = answer.body else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(error.kind, "unauthenticated", "{error:?}");
+
+    // Admin writes need the admin token.
+    let path = format!("/api/rule?service={SERVICE}&name=x");
+    let (status, _) = http(admin, "PUT", &path, r#"{"kind":"qps_limit","qps":5}"#)
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+    std::fs::remove_dir_all(dir).unwrap();
+}
