@@ -5,6 +5,8 @@
 //! - `bench registry`: the ConfigServer under many sessions (see
 //!   [`registry`]).
 //! - `bench failover`: consumer fault tolerance (see [`failover`]).
+//! - `bench rules`: a governance rule change until every node enforces it
+//!   (see [`rules`]).
 //!
 //! Each system under test runs in its own process (`bench serve ...`,
 //! started by the driver); the driver process generates the load.
@@ -15,6 +17,7 @@ mod proc_stats;
 mod raw;
 mod registry;
 mod rpc;
+mod rules;
 mod systems;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +42,8 @@ enum Command {
     Failover(failover::FailoverArgs),
     /// ConfigServer: registration rate, push latency, storm, memory.
     Registry(registry::RegistryArgs),
+    /// Governance: a rule change until every node enforces it.
+    Rules(rules::RulesArgs),
     /// Runs one system's echo server (started by the driver).
     #[command(hide = true)]
     Serve(systems::ServeArgs),
@@ -60,6 +65,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Rpc(args) => runtime.block_on(rpc::run(args)),
         Command::Registry(args) => runtime.block_on(registry::run(args)),
+        Command::Rules(args) => runtime.block_on(rules::run(args)),
         Command::Failover(args) => runtime.block_on(failover::run(args)),
         Command::Serve(args) => runtime.block_on(systems::serve(args)),
         Command::ServeConfigserver(_) => unreachable!("handled above"),

@@ -59,15 +59,15 @@ pub struct RegistryArgs {
     storm_subscribers: usize,
 }
 
-/// The ConfigServer child process.
-struct Server {
+/// The ConfigServer child process (rules in memory).
+pub(crate) struct Server {
     child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
+    pub(crate) addr: SocketAddr,
+    pub(crate) admin: SocketAddr,
 }
 
 impl Server {
-    fn start() -> anyhow::Result<Server> {
+    pub(crate) fn start() -> anyhow::Result<Server> {
         let mut child = Command::new(std::env::current_exe()?)
             .args([
                 "serve-configserver",

@@ -52,9 +52,19 @@ pub struct ServeArgs {
 }
 
 #[derive(Default)]
-struct EchoService {
+pub(crate) struct EchoService {
     name: String,
     delay: std::time::Duration,
+}
+
+impl EchoService {
+    /// An echo service answering with `served_by: name`.
+    pub(crate) fn named(name: impl Into<String>) -> EchoService {
+        EchoService {
+            name: name.into(),
+            ..EchoService::default()
+        }
+    }
 }
 
 impl proto::Echo for EchoService {

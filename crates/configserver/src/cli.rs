@@ -158,29 +158,9 @@ async fn call(cli: &RulesCli) -> anyhow::Result<String> {
             None,
         ),
     };
-    let url = format!("{}{path}", cli.admin.trim_end_matches('/'));
-    let mut request = Request::builder().method(method).uri(&url);
-    if let Some(token) = &cli.token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
     let actor = cli.actor.clone().or_else(|| std::env::var("USER").ok());
-    if let Some(actor) = actor {
-        request = request.header("x-tern-actor", actor);
-    }
-    let request = request
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .with_context(|| format!("bad admin URL {url:?}"))?;
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
-        .await
-        .with_context(|| format!("{url}: no answer within 10 s"))?
-        .with_context(|| format!("cannot reach {url}"))?;
-    let status = response.status();
-    let bytes = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
-        .await
-        .with_context(|| format!("{url}: answer not complete within 10 s"))??
-        .to_bytes();
+    let client = AdminClient::new(&cli.admin, cli.token.clone(), actor);
+    let (status, bytes) = client.send(method, &path, body.unwrap_or_default()).await?;
     let text = String::from_utf8_lossy(&bytes);
     let pretty = serde_json::from_slice::<serde_json::Value>(&bytes)
         .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
@@ -193,6 +173,78 @@ async fn call(cli: &RulesCli) -> anyhow::Result<String> {
         bail!("{status}: {message}");
     }
     Ok(pretty)
+}
+
+/// A client of the admin API (keeps its connection between requests).
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    base: String,
+    token: Option<String>,
+    actor: Option<String>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+/// Longest wait for an admin answer.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl AdminClient {
+    /// `base` is e.g. `http://127.0.0.1:9601`.
+    pub fn new(base: &str, token: Option<String>, actor: Option<String>) -> AdminClient {
+        AdminClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            actor,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Sends one request; the status and body.
+    ///
+    /// # Errors
+    ///
+    /// A bad URL, no connection, or no complete answer within 10 s.
+    pub async fn send(&self, method: Method, path: &str, body: String) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
+        let url = format!("{}{path}", self.base);
+        let mut request = Request::builder().method(method).uri(&url);
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if let Some(actor) = &self.actor {
+            request = request.header("x-tern-actor", actor);
+        }
+        let request = request
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .with_context(|| format!("bad admin URL {url:?}"))?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .with_context(|| format!("cannot reach {url}"))?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, bytes))
+        };
+        tokio::time::timeout(ADMIN_TIMEOUT, exchange)
+            .await
+            .with_context(|| format!("{url}: no complete answer within {ADMIN_TIMEOUT:?}"))?
+    }
+
+    /// `PUT /api/rule`; the stored rule's revision.
+    ///
+    /// # Errors
+    ///
+    /// See [`AdminClient::send`]; a refusal carries the server's message.
+    pub async fn put_rule(&self, service: &str, name: &str, rule: &str) -> anyhow::Result<u64> {
+        let path = format!("/api/rule?service={}&name={}", encode(service), encode(name));
+        let (status, bytes) = self.send(Method::PUT, &path, rule.to_owned()).await?;
+        if !status.is_success() {
+            bail!("{status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        let stored: serde_json::Value = serde_json::from_slice(&bytes)?;
+        stored["revision"].as_u64().context("no revision in the answer")
+    }
 }
 
 /// Percent-encodes a query value.

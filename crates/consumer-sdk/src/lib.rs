@@ -493,10 +493,22 @@ impl Reference {
     /// Waits until the provider list satisfies `ready` (e.g. non-empty), at
     /// most `timeout`; returns whether it did.
     pub async fn wait_for_providers(&self, timeout: Duration, ready: impl Fn(&[SocketAddr]) -> bool) -> bool {
+        self.wait_until(timeout, |r| ready(&r.providers())).await
+    }
+
+    /// Waits until this reference applies governance rules of at least
+    /// `revision` (pushed, compiled and in use for the next call); false
+    /// if `timeout` passes first.
+    pub async fn wait_for_rules(&self, revision: u64, timeout: Duration) -> bool {
+        self.wait_until(timeout, |r| r.rules_revision() >= revision).await
+    }
+
+    /// Waits, re-checking after every directory change, until `ready`.
+    async fn wait_until(&self, timeout: Duration, ready: impl Fn(&Reference) -> bool) -> bool {
         let mut changes = self.inner.directory.changes();
         let wait = async {
             loop {
-                if ready(&self.providers()) {
+                if ready(self) {
                     return;
                 }
                 if changes.changed().await.is_err() {
