@@ -51,7 +51,7 @@ const RULE_NAME: &str = "bench-access";
 
 /// The rule of change `i`: even changes deny `probe`, odd ones allow it.
 fn rule(i: usize) -> (String, bool) {
-    let deny = i % 2 == 0;
+    let deny = i.is_multiple_of(2);
     let app = if deny {
         "probe".to_owned()
     } else {
