@@ -350,6 +350,49 @@ async fn rules_survive_a_configserver_restart_and_providers_enforce_them_while_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_restarted_while_the_configserver_is_down_keeps_its_token_from_the_cache() {
+    let cache = std::env::temp_dir().join(format!("tern-rules-cache-{}.bin", std::process::id()));
+    let _ = std::fs::remove_file(&cache);
+    let consumer_with_cache = |registry: SocketAddr| {
+        let mut session = SessionConfig::new([registry.to_string()], "web", Role::Consumer);
+        session.cache_file = Some(cache.clone());
+        Consumer::new(ConsumerConfig {
+            app: "web".into(),
+            registry: Some(session),
+            ..ConsumerConfig::default()
+        })
+        .reference::<GreeterClient<_>>()
+        .version("1.0.0")
+        .build()
+        .unwrap()
+    };
+    let (mut cs, registry, admin) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let (_provider, _) = Node::provider(registry, "a");
+    let revision = put_rule(admin, "token", r#"{"kind":"token","token":"cached-token-123"}"#).await;
+    let first = consumer_with_cache(registry);
+    wait_for_providers(&first, 1).await;
+    wait_for_rules(&first, revision).await;
+    hello(&first).await.unwrap();
+    // The cache file is rewritten at the session's next heartbeat.
+    let start = Instant::now();
+    while !std::fs::read(&cache).is_ok_and(|b| b.windows(16).any(|w| w == b"cached-token-123")) {
+        assert!(start.elapsed() < LIMIT, "rules never written to the cache file");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(first);
+    cs.kill_hard();
+
+    let second = consumer_with_cache(registry);
+    assert_eq!(
+        second.invoker().rules_revision(),
+        revision,
+        "rules come from the cache, at once"
+    );
+    assert_eq!(hello(&second).await.unwrap(), "a");
+    let _ = std::fs::remove_file(&cache);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_credentials_apps_must_authenticate_and_provide_only_their_services() {
     let dir = std::env::temp_dir().join(format!("tern-credentials-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -389,7 +432,21 @@ async fn with_credentials_apps_must_authenticate_and_provide_only_their_services
         "{stderr}"
     );
 
-    // A wrong token ends the session at Hello.
+    // A wrong token ends the session at Hello: a provider with one fails to start.
+    let (status, stderr) = Node::run_to_end(
+        &[
+            "provider",
+            "--registry",
+            &registry_flag,
+            "--app",
+            "greeter",
+            "--token",
+            "guess",
+        ],
+        LIMIT,
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("refused") && stderr.contains("greeter"), "{stderr}");
     let mut client = RegistryClient::connect(format!("http://{registry}")).await.unwrap();
     let hello = NodeMessage {
         request_id: 1,

@@ -67,6 +67,8 @@ pub enum ProviderError {
     NoService { app: String },
     #[error("registering {service}: {source}")]
     Registry { service: String, source: RegistryError },
+    #[error("the configserver refused this provider's session: {reason}")]
+    Refused { reason: String },
 }
 
 /// Builds a [`Provider`].
@@ -241,6 +243,12 @@ impl ProviderBuilder {
                 .await
                 .is_err()
             {
+                // A refused credential will not fix itself: fail the start.
+                if let Some(reason) = session.refusal() {
+                    provider.registry = Some(session);
+                    provider.shutdown().await;
+                    return Err(ProviderError::Refused { reason });
+                }
                 warn!(app = %self.app, "configserver not reachable yet; registering when it is");
             }
             let started_ms = SystemTime::now()

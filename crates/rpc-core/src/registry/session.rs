@@ -100,6 +100,13 @@ pub enum RegistryError {
     Stopped,
 }
 
+/// Stream-level refusals that retrying cannot fix (a bad credential).
+fn is_refusal(reason: &str) -> bool {
+    reason.starts_with(REFUSED)
+}
+
+const REFUSED: &str = "refused: ";
+
 /// The providers of one service as this node knows them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProviderList {
@@ -128,6 +135,8 @@ struct Inner {
     config: SessionConfig,
     commands: mpsc::Sender<Command>,
     desired: Arc<Mutex<Desired>>,
+    /// Why the last server refused the session, if it did (cleared on connect).
+    refusal: Arc<Mutex<Option<String>>>,
     connected: watch::Receiver<Option<String>>,
     stop: CancellationToken,
     _stop_guard: DropGuard,
@@ -168,12 +177,19 @@ impl RegistrySession {
         let stop = CancellationToken::new();
         let mut desired = Desired::default();
         if let Some(path) = &config.cache_file {
-            desired.cached = load_cache(path);
+            let (lists, rules) = load_cache(path);
+            desired.cached = lists;
+            desired.rules = rules
+                .into_iter()
+                .map(|(key, set)| (key, watch::channel(Arc::new(set)).0))
+                .collect();
         }
         let desired = Arc::new(Mutex::new(desired));
+        let refusal = Arc::new(Mutex::new(None));
         let task = SessionTask {
             config: config.clone(),
             desired: desired.clone(),
+            refusal: refusal.clone(),
             connected: connected_tx,
             stop: stop.clone(),
             rng: SmallRng::from_os_rng(),
@@ -184,6 +200,7 @@ impl RegistrySession {
                 config,
                 commands,
                 desired,
+                refusal,
                 connected,
                 _stop_guard: stop.clone().drop_guard(),
                 stop,
@@ -198,6 +215,12 @@ impl RegistrySession {
 
     pub fn config(&self) -> &SessionConfig {
         &self.inner.config
+    }
+
+    /// Why the ConfigServer refused this node's session (e.g. a wrong
+    /// token), if its last answer was a refusal.
+    pub fn refusal(&self) -> Option<String> {
+        self.inner.refusal.lock().expect("refusal lock").clone()
     }
 
     /// Registers a provider instance: now if connected (waiting for the
@@ -342,6 +365,7 @@ fn subscribe_message(key: &ServiceKey, known: Option<(String, u64)>) -> node_mes
 struct SessionTask {
     config: SessionConfig,
     desired: Arc<Mutex<Desired>>,
+    refusal: Arc<Mutex<Option<String>>>,
     connected: watch::Sender<Option<String>>,
     stop: CancellationToken,
     rng: SmallRng,
@@ -375,6 +399,11 @@ impl SessionTask {
                 Ok(reason) => {
                     failures = 0;
                     warn!(%server, %reason, "configserver stream ended; reconnecting");
+                }
+                Err(reason) if is_refusal(&reason) => {
+                    failures = failures.saturating_add(1);
+                    warn!(%server, %reason, "configserver refused this node's session; check its app name and token");
+                    *self.refusal.lock().expect("refusal lock") = Some(reason);
                 }
                 Err(reason) => {
                     failures = failures.saturating_add(1);
@@ -428,7 +457,7 @@ impl SessionTask {
             Ok(Ok(Some(ServerMessage {
                 body: Some(server_message::Body::Error(e)),
                 ..
-            }))) => return Err(format!("refused: {}", e.message)),
+            }))) => return Err(format!("{REFUSED}{} ({})", e.message, e.kind)),
             other => return Err(format!("expected Welcome, got {other:?}")),
         };
         let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100).into());
@@ -449,6 +478,7 @@ impl SessionTask {
                 return Ok("stream closed during replay".into());
             }
         }
+        self.refusal.lock().expect("refusal lock").take();
         self.connected.send_replace(Some(welcome.epoch.clone()));
 
         let mut pending: HashMap<u64, oneshot::Sender<Result<(), RegistryError>>> = HashMap::new();
@@ -678,6 +708,7 @@ impl SessionTask {
             .entry(key)
             .or_insert_with(|| watch::channel(Arc::default()).0);
         tx.send_replace(Arc::new(set));
+        desired.cache_dirty = true;
     }
 
     /// Writes the lists to the cache file if they changed since the last
@@ -689,7 +720,20 @@ impl SessionTask {
             if !std::mem::take(&mut desired.cache_dirty) {
                 return;
             }
+            let rules = desired
+                .rules
+                .iter()
+                .map(|(key, tx)| {
+                    let set = tx.borrow();
+                    pb::Rules {
+                        service: Some(key.into()),
+                        revision: set.revision,
+                        rules_json: serde_json::to_string(&set.rules).expect("rules serialize"),
+                    }
+                })
+                .collect();
             ProviderCache {
+                rules,
                 services: desired
                     .subscriptions
                     .iter()
@@ -735,20 +779,22 @@ fn parse_rules(revision: u64, json: &str) -> Result<RuleSet, serde_json::Error> 
     Ok(RuleSet { revision, rules })
 }
 
-fn load_cache(path: &PathBuf) -> HashMap<ServiceKey, ProviderList> {
+type Cached = (HashMap<ServiceKey, ProviderList>, HashMap<ServiceKey, RuleSet>);
+
+fn load_cache(path: &PathBuf) -> Cached {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Cached::default(),
         Err(e) => {
             warn!(path = %path.display(), error = %e, "cannot read provider cache");
-            return HashMap::new();
+            return Cached::default();
         }
     };
     let cache = match ProviderCache::decode(&bytes[..]) {
         Ok(cache) => cache,
         Err(e) => {
             warn!(path = %path.display(), error = %e, "provider cache is corrupt; ignoring it");
-            return HashMap::new();
+            return Cached::default();
         }
     };
     let lists: HashMap<_, _> = cache
@@ -772,6 +818,14 @@ fn load_cache(path: &PathBuf) -> HashMap<ServiceKey, ProviderList> {
             ))
         })
         .collect();
-    info!(path = %path.display(), services = lists.len(), "loaded provider cache");
-    lists
+    let rules: HashMap<_, _> = cache
+        .rules
+        .into_iter()
+        .filter_map(|r| {
+            let key = ServiceKey::from(r.service.as_ref()?);
+            parse_rules(r.revision, &r.rules_json).ok().map(|set| (key, set))
+        })
+        .collect();
+    info!(path = %path.display(), services = lists.len(), rules = rules.len(), "loaded provider cache");
+    (lists, rules)
 }
