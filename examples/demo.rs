@@ -3,8 +3,10 @@
 //! A ConfigServer, three providers (child processes of this demo) and a
 //! consumer that calls them directly. The demo narrates, with measured
 //! times: calls spread over the providers; one provider killed hard; a new
-//! provider joining; the ConfigServer stopping (calls go on) and returning
-//! (registrations rebuilt). It exits 0 only if no call failed.
+//! provider joining; a governance rule denying a second app (enforced by
+//! every provider within milliseconds); the ConfigServer stopping (calls go
+//! on) and returning (registrations rebuilt, the rule still stored). It
+//! exits 0 only if no call of the main consumer failed.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -15,9 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use configserver::cli::AdminClient;
 use configserver::{ConfigServer, RegistryConfig, ServerConfig};
 use rpc_core::registry::{Role, SessionConfig};
-use rpc_core::{Request, Status};
+use rpc_core::{Error, Request, Status};
 use tern::consumer::{Consumer, ConsumerConfig, Reference};
 use tern::demo::{Greeter, GreeterClient, GreeterServer, HelloReply, HelloRequest};
 use tern::provider::Provider;
@@ -153,10 +156,12 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
-async fn start_configserver(listen: SocketAddr) -> anyhow::Result<ConfigServer> {
+/// Starts the ConfigServer with its rules in an SQLite file under `data`.
+async fn start_configserver(listen: SocketAddr, data: &std::path::Path) -> anyhow::Result<ConfigServer> {
     Ok(ConfigServer::start(ServerConfig {
         listen,
         admin_listen: "127.0.0.1:0".parse()?,
+        store: Some(format!("sqlite://{}?mode=rwc", data.join("rules.db").display())),
         registry: RegistryConfig {
             startup_grace: Duration::from_secs(2),
             ..RegistryConfig::default()
@@ -168,8 +173,10 @@ async fn start_configserver(listen: SocketAddr) -> anyhow::Result<ConfigServer> 
 
 async fn run_demo() -> anyhow::Result<()> {
     let t0 = Instant::now();
+    let data = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&data)?;
     println!("== ConfigServer");
-    let server = start_configserver("127.0.0.1:0".parse()?).await?;
+    let server = start_configserver("127.0.0.1:0".parse()?, &data).await?;
     let registry_addr = server.local_addr();
     println!("   listening on {registry_addr} (admin API on {})", server.admin_addr());
 
@@ -266,6 +273,46 @@ async fn run_demo() -> anyhow::Result<()> {
     reached?;
     providers.push(d);
 
+    println!("== a governance rule: app \"batch\" may not call demo.Greeter");
+    let batch = Consumer::new(ConsumerConfig {
+        app: "batch".into(),
+        registry: Some(SessionConfig::new([registry_addr.to_string()], "batch", Role::Consumer)),
+        ..ConsumerConfig::default()
+    })
+    .reference::<GreeterClient<_>>()
+    .version(VERSION)
+    .build()?;
+    anyhow::ensure!(
+        batch
+            .invoker()
+            .wait_for_providers(Duration::from_secs(5), |p| p.len() == 3)
+            .await,
+        "batch did not learn of the providers"
+    );
+    batch.say_hello(HelloRequest { name: "batch".into() }).await?;
+    println!("   before: batch's calls are served");
+    let admin = AdminClient::new(&format!("http://{}", server.admin_addr()), None, Some("demo".into()));
+    let service = format!("demo.Greeter:{VERSION}");
+    let written = Instant::now();
+    let revision = admin
+        .put_rule(&service, "no-batch", r#"{"kind":"access","deny_apps":["batch"]}"#)
+        .await?;
+    let refused = loop {
+        match batch.say_hello(HelloRequest { name: "batch".into() }).await {
+            Err(Error::Forbidden(why)) => break why,
+            _ if written.elapsed() > Duration::from_secs(5) => bail!("the rule was not enforced within 5 s"),
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    };
+    println!(
+        "   PUT /api/rule (revision {revision}): batch refused {} after the write: {refused}",
+        ms(written.elapsed())
+    );
+    println!(
+        "   demo-consumer meanwhile: {} failed calls",
+        tally.failed.load(Ordering::Relaxed)
+    );
+
     println!("== the ConfigServer stops");
     server.shutdown().await;
     let calls_before = tally.calls.load(Ordering::Relaxed);
@@ -278,9 +325,9 @@ async fn run_demo() -> anyhow::Result<()> {
         reference.providers().len()
     );
 
-    println!("== the ConfigServer returns (empty memory, same address)");
+    println!("== the ConfigServer returns (same address, empty registry, rules in its store)");
     let restarted = Instant::now();
-    let server = start_configserver(registry_addr).await?;
+    let server = start_configserver(registry_addr, &data).await?;
     let rebuilt = wait_until("providers re-register", Duration::from_secs(10), || {
         server.registry().counts().2 == 3
     })
@@ -291,6 +338,15 @@ async fn run_demo() -> anyhow::Result<()> {
     );
     println!("   consumer kept {} providers meanwhile", reference.providers().len());
     let _ = restarted;
+    let kept = server.governance().list(Some(&service)).await?;
+    println!(
+        "   rules read back from the store: {:?}; batch still refused: {}",
+        kept.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        matches!(
+            batch.say_hello(HelloRequest { name: "batch".into() }).await,
+            Err(Error::Forbidden(_))
+        )
+    );
 
     println!("== graceful stop of provider-b under load");
     let failed_before = tally.failed.load(Ordering::Relaxed);
@@ -318,6 +374,7 @@ async fn run_demo() -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || p.stop_gracefully()).await??;
     }
     server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&data);
     println!("== done in {:.1} s", t0.elapsed().as_secs_f64());
     anyhow::ensure!(failed == 0, "{failed} calls failed");
     Ok(())
