@@ -278,9 +278,11 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
         .collect();
     connected(&subscribers).await?;
     let mut receivers = Vec::new();
+    // Held to the end: a list nobody watches is unsubscribed at the next heartbeat.
+    let mut others = Vec::new();
     for (i, s) in subscribers.iter().enumerate() {
         receivers.push(s.subscribe(&probe));
-        let _other = s.subscribe(&service(i % args.services.max(1)));
+        others.push(s.subscribe(&service(i % args.services.max(1))));
     }
     let watchers = Watchers::start(receivers, |port, list| {
         list.providers.contains_key(&format!("127.0.0.1:{port}"))
@@ -294,10 +296,15 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
 
     // Let the initial snapshots (two per subscriber) go out before counting.
     let start = Instant::now();
-    while server.metric("configserver_pushed_snapshots_total").await? < 2 * subscribers.len() as u64 {
+    loop {
+        let pushed = server.metric("configserver_pushed_snapshots_total").await?;
+        if pushed >= 2 * subscribers.len() as u64 {
+            break;
+        }
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(60),
-            "initial snapshots not all pushed"
+            "initial snapshots not all pushed: {pushed} of {}",
+            2 * subscribers.len()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
