@@ -22,6 +22,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use rpc_core::ServiceKey;
+use rpc_core::governance::constant_time_eq as eq;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -100,11 +101,6 @@ impl Credentials {
                 .is_some_and(|given| eq(given.as_bytes(), token.as_bytes())),
         }
     }
-}
-
-/// Compares without stopping at the first difference.
-fn eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
