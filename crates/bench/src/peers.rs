@@ -135,6 +135,8 @@ struct Report {
     /// When each storm subscriber converged, ms (sorted).
     storm_each_ms: Vec<f64>,
     storm_ms: f64,
+    /// Time until the server acknowledged every change of the storm, ms.
+    storm_acked_ms: f64,
     /// Wire bytes per change per subscriber, if `ss` could count them.
     bytes_per_change: Option<f64>,
     push_cpu_s: f64,
@@ -609,10 +611,10 @@ async fn etcd_read(channel: &Channel, service: &str) -> anyhow::Result<(BTreeSet
 async fn etcd_watch(
     channel: Channel,
     service: String,
-    (mut addresses, revision): (BTreeSet<String>, i64),
+    (addresses, revision): (BTreeSet<String>, i64),
     view: watch::Sender<Arc<BTreeSet<String>>>,
 ) {
-    view.send_replace(Arc::new(addresses.clone()));
+    view.send_replace(Arc::new(addresses));
     let prefix = etcd_prefix(&service);
     let create = etcd::WatchRequest {
         request_union: Some(etcd::watch_request::RequestUnion::CreateRequest(
@@ -653,19 +655,24 @@ async fn etcd_watch(
         if response.events.is_empty() {
             continue;
         }
-        for event in response.events {
-            let Some(kv) = event.kv else { continue };
-            let Some(addr) = kv.key.strip_prefix(prefix.as_bytes()) else {
-                continue;
-            };
-            let addr = String::from_utf8_lossy(addr).into_owned();
-            if event.r#type == etcd::event::EventType::Delete as i32 {
-                addresses.remove(&addr);
-            } else {
-                addresses.insert(addr);
+        // In place: the set is shared with no one between borrows, so
+        // `make_mut` does not copy it (a copy per event would make the
+        // bench, not etcd, the bottleneck of a storm).
+        view.send_modify(|view| {
+            let addresses = Arc::make_mut(view);
+            for event in &response.events {
+                let Some(kv) = &event.kv else { continue };
+                let Some(addr) = kv.key.strip_prefix(prefix.as_bytes()) else {
+                    continue;
+                };
+                let addr = String::from_utf8_lossy(addr).into_owned();
+                if event.r#type == etcd::event::EventType::Delete as i32 {
+                    addresses.remove(&addr);
+                } else {
+                    addresses.insert(addr);
+                }
             }
-        }
-        view.send_replace(Arc::new(addresses.clone()));
+        });
     }
 }
 
@@ -748,13 +755,16 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
     let watchers = subscribers.watchers(move |goal, view| view.is(if goal == 1 { &initial_set } else { &expected }));
     watchers.time(1, subscribers.len(), async { Ok(()) }).await?;
     let cpu_before = proc_stats::cpu_seconds(pid)?;
+    let mut storm_acked = Duration::ZERO;
     let each = watchers
         .time_each(2, subscribers.len(), async {
+            let start = std::time::Instant::now();
             let (gone, fresh) = (&initial[..replaced], &fresh);
             tokio::try_join!(
                 change_all(&providers, storm, gone, false),
                 change_all(&providers, storm, fresh, true)
             )?;
+            storm_acked = start.elapsed();
             Ok(())
         })
         .await
@@ -777,6 +787,7 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
         push_p99,
         storm_each_ms,
         storm_ms,
+        storm_acked_ms: storm_acked.as_secs_f64() * 1e3,
         bytes_per_change,
         push_cpu_s,
         storm_cpu_s,
@@ -787,24 +798,37 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
 fn print_table(reports: &[Report]) {
     println!();
     println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>12} {:>14} {:>12} {:>12} {:>10}",
-        "system", "push p50", "push p99", "push max", "storm", "bytes/change", "push cpu s", "storm cpu s", "rss MiB"
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>13} {:>11} {:>12} {:>8}",
+        "system",
+        "push p50",
+        "push p99",
+        "push max",
+        "storm",
+        "storm acked",
+        "bytes/change",
+        "push cpu s",
+        "storm cpu s",
+        "rss MiB"
     );
     for r in reports {
         let max = r.push_ms.iter().copied().fold(0.0, f64::max);
         println!(
-            "{:<10} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>10.1}ms {:>14} {:>12.2} {:>12.2} {:>10.1}",
+            "{:<10} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>9.1}ms {:>13} {:>11.2} {:>12.2} {:>8.1}",
             r.system.name(),
             r.push_p50,
             r.push_p99,
             max,
             r.storm_ms,
+            r.storm_acked_ms,
             r.bytes_per_change.map_or("n/a".into(), |b| format!("{b:.0}")),
             r.push_cpu_s,
             r.storm_cpu_s,
             r.rss_kb as f64 / 1024.0,
         );
     }
+    println!(
+        "(push: a change -> the last subscriber holds it; storm: 10% replaced -> every subscriber holds the new set; storm acked: until the server acknowledged every storm write; bytes/change: TCP payload both ways over all the server's connections during the push phase, per change per subscriber; cpu s: the server process's CPU seconds in each phase; rss: the server's resident memory with every push subscriber connected)"
+    );
     println!();
 }
 

@@ -60,14 +60,8 @@ pub fn cdf(path: &Path, title: &str, x_label: &str, series: &[(String, Vec<f64>)
     chart
         .configure_mesh()
         .x_desc(x_label)
-        .x_labels(12)
-        .x_label_formatter(&|v| {
-            if *v >= 10.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v:.2}").trim_end_matches('0').trim_end_matches('.').to_owned()
-            }
-        })
+        .x_labels(30)
+        .x_label_formatter(&log_label)
         .y_desc("fraction of samples at or below")
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 16))
@@ -92,4 +86,16 @@ pub fn cdf(path: &Path, title: &str, x_label: &str, series: &[(String, Vec<f64>)
         .draw()?;
     root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Labels a logarithmic axis at 1, 2 and 5 times a power of ten only: the
+/// other grid lines stay unlabelled, so labels never overlap.
+fn log_label(v: &f64) -> String {
+    let mantissa = v / 10f64.powf(v.log10().floor());
+    if [1.0, 2.0, 5.0, 10.0].iter().any(|m| (mantissa - m).abs() < 0.05) {
+        let text = format!("{v:.3}");
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        String::new()
+    }
 }
