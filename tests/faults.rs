@@ -173,6 +173,7 @@ struct Netns {
 
 impl Netns {
     fn create() -> Result<Netns, String> {
+        Netns::remove_stale();
         // Names unique per test process; interface names stay under 16 bytes.
         let id = std::process::id();
         let subnet = id % 200 + 20;
@@ -202,6 +203,24 @@ impl Netns {
         netns.exec(&["ip", "addr", "add", &format!("{}/24", netns.ns_ip), "dev", &netns.ns_if])?;
         netns.exec(&["ip", "link", "set", &netns.ns_if, "up"])?;
         Ok(netns)
+    }
+
+    /// Deletes namespaces left by test processes that died without
+    /// unwinding (SIGKILL), so that a rerun starts clean.
+    fn remove_stale() {
+        let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            let Some(pid) = name.strip_prefix("tern-fault-") else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = ip(&["netns", "del", name]);
+                let _ = ip(&["link", "del", &format!("tfh{pid}")]);
+            }
+        }
     }
 
     fn wrapper(&self) -> [&str; 4] {
