@@ -39,10 +39,26 @@ install_if_missing() {
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-# Waits until `probe` succeeds; fails with the server's log otherwise.
+# Fails if something already listens on 127.0.0.1:$2: the readiness probe
+# would take that server for ours.
+port_free() {
+    if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then
+        log "cannot start $1: 127.0.0.1:$2 is already in use by another process (set ${1^^}_PORT or stop it)"
+        exit 1
+    fi
+}
+
+# Waits until `probe` succeeds; fails with the server's log otherwise, or
+# as soon as the server has exited (e.g. its port is taken by another).
 wait_ready() {
-    local name=$1 logfile=$2 probe=$3
+    local name=$1 logfile=$2 probe=$3 pidfile
+    pidfile="$(dirname "$logfile")/pid"
     for _ in $(seq "$READY_TRIES"); do
+        if ! running "$pidfile"; then
+            log "$name exited while starting; last lines of $logfile:"
+            tail -20 "$logfile" >&2
+            exit 1
+        fi
         if eval "$probe" >/dev/null 2>&1; then
             log "$name ready"
             return 0
@@ -62,6 +78,7 @@ zk_ruok() {
 start_zookeeper() {
     local dir="$PEERS_DIR/zookeeper"
     if running "$dir/pid"; then log "zookeeper already running (pid $(cat "$dir/pid"))"; return 0; fi
+    port_free zk "$ZK_PORT"
     rm -rf "$dir" && mkdir -p "$dir/data"
     # The settings Dubbo deployments use, plus: no connection cap per client
     # address (every bench session comes from 127.0.0.1) and no admin server.
@@ -91,6 +108,8 @@ EOF
 start_etcd() {
     local dir="$PEERS_DIR/etcd"
     if running "$dir/pid"; then log "etcd already running (pid $(cat "$dir/pid"))"; return 0; fi
+    port_free etcd "$ETCD_PORT"
+    port_free etcd "$ETCD_PEER_PORT"
     rm -rf "$dir" && mkdir -p "$dir"
     nohup etcd --name bench --data-dir "$dir/data" \
         --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \

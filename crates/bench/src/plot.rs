@@ -91,8 +91,10 @@ pub fn cdf(path: &Path, title: &str, x_label: &str, series: &[(String, Vec<f64>)
 /// Labels a logarithmic axis at 1, 2 and 5 times a power of ten only: the
 /// other grid lines stay unlabelled, so labels never overlap.
 fn log_label(v: &f64) -> String {
-    let mantissa = v / 10f64.powf(v.log10().floor());
-    if [1.0, 2.0, 5.0, 10.0].iter().any(|m| (mantissa - m).abs() < 0.05) {
+    // A hair above, so that 999.99... and 1000 both count as 10^3 x 1.0, not
+    // one of them as 10^2 x 10.0 (a label drawn twice).
+    let mantissa = v / 10f64.powf((v.log10() + 1e-6).floor());
+    if [1.0, 2.0, 5.0].iter().any(|m| (mantissa - m).abs() < 0.05) {
         let text = format!("{v:.3}");
         text.trim_end_matches('0').trim_end_matches('.').to_owned()
     } else {
