@@ -56,12 +56,14 @@ pub fn cdf(path: &Path, title: &str, x_label: &str, series: &[(String, Vec<f64>)
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)?;
+        .build_cartesian_2d((lo..hi).log_scale().with_key_points(log_ticks(lo, hi)), 0.0..1.0)?;
     chart
         .configure_mesh()
         .x_desc(x_label)
-        .x_labels(30)
-        .x_label_formatter(&log_label)
+        .x_label_formatter(&|v| {
+            let text = format!("{v:.3}");
+            text.trim_end_matches('0').trim_end_matches('.').to_owned()
+        })
         .y_desc("fraction of samples at or below")
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 16))
@@ -88,16 +90,21 @@ pub fn cdf(path: &Path, title: &str, x_label: &str, series: &[(String, Vec<f64>)
     Ok(())
 }
 
-/// Labels a logarithmic axis at 1, 2 and 5 times a power of ten only: the
-/// other grid lines stay unlabelled, so labels never overlap.
-fn log_label(v: &f64) -> String {
-    // A hair above, so that 999.99... and 1000 both count as 10^3 x 1.0, not
-    // one of them as 10^2 x 10.0 (a label drawn twice).
-    let mantissa = v / 10f64.powf((v.log10() + 1e-6).floor());
-    if [1.0, 2.0, 5.0].iter().any(|m| (mantissa - m).abs() < 0.05) {
-        let text = format!("{v:.3}");
-        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+/// Ticks of a logarithmic axis from `lo` to `hi`: 1, 2 and 5 times each
+/// power of ten, or every digit where that leaves fewer than four (a range
+/// of less than a decade).
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let ticks = |digits: &[f64]| -> Vec<f64> {
+        let (first, last) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+        (first..=last)
+            .flat_map(|e| digits.iter().map(move |d| d * 10f64.powi(e)))
+            .filter(|t| (lo..=hi).contains(t))
+            .collect()
+    };
+    let coarse = ticks(&[1.0, 2.0, 5.0]);
+    if coarse.len() >= 4 {
+        coarse
     } else {
-        String::new()
+        ticks(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0])
     }
 }
