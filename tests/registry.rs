@@ -1,156 +1,20 @@
 //! End-to-end tests of the registry with real processes: a ConfigServer and
-//! providers run as `tern-node` child processes; consumers run here.
+//! providers run as `tern-node` child processes; consumers run here. Process
+//! and network faults (kill -9, SIGSTOP, a ConfigServer restart, a
+//! partition) are in `tests/faults.rs`.
 
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Node, Proxy, free_port, http_get, metric};
+use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Proxy, consumer, http_get, metric, wait_for};
 use rpc_core::registry::{Role, SessionConfig};
-use tern::consumer::{Consumer, ConsumerConfig, Reference};
+use tern::consumer::{Consumer, ConsumerConfig};
 use tern::demo::{GreeterClient, HelloRequest};
 use tern_proto::registry::registry_client::RegistryClient;
 use tern_proto::registry::{self as pb, NodeMessage, ServerMessage, node_message, server_message};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
-
-/// Bound on any single wait.
-const LIMIT: Duration = Duration::from_secs(15);
-
-fn consumer(registry: SocketAddr, retries: usize) -> GreeterClient<Reference> {
-    let consumer = Consumer::new(ConsumerConfig {
-        app: "test-consumer".into(),
-        registry: Some(SessionConfig::new(
-            [registry.to_string()],
-            "test-consumer",
-            Role::Consumer,
-        )),
-        ..ConsumerConfig::default()
-    });
-    consumer
-        .reference::<GreeterClient<_>>()
-        .version("1.0.0")
-        .timeout(Duration::from_secs(2))
-        .retries(retries)
-        .build()
-        .unwrap()
-}
-
-async fn wait_for(client: &GreeterClient<Reference>, what: &str, ready: impl Fn(&[SocketAddr]) -> bool) -> Duration {
-    let start = Instant::now();
-    let ok = client.invoker().wait_for_providers(LIMIT, ready).await;
-    assert!(
-        ok,
-        "timed out waiting until {what}; providers: {:?}",
-        client.invoker().providers()
-    );
-    start.elapsed()
-}
-
-/// Calls back to back from `callers` tasks until stopped; counts calls and failures.
-struct Load {
-    calls: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    tasks: JoinSet<()>,
-}
-
-impl Load {
-    fn start(client: &GreeterClient<Reference>, callers: usize) -> Load {
-        let (calls, failed, stop) = (Arc::default(), Arc::default(), Arc::new(AtomicBool::new(false)));
-        let mut tasks = JoinSet::new();
-        for _ in 0..callers {
-            let (client, calls, failed, stop): (_, Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicBool>) =
-                (client.clone(), Arc::clone(&calls), Arc::clone(&failed), stop.clone());
-            tasks.spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = client.say_hello(HelloRequest { name: "load".into() }).await {
-                        eprintln!("call failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    calls.fetch_add(1, Ordering::Relaxed);
-                    tokio::task::yield_now().await;
-                }
-            });
-        }
-        Load {
-            calls,
-            failed,
-            stop,
-            tasks,
-        }
-    }
-
-    /// Waits until `n` more calls have completed.
-    async fn run_for_calls(&self, n: u64) {
-        let target = self.calls.load(Ordering::Relaxed) + n;
-        let start = Instant::now();
-        while self.calls.load(Ordering::Relaxed) < target {
-            assert!(start.elapsed() < LIMIT, "load stalled");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn finish(mut self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        while self.tasks.join_next().await.is_some() {}
-        (self.calls.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_a_provider_is_dropped_by_every_consumer() {
-    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
-    let mut providers: Vec<_> = ["a", "b", "c"].iter().map(|n| Node::provider(registry, n)).collect();
-    let consumers = [consumer(registry, 2), consumer(registry, 2)];
-    for c in &consumers {
-        wait_for(c, "3 providers", |p| p.len() == 3).await;
-    }
-    let victim = providers[0].1;
-    providers[0].0.kill_hard();
-    for c in &consumers {
-        let took = wait_for(c, "the killed provider is dropped", |p| {
-            p.len() == 2 && !p.contains(&victim)
-        })
-        .await;
-        assert!(took < Duration::from_secs(1), "dropped after {took:?}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigstopped_provider_is_dropped_within_the_heartbeat_timeout_and_returns_after_sigcont() {
-    let (_cs, registry, _) = Node::configserver(
-        "127.0.0.1:0",
-        &[
-            "--startup-grace-ms",
-            "0",
-            "--heartbeat-interval-ms",
-            "500",
-            "--heartbeat-timeout-ms",
-            "1500",
-        ],
-    );
-    let (stopped, stopped_addr) = Node::provider(registry, "a");
-    let _other = Node::provider(registry, "b");
-    let client = consumer(registry, 2);
-    wait_for(&client, "2 providers", |p| p.len() == 2).await;
-
-    stopped.signal("STOP");
-    let took = wait_for(&client, "the stopped provider is dropped", |p| {
-        p.len() == 1 && !p.contains(&stopped_addr)
-    })
-    .await;
-    assert!(
-        took <= Duration::from_millis(1500 + 1000),
-        "dropped after {took:?} (timeout 1.5 s)"
-    );
-
-    stopped.signal("CONT");
-    wait_for(&client, "the provider is back", |p| p.contains(&stopped_addr)).await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_provider_stop_loses_no_call_even_without_retries() {
@@ -167,52 +31,6 @@ async fn graceful_provider_stop_loses_no_call_even_without_retries() {
     assert!(status.success(), "provider exited with {status}");
     wait_for(&client, "the stopped provider is gone", |p| !p.contains(addr)).await;
     load.run_for_calls(500).await;
-    let (calls, failed) = load.finish().await;
-    assert_eq!(failed, 0, "{failed} of {calls} calls failed");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn configserver_killed_and_restarted_under_load_loses_no_call_and_gets_registrations_back() {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let args = ["--startup-grace-ms", "1000"];
-    let (mut cs, registry, _) = Node::configserver(&listen, &args);
-    let _providers: Vec<_> = ["a", "b", "c"].iter().map(|n| Node::provider(registry, n)).collect();
-    let client = consumer(registry, 0);
-    wait_for(&client, "3 providers", |p| p.len() == 3).await;
-
-    let load = Load::start(&client, 4);
-    load.run_for_calls(300).await;
-    cs.kill_hard();
-    load.run_for_calls(1000).await;
-    assert_eq!(
-        client.invoker().providers().len(),
-        3,
-        "lists kept while the ConfigServer is down"
-    );
-
-    let (_cs, _, admin) = Node::configserver(&listen, &args);
-    let start = Instant::now();
-    loop {
-        let body = http_get(admin, "/api/services/demo.Greeter:1.0.0")
-            .await
-            .unwrap_or_default();
-        if body.matches("\"address\"").count() == 3 {
-            break;
-        }
-        assert!(start.elapsed() < LIMIT, "registrations not back: {body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Past the restarted server's grace period its complete snapshot applies.
-    let page = loop {
-        let page = http_get(admin, "/metrics").await.unwrap();
-        if start.elapsed() > Duration::from_millis(1500) {
-            break page;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(metric(&page, "configserver_pushed_snapshots_total") >= 2, "{page}");
-    load.run_for_calls(300).await;
-    assert_eq!(client.invoker().providers().len(), 3);
     let (calls, failed) = load.finish().await;
     assert_eq!(failed, 0, "{failed} of {calls} calls failed");
 }
@@ -489,14 +307,7 @@ async fn provider_start_fails_when_the_configserver_refuses_its_registration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_configserver_is_left_for_the_next_one() {
-    let timing = [
-        "--startup-grace-ms",
-        "0",
-        "--heartbeat-interval-ms",
-        "500",
-        "--heartbeat-timeout-ms",
-        "1500",
-    ];
+    let timing = FAST_HEARTBEAT;
     let (first, first_addr, _) = Node::configserver("127.0.0.1:0", &timing);
     let (_second, second_addr, _) = Node::configserver("127.0.0.1:0", &timing);
     let servers = format!("{first_addr},{second_addr}");

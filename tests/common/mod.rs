@@ -1,6 +1,6 @@
 //! Helpers for end-to-end tests: child processes of `tern-node` (a
 //! ConfigServer or a provider), signals, a tiny HTTP GET, a cuttable TCP
-//! proxy.
+//! proxy, a registry-fed consumer of demo.Greeter and a load of calls on it.
 
 #![allow(dead_code)]
 
@@ -8,12 +8,17 @@ use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use rpc_core::registry::{Role, SessionConfig};
+use tern::consumer::{Consumer, ConsumerConfig, Reference, ReferenceBuilder};
+use tern::demo::{GreeterClient, HelloRequest};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 /// A `tern-node` child process; killed (SIGKILL) when dropped.
 pub struct Node {
@@ -25,7 +30,19 @@ pub struct Node {
 
 impl Node {
     pub fn spawn<S: AsRef<str>>(args: &[S]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tern-node"))
+        Node::spawn_wrapped(&[], args)
+    }
+
+    /// `tern-node args` run through `wrapper` (e.g. `ip netns exec NAME`,
+    /// which execs it in place: the child's pid is tern-node's).
+    pub fn spawn_wrapped<S: AsRef<str>>(wrapper: &[&str], args: &[S]) -> Node {
+        let binary = env!("CARGO_BIN_EXE_tern-node");
+        let (program, before) = match wrapper.split_first() {
+            Some((program, rest)) => (*program, [rest, &[binary]].concat()),
+            None => (binary, Vec::new()),
+        };
+        let mut child = Command::new(program)
+            .args(before)
             .args(args.iter().map(AsRef::as_ref))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()))
             .stdout(Stdio::piped())
@@ -246,5 +263,109 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+// === consumers and load ===
+
+/// Bound on any single wait.
+pub const LIMIT: Duration = Duration::from_secs(15);
+
+/// A ConfigServer's flags for fast failure detection: heartbeats every
+/// 500 ms, a silent session expired after 1.5 s, no startup grace.
+pub const FAST_HEARTBEAT: [&str; 6] = [
+    "--startup-grace-ms",
+    "0",
+    "--heartbeat-interval-ms",
+    "500",
+    "--heartbeat-timeout-ms",
+    "1500",
+];
+
+/// A reference to demo.Greeter 1.0.0 fed by the ConfigServer at `registry`.
+pub fn greeter(registry: SocketAddr) -> ReferenceBuilder<GreeterClient<Reference>> {
+    let consumer = Consumer::new(ConsumerConfig {
+        app: "test-consumer".into(),
+        registry: Some(SessionConfig::new(
+            [registry.to_string()],
+            "test-consumer",
+            Role::Consumer,
+        )),
+        ..ConsumerConfig::default()
+    });
+    consumer.reference::<GreeterClient<_>>().version("1.0.0")
+}
+
+pub fn consumer(registry: SocketAddr, retries: usize) -> GreeterClient<Reference> {
+    greeter(registry)
+        .timeout(Duration::from_secs(2))
+        .retries(retries)
+        .build()
+        .unwrap()
+}
+
+pub async fn wait_for(
+    client: &GreeterClient<Reference>,
+    what: &str,
+    ready: impl Fn(&[SocketAddr]) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    let ok = client.invoker().wait_for_providers(LIMIT, ready).await;
+    assert!(
+        ok,
+        "timed out waiting until {what}; providers: {:?}",
+        client.invoker().providers()
+    );
+    start.elapsed()
+}
+
+/// Calls back to back from `callers` tasks until stopped; counts calls and failures.
+pub struct Load {
+    calls: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    tasks: JoinSet<()>,
+}
+
+impl Load {
+    pub fn start(client: &GreeterClient<Reference>, callers: usize) -> Load {
+        let (calls, failed, stop) = (Arc::default(), Arc::default(), Arc::new(AtomicBool::new(false)));
+        let mut tasks = JoinSet::new();
+        for _ in 0..callers {
+            let (client, calls, failed, stop): (_, Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicBool>) =
+                (client.clone(), Arc::clone(&calls), Arc::clone(&failed), stop.clone());
+            tasks.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = client.say_hello(HelloRequest { name: "load".into() }).await {
+                        eprintln!("call failed: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+        Load {
+            calls,
+            failed,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Waits until `n` more calls have completed.
+    pub async fn run_for_calls(&self, n: u64) {
+        let target = self.calls.load(Ordering::Relaxed) + n;
+        let start = Instant::now();
+        while self.calls.load(Ordering::Relaxed) < target {
+            assert!(start.elapsed() < LIMIT, "load stalled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub async fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        while self.tasks.join_next().await.is_some() {}
+        (self.calls.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
     }
 }

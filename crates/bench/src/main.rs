@@ -7,24 +7,35 @@
 //! - `bench failover`: consumer fault tolerance (see [`failover`]).
 //! - `bench rules`: a governance rule change until every node enforces it
 //!   (see [`rules`]).
+//! - `bench peers`: the ConfigServer against ZooKeeper and etcd on the same
+//!   discovery workload (see [`peers`]).
 //!
 //! Each system under test runs in its own process (`bench serve ...`,
 //! started by the driver); the driver process generates the load.
 
+mod convergence;
 mod failover;
 mod load;
+mod peers;
+mod plot;
 mod proc_stats;
 mod raw;
 mod registry;
 mod rpc;
 mod rules;
 mod systems;
+mod wire;
 
 use clap::{Parser, Subcommand};
 
 /// Generated messages and stubs (this framework's and tonic's).
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/bench.rs"));
+}
+
+/// The part of etcd's v3 API that `bench peers` uses (tonic client).
+pub mod etcd {
+    include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
 }
 
 #[derive(Debug, Parser)]
@@ -44,6 +55,8 @@ enum Command {
     Registry(registry::RegistryArgs),
     /// Governance: a rule change until every node enforces it.
     Rules(rules::RulesArgs),
+    /// ConfigServer vs ZooKeeper vs etcd: push latency, storm, bytes, CPU, memory.
+    Peers(peers::PeersArgs),
     /// Runs one system's echo server (started by the driver).
     #[command(hide = true)]
     Serve(systems::ServeArgs),
@@ -54,7 +67,12 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // zookeeper-client warns about each session it closes on purpose.
+                "warn,zookeeper_client=error".into()
+            }),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -66,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         Command::Rpc(args) => runtime.block_on(rpc::run(args)),
         Command::Registry(args) => runtime.block_on(registry::run(args)),
         Command::Rules(args) => runtime.block_on(rules::run(args)),
+        Command::Peers(args) => runtime.block_on(peers::run(args)),
         Command::Failover(args) => runtime.block_on(failover::run(args)),
         Command::Serve(args) => runtime.block_on(systems::serve(args)),
         Command::ServeConfigserver(_) => unreachable!("handled above"),

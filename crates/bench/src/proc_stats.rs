@@ -48,3 +48,17 @@ impl CpuMeter {
             .collect()
     }
 }
+
+/// Resident memory of `pid`, in KiB (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))?;
+    let value = line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS value in {line:?}"))?;
+    Ok(value.parse()?)
+}

@@ -26,16 +26,17 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use prost::Message;
 use rpc_core::ServiceKey;
-use rpc_core::registry::{ProviderList, RegistrySession, Role, SessionConfig};
+use rpc_core::registry::{RegistrySession, Role, SessionConfig};
 use tern_proto::registry::Instance;
-use tokio::sync::{Notify, watch};
+
+use crate::convergence::Watchers;
 use tokio::task::JoinSet;
 
 #[derive(Debug, clap::Args)]
@@ -60,14 +61,19 @@ pub struct RegistryArgs {
 }
 
 /// The ConfigServer child process (rules in memory).
-pub(crate) struct Server {
-    child: Child,
-    pub(crate) addr: SocketAddr,
-    pub(crate) admin: SocketAddr,
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 impl Server {
-    pub(crate) fn start() -> anyhow::Result<Server> {
+    pub fn start() -> anyhow::Result<Server> {
+        Server::start_with(&[])
+    }
+
+    /// Starts it with `extra` flags after the bench's own.
+    pub fn start_with(extra: &[String]) -> anyhow::Result<Server> {
         let mut child = Command::new(std::env::current_exe()?)
             .args([
                 "serve-configserver",
@@ -77,6 +83,7 @@ impl Server {
                 "127.0.0.1:0",
             ])
             .args(["--startup-grace-ms", "0", "--store", "sqlite::memory:"])
+            .args(extra)
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .spawn()
@@ -92,10 +99,8 @@ impl Server {
         })
     }
 
-    fn rss_kb(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-        Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+    pub fn rss_kb(&self) -> anyhow::Result<u64> {
+        crate::proc_stats::rss_kb(self.child.id())
     }
 
     async fn metric(&self, name: &str) -> anyhow::Result<u64> {
@@ -119,13 +124,13 @@ impl Drop for Server {
     }
 }
 
-fn session(server: SocketAddr, app: &str, role: Role) -> RegistrySession {
+pub fn session(server: SocketAddr, app: &str, role: Role) -> RegistrySession {
     let mut config = SessionConfig::new([server.to_string()], app, role);
     config.request_timeout = Duration::from_secs(30);
     RegistrySession::start(config)
 }
 
-async fn connected(sessions: &[RegistrySession]) -> anyhow::Result<()> {
+pub async fn connected(sessions: &[RegistrySession]) -> anyhow::Result<()> {
     for s in sessions {
         let mut rx = s.connected();
         tokio::time::timeout(Duration::from_secs(30), rx.wait_for(Option::is_some))
@@ -135,7 +140,7 @@ async fn connected(sessions: &[RegistrySession]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn instance(port: u32) -> Instance {
+pub fn instance(port: u32) -> Instance {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
@@ -152,7 +157,10 @@ fn instance(port: u32) -> Instance {
 
 /// Registers `(key, instance)` pairs over `sessions`, all at once; returns
 /// the time until every one was acknowledged.
-async fn register_all(sessions: &[RegistrySession], items: Vec<(ServiceKey, Instance)>) -> anyhow::Result<Duration> {
+pub async fn register_all(
+    sessions: &[RegistrySession],
+    items: Vec<(ServiceKey, Instance)>,
+) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     for (i, (key, instance)) in items.into_iter().enumerate() {
@@ -163,82 +171,6 @@ async fn register_all(sessions: &[RegistrySession], items: Vec<(ServiceKey, Inst
         result??;
     }
     Ok(start.elapsed())
-}
-
-/// Watches each receiver; every time a list changes, `check` decides
-/// whether the subscriber has reached the current goal.
-struct Watchers {
-    reached: Arc<Mutex<usize>>,
-    goal: Arc<watch::Sender<u64>>,
-    notify: Arc<Notify>,
-    _tasks: JoinSet<()>,
-}
-
-impl Watchers {
-    fn start(
-        receivers: Vec<watch::Receiver<Arc<ProviderList>>>,
-        check: impl Fn(u64, &ProviderList) -> bool + Send + Sync + 'static,
-    ) -> Watchers {
-        let reached = Arc::new(Mutex::new(0usize));
-        let (goal, _) = watch::channel(0u64);
-        let goal = Arc::new(goal);
-        let notify = Arc::new(Notify::new());
-        let check = Arc::new(check);
-        let mut tasks = JoinSet::new();
-        for mut rx in receivers {
-            let (reached, notify, check, mut goal_rx) =
-                (reached.clone(), notify.clone(), check.clone(), goal.subscribe());
-            tasks.spawn(async move {
-                let mut done_for = 0u64;
-                loop {
-                    let goal = *goal_rx.borrow_and_update();
-                    if goal != done_for && check(goal, &rx.borrow_and_update()) {
-                        done_for = goal;
-                        *reached.lock().expect("reached") += 1;
-                        notify.notify_one();
-                    }
-                    tokio::select! {
-                        changed = rx.changed() => if changed.is_err() { return },
-                        changed = goal_rx.changed() => if changed.is_err() { return },
-                    }
-                }
-            });
-        }
-        Watchers {
-            reached,
-            goal,
-            notify,
-            _tasks: tasks,
-        }
-    }
-
-    /// Sets a new goal, runs `act`, and returns the time until all watchers
-    /// reached the goal.
-    async fn time<F: std::future::Future<Output = anyhow::Result<()>>>(
-        &self,
-        goal: u64,
-        total: usize,
-        act: F,
-    ) -> anyhow::Result<Duration> {
-        *self.reached.lock().expect("reached") = 0;
-        self.goal.send_replace(goal);
-        let start = Instant::now();
-        act.await?;
-        let wait = async {
-            while *self.reached.lock().expect("reached") < total {
-                self.notify.notified().await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(60), wait)
-            .await
-            .with_context(|| {
-                format!(
-                    "only {} of {total} subscribers converged",
-                    self.reached.lock().expect("reached")
-                )
-            })?;
-        Ok(start.elapsed())
-    }
 }
 
 pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {

@@ -45,6 +45,9 @@ pub struct RpcArgs {
     /// Systems to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tern,tonic,raw")]
     systems: Vec<System>,
+    /// Write PNG plots of the latency distributions into this directory.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
 }
 
 /// The three runs of one system.
@@ -125,6 +128,9 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         });
     }
     print_table(&reports);
+    if let Some(dir) = &args.plot {
+        write_plots(dir, &reports, &args)?;
+    }
 
     let find = |s: System| reports.iter().find(|r| r.system == s);
     let ratio = |ours: f64, theirs: f64| {
@@ -174,4 +180,35 @@ fn print_table(reports: &[Report]) {
         }
     }
     println!();
+}
+
+/// One latency CDF per run kind, the systems side by side.
+fn write_plots(dir: &std::path::Path, reports: &[Report], args: &RpcArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let runs = [
+        ("rpc_latency_fixed_rate.png", "fixed rate"),
+        ("rpc_latency_closed_loop.png", "closed loop"),
+    ];
+    for (file, run) in runs {
+        // The histogram's quantiles stand for its samples: 1,000 evenly
+        // spaced ones draw the same curve.
+        let series: Vec<_> = reports
+            .iter()
+            .map(|r| {
+                let o = if run == "fixed rate" { &r.fixed } else { &r.closed };
+                let points = (1..=1000).map(|q| o.quantile_us(f64::from(q) / 1000.0)).collect();
+                (r.system.name().to_owned(), points)
+            })
+            .collect();
+        let path = dir.join(file);
+        let load = if run == "fixed rate" {
+            format!("{} calls/s", args.rate)
+        } else {
+            format!("concurrency {}", args.concurrency)
+        };
+        let title = format!("Call latency, {run} ({load}, {} B payload)", args.payload);
+        crate::plot::cdf(&path, &title, "microseconds (log scale)", &series)?;
+        println!("plot: {}", path.display());
+    }
+    Ok(())
 }

@@ -1,0 +1,883 @@
+//! `bench peers`: the same discovery workload on the ConfigServer,
+//! ZooKeeper and etcd, one after another, all on loopback.
+//!
+//! The peers are started beforehand by `crates/bench/peers.sh start`
+//! (Debian's `zookeeper` and `etcd-server`); this framework's ConfigServer
+//! runs in a child process as in `bench registry`. For each system:
+//!
+//! 1. **Push**: `--subscribers` sessions watch a probe service holding
+//!    `--base-providers` providers. `--probes` times, a provider registers a
+//!    new instance, and later removes it; each change is one sample: the time
+//!    until the *last* subscriber's view holds the change.
+//! 2. **Storm**: `--storm-providers` providers of one service, watched by
+//!    `--storm-subscribers` sessions; 10% are removed and as many new ones
+//!    added at once; `storm` is the time until every subscriber holds exactly
+//!    the new set.
+//!
+//! How each system is used is how its registries use it:
+//!
+//! - **tern**: the SDKs' `RegistrySession` (one tonic stream per session);
+//!   the server pushes deltas.
+//! - **ZooKeeper**: Dubbo's layout, `/dubbo/<service>/providers/<URL-encoded
+//!   provider URL>` as ephemeral nodes of the provider's session. A
+//!   subscriber reads the children with a watch; when the watch fires it
+//!   re-reads all children with a new watch (what Dubbo's Curator client
+//!   does), and only then sees the change.
+//! - **etcd**: `/tern/<service>/providers/<host:port>` keys attached to the
+//!   provider session's lease (kept alive); a subscriber reads the prefix and
+//!   then watches it from the next revision, applying each event as etcd's
+//!   own clients do (no re-read: the most favourable use of etcd).
+//!
+//! Provider sessions (`--provider-sessions`) carry many registrations each,
+//! and failure detection is set alike (about 3-4 s): tern's heartbeat
+//! timeout 3 s, ZooKeeper's session timeout 4 s (its minimum, 2 ticks), etcd
+//! lease TTL 3 s.
+//!
+//! Measured beside the latencies: the server process's CPU time over each
+//! phase (`/proc/<pid>/stat`), its RSS, and the TCP payload bytes of all of
+//! the server's established connections over the push phase, both
+//! directions, as the kernel counts them per socket (`ss -ti`:
+//! `bytes_sent` + `bytes_received`), divided by changes x subscribers.
+//!
+//! Last line:
+//! `RESULT peers push_p99_vs_zk=<x> push_p99_vs_etcd=<x> storm_vs_zk=<x> storm_vs_etcd=<x>`
+//! (this framework / peer; lower is better).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rpc_core::ServiceKey;
+use rpc_core::registry::{ProviderList, RegistrySession, Role};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use zookeeper_client as zk;
+
+use crate::convergence::{Addresses, Watchers};
+use crate::etcd::{self, kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient};
+use crate::proc_stats;
+use crate::registry::{self, Server};
+use crate::{plot, wire};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum System {
+    Tern,
+    Zookeeper,
+    Etcd,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Tern => "tern",
+            System::Zookeeper => "zookeeper",
+            System::Etcd => "etcd",
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PeersArgs {
+    /// Sessions watching the probe service.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Providers the probe service holds throughout.
+    #[arg(long, default_value_t = 10)]
+    base_providers: usize,
+    /// Probe providers: each registers, then leaves (two changes).
+    #[arg(long, default_value_t = 100)]
+    probes: usize,
+    #[arg(long, default_value_t = 2000)]
+    storm_providers: usize,
+    #[arg(long, default_value_t = 100)]
+    storm_subscribers: usize,
+    /// Provider sessions the registrations are spread over.
+    #[arg(long, default_value_t = 20)]
+    provider_sessions: usize,
+    #[arg(long, default_value = "127.0.0.1:2181")]
+    zookeeper: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    etcd: SocketAddr,
+    /// Where `crates/bench/peers.sh` keeps the peers' pid files.
+    #[arg(long, env = "PEERS_DIR", default_value = "/tmp/tern-peers")]
+    peers_dir: PathBuf,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tern,zookeeper,etcd")]
+    systems: Vec<System>,
+    /// The ConfigServer's push coalescing window (its default, 5 ms, unless
+    /// given): part of every push-latency sample of this framework.
+    #[arg(long)]
+    coalesce_ms: Option<u64>,
+    /// Write PNG plots (push latency, storm convergence) into this directory.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// Failure detection of the peers' sessions (see the module docs).
+const ZK_SESSION_TIMEOUT: Duration = Duration::from_secs(4);
+const ETCD_LEASE_TTL_S: i64 = 3;
+/// Bound on connecting or on one request to a peer.
+const REQUEST_LIMIT: Duration = Duration::from_secs(30);
+
+/// One system's results.
+struct Report {
+    system: System,
+    /// Push latency of every change, ms.
+    push_ms: Vec<f64>,
+    push_p50: f64,
+    push_p99: f64,
+    /// When each storm subscriber converged, ms (sorted).
+    storm_each_ms: Vec<f64>,
+    storm_ms: f64,
+    /// Time until the server acknowledged every change of the storm, ms.
+    storm_acked_ms: f64,
+    /// Wire bytes per change per subscriber, if `ss` could count them.
+    bytes_per_change: Option<f64>,
+    push_cpu_s: f64,
+    storm_cpu_s: f64,
+    rss_kb: u64,
+}
+
+pub async fn run(args: PeersArgs) -> anyhow::Result<()> {
+    println!(
+        "peers benchmark: {} subscribers of a service with {} providers, {} probes (join + leave); storm of {} providers / {} subscribers; {} provider sessions; configserver coalescing {}",
+        args.subscribers,
+        args.base_providers,
+        args.probes,
+        args.storm_providers,
+        args.storm_subscribers,
+        args.provider_sessions,
+        args.coalesce_ms
+            .map_or("default (5 ms)".into(), |ms| format!("{ms} ms")),
+    );
+    // Fail before measuring anything if a peer is missing.
+    let mut targets = Vec::new();
+    for &system in &args.systems {
+        targets.push((system, Target::prepare(system, &args).await?));
+    }
+    let mut reports = Vec::new();
+    for (system, target) in targets {
+        eprintln!("measuring {} ...", system.name());
+        let report = measure(system, &target, &args)
+            .await
+            .with_context(|| format!("measuring {}", system.name()))?;
+        reports.push(report);
+        drop(target);
+    }
+    print_table(&reports);
+    if let Some(dir) = &args.plot {
+        write_plots(dir, &reports)?;
+    }
+
+    let find = |s: System| reports.iter().find(|r| r.system == s);
+    let ratio = |f: fn(&Report) -> f64, peer: System| match (find(System::Tern), find(peer)) {
+        (Some(ours), Some(theirs)) if f(theirs) > 0.0 => format!("{:.3}", f(ours) / f(theirs)),
+        _ => "n/a".into(),
+    };
+    println!(
+        "RESULT peers push_p99_vs_zk={} push_p99_vs_etcd={} storm_vs_zk={} storm_vs_etcd={}",
+        ratio(|r| r.push_p99, System::Zookeeper),
+        ratio(|r| r.push_p99, System::Etcd),
+        ratio(|r| r.storm_ms, System::Zookeeper),
+        ratio(|r| r.storm_ms, System::Etcd),
+    );
+    Ok(())
+}
+
+// === targets ===
+
+/// A running registry to measure: its address and server process.
+enum Target {
+    Tern(Server),
+    Zookeeper { addr: SocketAddr, pid: u32 },
+    Etcd { addr: SocketAddr, pid: u32 },
+}
+
+impl Target {
+    async fn prepare(system: System, args: &PeersArgs) -> anyhow::Result<Target> {
+        let not_running = |what: &str| {
+            format!(
+                "{what} is not running (looked for its pid under {}): start the peers with `crates/bench/peers.sh start` (it installs Debian's zookeeper and etcd-server if missing), or leave it out with --systems",
+                args.peers_dir.display()
+            )
+        };
+        Ok(match system {
+            System::Tern => {
+                let extra: Vec<String> = match args.coalesce_ms {
+                    Some(ms) => vec!["--coalesce-ms".into(), ms.to_string()],
+                    None => Vec::new(),
+                };
+                Target::Tern(Server::start_with(&extra)?)
+            }
+            System::Zookeeper => {
+                let pid = peer_pid(&args.peers_dir, "zookeeper").with_context(|| not_running("ZooKeeper"))?;
+                zk_connect(args.zookeeper)
+                    .await
+                    .with_context(|| not_running(&format!("ZooKeeper at {}", args.zookeeper)))?;
+                Target::Zookeeper {
+                    addr: args.zookeeper,
+                    pid,
+                }
+            }
+            System::Etcd => {
+                let pid = peer_pid(&args.peers_dir, "etcd").with_context(|| not_running("etcd"))?;
+                etcd_channel(args.etcd)
+                    .await
+                    .with_context(|| not_running(&format!("etcd at {}", args.etcd)))?;
+                Target::Etcd { addr: args.etcd, pid }
+            }
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Target::Tern(server) => server.child.id(),
+            Target::Zookeeper { pid, .. } | Target::Etcd { pid, .. } => *pid,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Target::Tern(server) => server.addr.port(),
+            Target::Zookeeper { addr, .. } | Target::Etcd { addr, .. } => addr.port(),
+        }
+    }
+
+    async fn provider(&self, i: usize) -> anyhow::Result<ProviderSession> {
+        Ok(match self {
+            Target::Tern(server) => {
+                let session = registry::session(server.addr, &format!("provider-{i}"), Role::Provider);
+                registry::connected(std::slice::from_ref(&session)).await?;
+                ProviderSession::Tern(session)
+            }
+            Target::Zookeeper { addr, .. } => ProviderSession::Zookeeper(zk_connect(*addr).await?),
+            Target::Etcd { addr, .. } => ProviderSession::Etcd(EtcdProvider::start(*addr).await?),
+        })
+    }
+
+    async fn providers(&self, n: usize) -> anyhow::Result<Vec<ProviderSession>> {
+        let mut sessions = Vec::new();
+        for i in 0..n.max(1) {
+            sessions.push(self.provider(i).await?);
+        }
+        Ok(sessions)
+    }
+
+    /// `n` subscribers of `service`, each with its own connection, each
+    /// holding the initial list when this returns.
+    async fn subscribers(&self, service: &str, n: usize) -> anyhow::Result<Subscribers> {
+        let mut subs = Subscribers::default();
+        match self {
+            Target::Tern(server) => {
+                let sessions: Vec<_> = (0..n)
+                    .map(|i| registry::session(server.addr, &format!("consumer-{i}"), Role::Consumer))
+                    .collect();
+                registry::connected(&sessions).await?;
+                let key = tern_key(service);
+                subs.tern = sessions.iter().map(|s| s.subscribe(&key)).collect();
+                subs.sessions = sessions;
+            }
+            Target::Zookeeper { addr, .. } => {
+                for _ in 0..n {
+                    let client = zk_connect(*addr).await?;
+                    let (tx, rx) = watch::channel(Arc::new(BTreeSet::new()));
+                    subs.tasks.spawn(zk_watch(client, zk_dir(service), tx));
+                    subs.sets.push(rx);
+                }
+            }
+            Target::Etcd { addr, .. } => {
+                for _ in 0..n {
+                    let channel = etcd_channel(*addr).await?;
+                    let (tx, rx) = watch::channel(Arc::new(BTreeSet::new()));
+                    let first = etcd_read(&channel, service).await?;
+                    subs.tasks.spawn(etcd_watch(channel, service.to_owned(), first, tx));
+                    subs.sets.push(rx);
+                }
+            }
+        }
+        Ok(subs)
+    }
+}
+
+/// The pid `peers.sh` wrote for `name`, if that process is alive.
+fn peer_pid(dir: &Path, name: &str) -> anyhow::Result<u32> {
+    let file = dir.join(name).join("pid");
+    let pid: u32 = std::fs::read_to_string(&file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {}", file.display()))?;
+    anyhow::ensure!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "{name} (pid {pid} from {}) has exited",
+        file.display()
+    );
+    Ok(pid)
+}
+
+/// Subscribers of one system and their current views.
+#[derive(Default)]
+struct Subscribers {
+    sessions: Vec<RegistrySession>,
+    tern: Vec<watch::Receiver<Arc<ProviderList>>>,
+    sets: Vec<watch::Receiver<Arc<BTreeSet<String>>>>,
+    /// The peers' watch loops; aborted when dropped.
+    tasks: JoinSet<()>,
+}
+
+impl Subscribers {
+    fn len(&self) -> usize {
+        self.tern.len() + self.sets.len()
+    }
+
+    fn watchers(&self, check: impl Fn(u64, &dyn Addresses) -> bool + Send + Sync + 'static) -> Watchers {
+        if self.tern.is_empty() {
+            Watchers::start(self.sets.clone(), move |goal, view| check(goal, view))
+        } else {
+            Watchers::start(self.tern.clone(), move |goal, view| check(goal, view))
+        }
+    }
+}
+
+// === provider sessions ===
+
+enum ProviderSession {
+    Tern(RegistrySession),
+    Zookeeper(zk::Client),
+    Etcd(EtcdProvider),
+}
+
+impl ProviderSession {
+    async fn register(&self, service: &str, port: u16) -> anyhow::Result<()> {
+        match self {
+            ProviderSession::Tern(session) => {
+                session
+                    .register(&tern_key(service), registry::instance(port.into()))
+                    .await?;
+            }
+            ProviderSession::Zookeeper(client) => {
+                let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+                let path = format!("{}/{}", zk_dir(service), url_encode(&provider_url(service, port)));
+                client.create(&path, b"", &options).await?;
+            }
+            ProviderSession::Etcd(provider) => {
+                let request = etcd::PutRequest {
+                    key: etcd_key(service, port).into_bytes(),
+                    value: provider_url(service, port).into_bytes(),
+                    lease: provider.lease,
+                };
+                provider.kv.clone().put(request).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn unregister(&self, service: &str, port: u16) -> anyhow::Result<()> {
+        match self {
+            ProviderSession::Tern(session) => session.unregister(&tern_key(service), "127.0.0.1", port).await?,
+            ProviderSession::Zookeeper(client) => {
+                let path = format!("{}/{}", zk_dir(service), url_encode(&provider_url(service, port)));
+                client.delete(&path, None).await?;
+            }
+            ProviderSession::Etcd(provider) => {
+                let request = etcd::DeleteRangeRequest {
+                    key: etcd_key(service, port).into_bytes(),
+                    range_end: Vec::new(),
+                };
+                provider.kv.clone().delete_range(request).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Registers `ports` of `service` over `sessions`, all at once.
+async fn register_all(sessions: &Arc<Vec<ProviderSession>>, service: &str, ports: &[u16]) -> anyhow::Result<()> {
+    change_all(sessions, service, ports, true).await
+}
+
+async fn change_all(
+    sessions: &Arc<Vec<ProviderSession>>,
+    service: &str,
+    ports: &[u16],
+    register: bool,
+) -> anyhow::Result<()> {
+    let mut tasks = JoinSet::new();
+    for (i, &port) in ports.iter().enumerate() {
+        let (sessions, service) = (sessions.clone(), service.to_owned());
+        tasks.spawn(async move {
+            let session = &sessions[i % sessions.len()];
+            if register {
+                session.register(&service, port).await
+            } else {
+                session.unregister(&service, port).await
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(())
+}
+
+fn tern_key(service: &str) -> ServiceKey {
+    ServiceKey::new(service, "1.0", "")
+}
+
+fn address(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// The provider's description, as a Dubbo URL carrying what this
+/// framework's `Instance` carries (address, app, protocol, weight, start).
+fn provider_url(service: &str, port: u16) -> String {
+    static START_MS: OnceLock<u128> = OnceLock::new();
+    let start = START_MS.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    });
+    format!(
+        "tern://127.0.0.1:{port}/{service}?application=bench-provider&side=provider&version=1.0&weight=100&timestamp={start}"
+    )
+}
+
+// === ZooKeeper ===
+
+async fn zk_connect(addr: SocketAddr) -> anyhow::Result<zk::Client> {
+    let cluster = addr.to_string();
+    let connect = zk::Client::connector()
+        .with_session_timeout(ZK_SESSION_TIMEOUT)
+        .connect(&cluster);
+    Ok(tokio::time::timeout(REQUEST_LIMIT, connect)
+        .await
+        .with_context(|| format!("connecting to ZooKeeper at {addr}"))??)
+}
+
+fn zk_dir(service: &str) -> String {
+    format!("/dubbo/{service}/providers")
+}
+
+/// Percent-encodes everything but unreserved characters, as Dubbo's
+/// `URL.encode` (Java's `URLEncoder`) does for node names.
+fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3 / 2);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.*".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `host:port` of a node name made by [`url_encode`]`(`[`provider_url`]`)`.
+fn zk_node_address(node: &str) -> Option<String> {
+    let rest = node.split_once("%3A%2F%2F")?.1;
+    let authority = rest.split_once("%2F")?.0;
+    Some(authority.replace("%3A", ":"))
+}
+
+/// A Dubbo-style subscriber: read the children with a watch, publish them,
+/// wait for the watch, read again. Ends when its task is aborted or the
+/// session fails.
+async fn zk_watch(client: zk::Client, dir: String, view: watch::Sender<Arc<BTreeSet<String>>>) {
+    loop {
+        let (children, _, watcher) = match client.get_and_watch_children(&dir).await {
+            Ok(read) => read,
+            Err(e) => {
+                eprintln!("zookeeper subscriber: reading {dir}: {e}");
+                return;
+            }
+        };
+        view.send_replace(Arc::new(children.iter().filter_map(|c| zk_node_address(c)).collect()));
+        watcher.changed().await;
+    }
+}
+
+/// Creates the persistent parents of `service`'s provider directory.
+async fn zk_prepare(addr: SocketAddr, service: &str) -> anyhow::Result<()> {
+    let client = zk_connect(addr).await?;
+    let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    client.mkdir(&zk_dir(service), &options).await?;
+    Ok(())
+}
+
+// === etcd ===
+
+async fn etcd_channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(REQUEST_LIMIT)
+        .timeout(REQUEST_LIMIT)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to etcd at {addr}"))
+}
+
+fn etcd_prefix(service: &str) -> String {
+    format!("/tern/{service}/providers/")
+}
+
+fn etcd_key(service: &str, port: u16) -> String {
+    format!("{}{}", etcd_prefix(service), address(port))
+}
+
+/// The end of the key range holding every key that starts with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    // The prefix is ASCII ending in '/': its last byte can be incremented.
+    *end.last_mut().expect("non-empty prefix") += 1;
+    end
+}
+
+/// A provider's etcd session: a lease kept alive, which its keys carry.
+struct EtcdProvider {
+    kv: KvClient<Channel>,
+    lease: i64,
+    _keepalive: JoinSet<()>,
+}
+
+impl EtcdProvider {
+    async fn start(addr: SocketAddr) -> anyhow::Result<EtcdProvider> {
+        let channel = etcd_channel(addr).await?;
+        let mut leases = LeaseClient::new(channel.clone());
+        let grant = leases
+            .lease_grant(etcd::LeaseGrantRequest {
+                ttl: ETCD_LEASE_TTL_S,
+                id: 0,
+            })
+            .await?
+            .into_inner();
+        anyhow::ensure!(grant.error.is_empty(), "etcd refused a lease: {}", grant.error);
+        let lease = grant.id;
+        let (tx, rx) = mpsc::channel(1);
+        // etcd answers the call (headers included) only once a first
+        // keep-alive arrives: queue it before waiting for the answer.
+        tx.send(etcd::LeaseKeepAliveRequest { id: lease }).await?;
+        let mut answers = leases.lease_keep_alive(ReceiverStream::new(rx)).await?.into_inner();
+        let mut keepalive = JoinSet::new();
+        keepalive.spawn(async move {
+            // Renew at a third of the TTL, as etcd's clients do; stops when
+            // the provider is dropped (the task is aborted) or etcd hangs up.
+            let period = Duration::from_millis(ETCD_LEASE_TTL_S as u64 * 1000 / 3);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => if tx.send(etcd::LeaseKeepAliveRequest { id: lease }).await.is_err() { return },
+                    answer = answers.message() => if !matches!(answer, Ok(Some(_))) { return },
+                }
+            }
+        });
+        Ok(EtcdProvider {
+            kv: KvClient::new(channel),
+            lease,
+            _keepalive: keepalive,
+        })
+    }
+}
+
+/// The prefix's addresses and the revision they were read at.
+async fn etcd_read(channel: &Channel, service: &str) -> anyhow::Result<(BTreeSet<String>, i64)> {
+    let prefix = etcd_prefix(service);
+    let response = KvClient::new(channel.clone())
+        .range(etcd::RangeRequest {
+            key: prefix.clone().into_bytes(),
+            range_end: prefix_end(&prefix),
+            limit: 0,
+            revision: 0,
+        })
+        .await?
+        .into_inner();
+    let revision = response.header.map_or(0, |h| h.revision);
+    let addresses = response
+        .kvs
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(prefix.as_bytes()))
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Ok((addresses, revision))
+}
+
+/// An etcd subscriber: from the list read at `revision`, apply every watch
+/// event after it. Ends when its task is aborted or the watch fails.
+async fn etcd_watch(
+    channel: Channel,
+    service: String,
+    (addresses, revision): (BTreeSet<String>, i64),
+    view: watch::Sender<Arc<BTreeSet<String>>>,
+) {
+    view.send_replace(Arc::new(addresses));
+    let prefix = etcd_prefix(&service);
+    let create = etcd::WatchRequest {
+        request_union: Some(etcd::watch_request::RequestUnion::CreateRequest(
+            etcd::WatchCreateRequest {
+                key: prefix.clone().into_bytes(),
+                range_end: prefix_end(&prefix),
+                start_revision: revision + 1,
+            },
+        )),
+    };
+    // The request stream stays open (`_requests`): etcd ends the watch when
+    // the client closes its side.
+    let (_requests, rx) = mpsc::channel::<etcd::WatchRequest>(1);
+    let requests = tokio_stream::once(create).chain(ReceiverStream::new(rx));
+    let mut stream = match WatchClient::new(channel).watch(requests).await {
+        Ok(response) => response.into_inner(),
+        Err(e) => {
+            eprintln!("etcd subscriber: watching {prefix}: {e}");
+            return;
+        }
+    };
+    loop {
+        let response = match stream.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => return,
+            Err(e) => {
+                eprintln!("etcd subscriber: watch of {prefix} failed: {e}");
+                return;
+            }
+        };
+        if response.canceled {
+            eprintln!(
+                "etcd subscriber: watch of {prefix} canceled: {}",
+                response.cancel_reason
+            );
+            return;
+        }
+        if response.events.is_empty() {
+            continue;
+        }
+        // In place: the set is shared with no one between borrows, so
+        // `make_mut` does not copy it (a copy per event would make the
+        // bench, not etcd, the bottleneck of a storm).
+        view.send_modify(|view| {
+            let addresses = Arc::make_mut(view);
+            for event in &response.events {
+                let Some(kv) = &event.kv else { continue };
+                let Some(addr) = kv.key.strip_prefix(prefix.as_bytes()) else {
+                    continue;
+                };
+                let addr = String::from_utf8_lossy(addr).into_owned();
+                if event.r#type == etcd::event::EventType::Delete as i32 {
+                    addresses.remove(&addr);
+                } else {
+                    addresses.insert(addr);
+                }
+            }
+        });
+    }
+}
+
+// === the workload ===
+
+async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::Result<Report> {
+    let pid = target.pid();
+    let probe = "bench.Probe";
+    let storm = "bench.Storm";
+    if let Target::Zookeeper { addr, .. } = target {
+        zk_prepare(*addr, probe).await?;
+        zk_prepare(*addr, storm).await?;
+    }
+    let providers = Arc::new(target.providers(args.provider_sessions).await?);
+    let base: Vec<u16> = (0..args.base_providers).map(|k| 20_000 + k as u16).collect();
+    register_all(&providers, probe, &base).await?;
+
+    // 1. Push.
+    let subscribers = target.subscribers(probe, args.subscribers).await?;
+    let base_set: Arc<BTreeSet<String>> = Arc::new(base.iter().map(|&p| address(p)).collect());
+    let watchers = subscribers.watchers(move |goal, view| {
+        // Goal 1: the base list; then 2 x port + 1 when a probe joined, 2 x port when it left.
+        if goal == 1 {
+            return view.is(&base_set);
+        }
+        let port = (goal / 2) as u16;
+        view.has(&address(port)) == (goal % 2 == 1)
+    });
+    watchers.time(1, subscribers.len(), async { Ok(()) }).await?;
+    let rss_kb = proc_stats::rss_kb(pid)?;
+
+    let bytes_before = wire::server_bytes(target.port());
+    let cpu_before = proc_stats::cpu_seconds(pid)?;
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut push_ms = Vec::new();
+    for p in 0..args.probes {
+        let port = 40_000 + p as u16;
+        let session = &providers[p % providers.len()];
+        for joined in [true, false] {
+            let goal = 2 * u64::from(port) + u64::from(joined);
+            let took = watchers
+                .time(goal, subscribers.len(), async {
+                    if joined {
+                        session.register(probe, port).await
+                    } else {
+                        session.unregister(probe, port).await
+                    }
+                })
+                .await
+                .with_context(|| format!("probe {p} ({})", if joined { "join" } else { "leave" }))?;
+            latency.record(took.as_micros().max(1) as u64)?;
+            push_ms.push(took.as_secs_f64() * 1e3);
+        }
+    }
+    let push_cpu_s = proc_stats::cpu_seconds(pid)? - cpu_before;
+    let bytes_per_change = match (bytes_before, wire::server_bytes(target.port())) {
+        (Ok(before), Ok(after)) => {
+            let changes = (2 * args.probes * subscribers.len()).max(1) as f64;
+            Some(wire::delta(&before, &after) as f64 / changes)
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("bytes on the wire not counted: {e:#}");
+            None
+        }
+    };
+    drop(watchers);
+    drop(subscribers);
+    let push_p50 = latency.value_at_quantile(0.5) as f64 / 1e3;
+    let push_p99 = latency.value_at_quantile(0.99) as f64 / 1e3;
+
+    // 2. Storm.
+    let initial: Vec<u16> = (0..args.storm_providers).map(|k| 20_000 + k as u16).collect();
+    register_all(&providers, storm, &initial).await?;
+    let subscribers = target.subscribers(storm, args.storm_subscribers).await?;
+    let replaced = args.storm_providers / 10;
+    let fresh: Vec<u16> = (0..replaced).map(|k| 50_000 + k as u16).collect();
+    let initial_set: Arc<BTreeSet<String>> = Arc::new(initial.iter().map(|&p| address(p)).collect());
+    let expected: Arc<BTreeSet<String>> =
+        Arc::new(initial[replaced..].iter().chain(&fresh).map(|&p| address(p)).collect());
+    let watchers = subscribers.watchers(move |goal, view| view.is(if goal == 1 { &initial_set } else { &expected }));
+    watchers.time(1, subscribers.len(), async { Ok(()) }).await?;
+    let cpu_before = proc_stats::cpu_seconds(pid)?;
+    let mut storm_acked = Duration::ZERO;
+    let each = watchers
+        .time_each(2, subscribers.len(), async {
+            let start = std::time::Instant::now();
+            let (gone, fresh) = (&initial[..replaced], &fresh);
+            tokio::try_join!(
+                change_all(&providers, storm, gone, false),
+                change_all(&providers, storm, fresh, true)
+            )?;
+            storm_acked = start.elapsed();
+            Ok(())
+        })
+        .await
+        .context("storm")?;
+    let storm_cpu_s = proc_stats::cpu_seconds(pid)? - cpu_before;
+    let storm_each_ms: Vec<f64> = each.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    let storm_ms = storm_each_ms.last().copied().unwrap_or_default();
+    drop(watchers);
+    drop(subscribers);
+
+    // Leave the peer as it was found, for the next run.
+    let all_storm: Vec<u16> = initial[replaced..].iter().chain(&fresh).copied().collect();
+    change_all(&providers, storm, &all_storm, false).await?;
+    change_all(&providers, probe, &base, false).await?;
+
+    Ok(Report {
+        system,
+        push_ms,
+        push_p50,
+        push_p99,
+        storm_each_ms,
+        storm_ms,
+        storm_acked_ms: storm_acked.as_secs_f64() * 1e3,
+        bytes_per_change,
+        push_cpu_s,
+        storm_cpu_s,
+        rss_kb,
+    })
+}
+
+fn print_table(reports: &[Report]) {
+    println!();
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>13} {:>11} {:>12} {:>8}",
+        "system",
+        "push p50",
+        "push p99",
+        "push max",
+        "storm",
+        "storm acked",
+        "bytes/change",
+        "push cpu s",
+        "storm cpu s",
+        "rss MiB"
+    );
+    for r in reports {
+        let max = r.push_ms.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{:<10} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>9.1}ms {:>13} {:>11.2} {:>12.2} {:>8.1}",
+            r.system.name(),
+            r.push_p50,
+            r.push_p99,
+            max,
+            r.storm_ms,
+            r.storm_acked_ms,
+            r.bytes_per_change.map_or("n/a".into(), |b| format!("{b:.0}")),
+            r.push_cpu_s,
+            r.storm_cpu_s,
+            r.rss_kb as f64 / 1024.0,
+        );
+    }
+    println!(
+        "(push: a change -> the last subscriber holds it; storm: 10% replaced -> every subscriber holds the new set; storm acked: until the server acknowledged every storm write; bytes/change: TCP payload both ways over all the server's connections during the push phase, per change per subscriber; cpu s: the server process's CPU seconds in each phase; rss: the server's resident memory with every push subscriber connected)"
+    );
+    println!();
+}
+
+fn write_plots(dir: &Path, reports: &[Report]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let plots = [
+        (
+            "peers_push_latency.png",
+            "Push latency: a provider joins or leaves -> the last subscriber sees it",
+            "ms (log scale)",
+        ),
+        (
+            "peers_storm_convergence.png",
+            "Storm: 10% of providers replaced -> subscribers holding the new set",
+            "ms since the storm began (log scale)",
+        ),
+    ];
+    for (file, title, x_label) in plots {
+        let series: Vec<_> = reports
+            .iter()
+            .map(|r| {
+                let samples = if file == "peers_push_latency.png" {
+                    &r.push_ms
+                } else {
+                    &r.storm_each_ms
+                };
+                (r.system.name().to_owned(), samples.clone())
+            })
+            .collect();
+        let path = dir.join(file);
+        plot::cdf(&path, title, x_label, &series)?;
+        println!("plot: {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zookeeper_node_names_round_trip_the_address() {
+        let node = url_encode(&provider_url("bench.Probe", 40_001));
+        assert!(!node.contains('/'), "{node}");
+        assert_eq!(zk_node_address(&node).as_deref(), Some("127.0.0.1:40001"));
+    }
+
+    #[test]
+    fn prefix_end_covers_the_prefix() {
+        assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
+    }
+}
