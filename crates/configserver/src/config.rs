@@ -61,7 +61,8 @@ pub struct Settings {
     /// A node silent this long is expired [default: 3000].
     #[arg(long, env = "CONFIGSERVER_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: Option<u64>,
-    /// Changes within this window are pushed as one delta [default: 5].
+    /// After a push, changes within this window go out as one delta; a
+    /// change after a quiet window goes at once [default: 5].
     #[arg(long, env = "CONFIGSERVER_COALESCE_MS")]
     pub coalesce_ms: Option<u64>,
     /// Deltas kept per service for reconnecting or lagging nodes [default: 64].

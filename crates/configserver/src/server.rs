@@ -30,7 +30,8 @@ pub struct ServerConfig {
     pub heartbeat_interval: Duration,
     /// A node silent this long is expired.
     pub heartbeat_timeout: Duration,
-    /// Changes within this window go out as one delta.
+    /// After a flush, changes within this window go out together as one
+    /// delta per service (the first change after a quiet window goes at once).
     pub coalesce: Duration,
     /// Largest control message accepted.
     pub max_message_bytes: usize,
@@ -225,16 +226,21 @@ impl Drop for ConfigServer {
 /// The store used when none is configured: rules live as long as the server.
 pub const IN_MEMORY_STORE: &str = "sqlite::memory:";
 
-/// Waits for changes, lets them gather for the coalescing window, flushes.
+/// Flushes a change at once when the registry has been quiet for a window,
+/// then holds what follows for the coalescing window: an isolated change
+/// waits for nothing, a burst goes out as one delta per service per window.
 async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = registry.changed.notified() => {}
             _ = shutdown.cancelled() => return,
         }
-        if !window.is_zero() {
-            tokio::time::sleep(window).await;
-        }
         registry.flush();
+        // Changes made meanwhile leave a stored wake-up: the next turn
+        // flushes them together, right after the window.
+        tokio::select! {
+            _ = tokio::time::sleep(window) => {}
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
