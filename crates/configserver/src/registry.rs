@@ -589,14 +589,10 @@ impl Registry {
     pub fn catch_up(&self, key: &ServiceKey, sent: Option<u64>) -> (Vec<ServerMessage>, u64) {
         let mut state = self.lock();
         let partial = !self.grace_over.load(Ordering::Relaxed);
-        // What is sent must be a flushed revision: a snapshot that showed a
-        // pending change under the old revision could never be corrected if
-        // the change cancelled out before the flush.
-        self.flush_service(&mut state, key);
-        let Some(entry) = state.services.get(key) else {
-            return (vec![self.snapshot_message(key, 0, Vec::new(), partial)], 0);
-        };
-        if let Some(sent) = sent {
+        // Deltas come from the history: flushed changes only. Changes still
+        // pending wait for the flusher, which marks this session again, so
+        // a push never cuts a coalescing window short.
+        if let (Some(sent), Some(entry)) = (sent, state.services.get(key)) {
             if sent == entry.revision {
                 return (Vec::new(), sent);
             }
@@ -615,6 +611,13 @@ impl Registry {
                 return (deltas, entry.revision);
             }
         }
+        // A snapshot must show a flushed revision: one that showed a pending
+        // change under the old revision could never be corrected if the
+        // change cancelled out before the flush. So flush first.
+        self.flush_service(&mut state, key);
+        let Some(entry) = state.services.get(key) else {
+            return (vec![self.snapshot_message(key, 0, Vec::new(), partial)], 0);
+        };
         let providers = entry.providers.values().map(|(i, _)| i.clone()).collect();
         (
             vec![self.snapshot_message(key, entry.revision, providers, partial)],
