@@ -49,7 +49,9 @@ pub type SessionId = u64;
 pub struct RegistryConfig {
     /// Deltas kept per service for nodes that reconnect or lag.
     pub history_len: usize,
-    /// A node further behind than this many deltas gets a snapshot instead.
+    /// A node further behind than this many deltas gets a snapshot instead,
+    /// unless those deltas carry fewer entries than the snapshot would (a
+    /// storm's deltas to a large list).
     pub max_catch_up_deltas: usize,
     /// After a start, snapshots are partial for this long (see
     /// `Snapshot.partial`): providers are still re-registering.
@@ -598,11 +600,14 @@ impl Registry {
             }
             let behind = (entry.revision - sent.min(entry.revision)) as usize;
             let first = entry.history.front().map_or(u64::MAX, |d| d.from_revision);
-            if sent < entry.revision && first <= sent && behind <= self.config.max_catch_up_deltas {
-                let deltas = entry
-                    .history
-                    .iter()
-                    .filter(|d| d.from_revision >= sent)
+            let needed = || entry.history.iter().filter(|d| d.from_revision >= sent);
+            let cheaper = behind <= self.config.max_catch_up_deltas
+                || needed()
+                    .map(|d| d.added.len() + d.removed.len() + d.updated.len())
+                    .sum::<usize>()
+                    <= entry.providers.len();
+            if sent < entry.revision && first <= sent && cheaper {
+                let deltas = needed()
                     .map(|d| ServerMessage {
                         request_id: 0,
                         body: Some(server_message::Body::Delta(Delta::clone(d))),
