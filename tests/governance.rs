@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{Node, free_port, http};
 use rpc_core::Error;
-use rpc_core::registry::{Role, SessionConfig};
+use rpc_core::ServiceKey;
+use rpc_core::registry::{RegistrySession, Role, SessionConfig};
 use tern::consumer::{Balance, Consumer, ConsumerConfig, Reference};
 use tern::demo::{GreeterClient, HelloRequest};
 use tern_proto::registry::registry_client::RegistryClient;
@@ -347,6 +348,40 @@ async fn rules_survive_a_configserver_restart_and_providers_enforce_them_while_i
     let refused = hello(&fresh_only).await.unwrap_err();
     assert!(matches!(refused, Error::Forbidden(_)), "{refused}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_is_acknowledged_only_after_its_rules_arrived() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &[]);
+    let revision = put_rule(admin, "deny-batch", r#"{"kind":"access","deny_apps":["batch"]}"#).await;
+    let key: ServiceKey = SERVICE.parse().unwrap();
+    // Each provider session holds the rules the moment its registration
+    // returns: a provider can serve right after it without a call slipping
+    // past its rules.
+    for port in 30_001..30_021u32 {
+        let session = RegistrySession::start(SessionConfig::new([registry.to_string()], "greeter", Role::Provider));
+        let instance = pb::Instance {
+            host: "127.0.0.1".into(),
+            port,
+            weight: 100,
+            ..pb::Instance::default()
+        };
+        // As a provider does: register on a live stream, so the call waits
+        // for the server's answer.
+        let mut connected = session.connected();
+        tokio::time::timeout(LIMIT, connected.wait_for(Option::is_some))
+            .await
+            .expect("connected in time")
+            .unwrap();
+        tokio::time::timeout(LIMIT, session.register(&key, instance))
+            .await
+            .expect("registered in time")
+            .unwrap();
+        let held = session.rules(&key).borrow().clone();
+        assert_eq!(held.revision, revision, "port {port}: the ack came before the rules");
+        assert_eq!(held.rules.len(), 1);
+        session.shutdown();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

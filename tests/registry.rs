@@ -114,7 +114,12 @@ impl RawSession {
                 .expect("an answer in time");
             match message.ok()?? {
                 ServerMessage {
-                    body: Some(server_message::Body::Snapshot(_) | server_message::Body::Delta(_)),
+                    body:
+                        Some(
+                            server_message::Body::Snapshot(_)
+                            | server_message::Body::Delta(_)
+                            | server_message::Body::Rules(_),
+                        ),
                     ..
                 } => continue,
                 message => return message.body,

@@ -145,8 +145,9 @@ struct Sent {
 #[derive(Debug, Default)]
 pub struct Work {
     pub due: Vec<Due>,
-    /// Services whose current rules must be sent.
-    pub rules: Vec<ServiceKey>,
+    /// Some service's rules must be sent: [`PushQueue::take_rules`] takes
+    /// them (under the session's rules gate, see `session.rs`).
+    pub rules: bool,
 }
 
 /// A service due to be pushed to a session.
@@ -182,13 +183,25 @@ impl PushQueue {
         state.dirty.remove(key);
     }
 
+    /// Services whose rules must be sent, taken.
+    pub fn take_rules(&self) -> Vec<ServiceKey> {
+        std::mem::take(&mut self.state.lock().expect("push lock").rules)
+            .into_iter()
+            .collect()
+    }
+
+    /// Takes `key`'s rules if they must be sent; whether they had to be.
+    pub fn take_rules_of(&self, key: &ServiceKey) -> bool {
+        self.state.lock().expect("push lock").rules.remove(key)
+    }
+
     /// Waits until some subscribed service is dirty or has new rules, then
-    /// takes them all.
+    /// takes the dirty services (the rules stay for [`PushQueue::take_rules`]).
     pub async fn next(&self) -> Work {
         loop {
             {
                 let mut state = self.state.lock().expect("push lock");
-                let rules: Vec<ServiceKey> = std::mem::take(&mut state.rules).into_iter().collect();
+                let rules = !state.rules.is_empty();
                 let dirty = std::mem::take(&mut state.dirty);
                 let due: Vec<Due> = dirty
                     .into_iter()
@@ -201,7 +214,7 @@ impl PushQueue {
                         })
                     })
                     .collect();
-                if !due.is_empty() || !rules.is_empty() {
+                if !due.is_empty() || rules {
                     return Work { due, rules };
                 }
             }

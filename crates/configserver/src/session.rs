@@ -154,26 +154,60 @@ async fn run(
             heartbeat_timeout_ms: heartbeats.timeout.as_millis() as u32,
         })),
     };
+    // Held while rules are taken from the push queue and sent, so that a
+    // registration's ack follows the rules it made due (see `read_loop`).
+    let rules_gate = tokio::sync::Mutex::new(());
     let reason = if tx.send(Box::new(welcome)).await.is_err() {
         "node went away".to_owned()
     } else {
+        let pushing = Pushing {
+            registry: &registry,
+            id,
+            push: &push,
+            rules_gate: &rules_gate,
+            tx: &tx,
+        };
         tokio::select! {
-            reason = read_loop(&registry, id, heartbeats, credentials.as_deref(), &mut inbound, &tx) => reason,
-            reason = push_loop(&registry, id, &push, &tx) => reason,
+            reason = read_loop(&pushing, heartbeats, credentials.as_deref(), &mut inbound) => reason,
+            reason = push_loop(&pushing) => reason,
         }
     };
     registry.close_session(id, &reason);
 }
 
-/// Handles the node's requests until the session ends; returns why.
-async fn read_loop(
-    registry: &Registry,
+/// What both halves of a session share.
+struct Pushing<'a> {
+    registry: &'a Registry,
     id: SessionId,
+    push: &'a PushQueue,
+    rules_gate: &'a tokio::sync::Mutex<()>,
+    tx: &'a Tx,
+}
+
+impl Pushing<'_> {
+    /// Sends the current rules of `key`; `false`: the node went away.
+    async fn send_rules(&self, key: &ServiceKey) -> bool {
+        let Some(message) = self.registry.rules_for(self.id, key) else {
+            return true;
+        };
+        self.registry.metrics.pushed_rules.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Box::new(message)).await.is_ok()
+    }
+}
+
+/// Handles the node's requests until the session ends; returns why.
+///
+/// A registration's ack follows the rules of its service: a provider that
+/// has its ack enforces the rules from its first call. Taking the rules
+/// from the push queue and sending them happen under the rules gate in both
+/// loops, so whichever loop takes them has sent them before the ack goes.
+async fn read_loop(
+    pushing: &Pushing<'_>,
     heartbeats: Heartbeats,
     credentials: Option<&Credentials>,
     inbound: &mut Streaming<NodeMessage>,
-    tx: &Tx,
 ) -> String {
+    let Pushing { registry, id, tx, .. } = *pushing;
     loop {
         let message = match tokio::time::timeout(heartbeats.timeout, inbound.message()).await {
             Err(_) => {
@@ -190,6 +224,7 @@ async fn read_loop(
             Ok(Ok(Some(message))) => message,
         };
         let request_id = message.request_id;
+        let mut registered = None;
         let result = match message.body {
             Some(node_message::Body::Register(r)) => match (r.service, r.instance) {
                 (Some(key), Some(instance)) => {
@@ -198,7 +233,10 @@ async fn read_loop(
                         Some((c, app)) if !c.may_provide(&app, &key) => Err(registry::RegistryError::Forbidden(
                             format!("app {app:?} may not provide {key}"),
                         )),
-                        _ => registry.register(id, key, instance),
+                        _ => {
+                            registered = Some(key.clone());
+                            registry.register(id, key, instance)
+                        }
                     }
                 }
                 _ => Err(registry::RegistryError::Invalid(
@@ -235,6 +273,16 @@ async fn read_loop(
             Some(node_message::Body::Hello(_)) => Err(registry::RegistryError::Invalid("Hello sent twice".into())),
             None => Err(registry::RegistryError::Invalid("empty message (unknown kind?)".into())),
         };
+        let _gate = match (&result, &registered) {
+            (Ok(()), Some(key)) => {
+                let gate = pushing.rules_gate.lock().await;
+                if pushing.push.take_rules_of(key) && !pushing.send_rules(key).await {
+                    return "node went away".to_owned();
+                }
+                Some(gate)
+            }
+            _ => None,
+        };
         let answer = match result {
             Ok(()) if request_id == 0 => continue,
             Ok(()) => registry::ack(request_id),
@@ -251,16 +299,16 @@ async fn read_loop(
 }
 
 /// Sends the node what it lacks of each dirty service, as it becomes ready.
-async fn push_loop(registry: &Registry, id: SessionId, push: &PushQueue, tx: &Tx) -> String {
+async fn push_loop(pushing: &Pushing<'_>) -> String {
+    let Pushing { registry, push, tx, .. } = *pushing;
     loop {
         let work = push.next().await;
-        for key in work.rules {
-            let Some(message) = registry.rules_for(id, &key) else {
-                continue;
-            };
-            registry.metrics.pushed_rules.fetch_add(1, Ordering::Relaxed);
-            if tx.send(Box::new(message)).await.is_err() {
-                return "node went away".to_owned();
+        if work.rules {
+            let _gate = pushing.rules_gate.lock().await;
+            for key in push.take_rules() {
+                if !pushing.send_rules(&key).await {
+                    return "node went away".to_owned();
+                }
             }
         }
         for due in work.due {

@@ -44,14 +44,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rpc_core::governance::ProviderPolicy;
+use rpc_core::governance::{ProviderPolicy, RuleSet};
 
 use rpc_core::registry::{RegistryError, RegistrySession, Role, SessionConfig};
 use rpc_core::server::{Admission, Dispatch, Server, ServerConfig, Service};
 use rpc_core::{InvalidServiceKey, ServiceKey, Status};
 use tern_proto::registry::Instance;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{info, warn};
 
@@ -305,26 +305,59 @@ pub struct Provider {
 /// The governance rules of the served services, as the server checks them.
 #[derive(Debug)]
 struct Rules {
-    policies: HashMap<ServiceKey, Arc<RwLock<Arc<ProviderPolicy>>>>,
+    policies: HashMap<ServiceKey, Arc<Followed>>,
+}
+
+/// One service's pushed rules and the policy compiled from them.
+#[derive(Debug)]
+struct Followed {
+    key: ServiceKey,
+    pushed: watch::Receiver<Arc<RuleSet>>,
+    compiled: RwLock<(Arc<RuleSet>, Arc<ProviderPolicy>)>,
+}
+
+impl Followed {
+    /// The policy of the rules last pushed. A call never sees older rules
+    /// than the session holds: the rules of a registration arrive before
+    /// its ack, so a provider enforces them from its first call.
+    fn current(&self) -> Arc<ProviderPolicy> {
+        let set = self.pushed.borrow().clone();
+        {
+            let compiled = self.compiled.read().expect("policy lock");
+            if Arc::ptr_eq(&compiled.0, &set) {
+                return compiled.1.clone();
+            }
+        }
+        let mut compiled = self.compiled.write().expect("policy lock");
+        if !Arc::ptr_eq(&compiled.0, &set) {
+            // Token buckets carry over from the previous policy.
+            let next = ProviderPolicy::new(&set, Some(&compiled.1));
+            info!(service = %self.key, revision = set.revision, rules = set.rules.len(), "enforcing rules");
+            *compiled = (set, Arc::new(next));
+        }
+        compiled.1.clone()
+    }
 }
 
 impl Rules {
-    /// Follows the pushed rules of `keys`; the watchers stop with `tasks`.
+    /// Follows the pushed rules of `keys`. Calls compile new rules when they
+    /// find them; the watchers in `tasks` compile them as soon as they are
+    /// pushed, and stop with `tasks`.
     fn follow(session: &RegistrySession, keys: &[ServiceKey], tasks: &mut JoinSet<()>) -> Rules {
         let mut policies = HashMap::new();
         for key in keys {
             let mut pushed = session.rules(key);
-            let initial = ProviderPolicy::new(&pushed.borrow_and_update(), None);
-            let policy = Arc::new(RwLock::new(Arc::new(initial)));
-            policies.insert(key.clone(), policy.clone());
-            let key = key.clone();
+            let set = pushed.borrow_and_update().clone();
+            let initial = Arc::new(ProviderPolicy::new(&set, None));
+            let followed = Arc::new(Followed {
+                key: key.clone(),
+                pushed: pushed.clone(),
+                compiled: RwLock::new((set, initial)),
+            });
+            policies.insert(key.clone(), followed.clone());
             tasks.spawn(async move {
                 while pushed.changed().await.is_ok() {
-                    let set = pushed.borrow_and_update().clone();
-                    let previous = policy.read().expect("policy lock").clone();
-                    let next = ProviderPolicy::new(&set, Some(&previous));
-                    info!(service = %key, revision = set.revision, rules = set.rules.len(), "enforcing rules");
-                    *policy.write().expect("policy lock") = Arc::new(next);
+                    followed.current();
                 }
             });
         }
@@ -341,7 +374,7 @@ impl Admission for Rules {
         attachments: &HashMap<String, String>,
     ) -> Result<(), Status> {
         match self.policies.get(service) {
-            Some(policy) => policy.read().expect("policy lock").admit(method, peer, attachments),
+            Some(followed) => followed.current().admit(method, peer, attachments),
             None => Ok(()),
         }
     }
