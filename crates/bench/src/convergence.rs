@@ -21,20 +21,19 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// A subscriber's current set of provider addresses (`host:port`).
 pub trait Addresses: Send + Sync + 'static {
     fn has(&self, address: &str) -> bool;
-    fn count(&self) -> usize;
 
-    /// Exactly `want`, nothing more.
-    fn is(&self, want: &BTreeSet<String>) -> bool {
-        self.count() == want.len() && want.iter().all(|a| self.has(a))
-    }
+    /// Exactly `want`, nothing more. Both sides are sorted by address, so
+    /// this walks them side by side: checking a 2,000-provider view after
+    /// every push of a storm must not make the checker the bottleneck.
+    fn is(&self, want: &BTreeSet<String>) -> bool;
 }
 
 impl Addresses for Arc<ProviderList> {
     fn has(&self, address: &str) -> bool {
         self.providers.contains_key(address)
     }
-    fn count(&self) -> usize {
-        self.providers.len()
+    fn is(&self, want: &BTreeSet<String>) -> bool {
+        self.providers.len() == want.len() && self.providers.keys().eq(want.iter())
     }
 }
 
@@ -42,8 +41,8 @@ impl Addresses for Arc<BTreeSet<String>> {
     fn has(&self, address: &str) -> bool {
         self.contains(address)
     }
-    fn count(&self) -> usize {
-        self.len()
+    fn is(&self, want: &BTreeSet<String>) -> bool {
+        **self == *want
     }
 }
 

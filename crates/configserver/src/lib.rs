@@ -7,6 +7,8 @@
 //!
 //! - [`registry`]: the map, revisions, coalesced deltas and their history.
 //! - [`session`]: one node's gRPC stream (Hello, requests, heartbeats, pushes).
+//! - [`grpc`]: the gRPC endpoint of that stream; deltas are encoded once for
+//!   all subscribers.
 //! - [`governance`]: validated rule writes, and their push through the registry.
 //! - [`store`]: the durable rule store (SQLite, PostgreSQL, MySQL) and its audit log.
 //! - [`auth`]: optional app credentials and the admin token.
@@ -21,6 +23,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod governance;
+pub mod grpc;
 pub mod metrics;
 pub mod registry;
 pub mod server;

@@ -39,6 +39,7 @@ use tern_proto::registry::{self as pb, Delta, Instance, ServerMessage, Snapshot,
 use tokio::sync::Notify;
 use tracing::{debug, info};
 
+use crate::grpc::{Outgoing, PushedDelta};
 use crate::metrics::Metrics;
 
 /// Session identifier, unique within one server run.
@@ -248,7 +249,7 @@ struct ServiceEntry {
     consumers: BTreeMap<SessionId, NodeInfo>,
     subscribers: BTreeSet<SessionId>,
     revision: u64,
-    history: VecDeque<Arc<Delta>>,
+    history: VecDeque<Arc<PushedDelta>>,
     pending: Pending,
 }
 
@@ -584,8 +585,20 @@ impl Registry {
             removed: pending.removed.into_iter().collect(),
             updated: pending.updated.into_values().collect(),
         };
+        // Encoded once here; every subscriber is sent these bytes.
+        let pushed = PushedDelta {
+            from_revision: delta.from_revision,
+            to_revision: delta.to_revision,
+            entries: delta.added.len() + delta.removed.len() + delta.updated.len(),
+            encoded: ServerMessage {
+                request_id: 0,
+                body: Some(server_message::Body::Delta(delta)),
+            }
+            .encode_to_vec()
+            .into(),
+        };
         entry.revision += 1;
-        entry.history.push_back(Arc::new(delta));
+        entry.history.push_back(Arc::new(pushed));
         while entry.history.len() > self.config.history_len {
             entry.history.pop_front();
         }
@@ -601,7 +614,7 @@ impl Registry {
     /// What a subscriber that was last sent `sent` of `key` needs now:
     /// deltas, a snapshot, or nothing. Returns the messages and the revision
     /// they bring the subscriber to.
-    pub fn catch_up(&self, key: &ServiceKey, sent: Option<u64>) -> (Vec<ServerMessage>, u64) {
+    pub fn catch_up(&self, key: &ServiceKey, sent: Option<u64>) -> (Vec<Outgoing>, u64) {
         let mut state = self.lock();
         let partial = !self.grace_over.load(Ordering::Relaxed);
         // Deltas come from the history: flushed changes only. Changes still
@@ -615,17 +628,9 @@ impl Registry {
             let first = entry.history.front().map_or(u64::MAX, |d| d.from_revision);
             let needed = || entry.history.iter().filter(|d| d.from_revision >= sent);
             let cheaper = behind <= self.config.max_catch_up_deltas
-                || needed()
-                    .map(|d| d.added.len() + d.removed.len() + d.updated.len())
-                    .sum::<usize>()
-                    <= entry.providers.len();
+                || needed().map(|d| d.entries).sum::<usize>() <= entry.providers.len();
             if sent < entry.revision && first <= sent && cheaper {
-                let deltas = needed()
-                    .map(|d| ServerMessage {
-                        request_id: 0,
-                        body: Some(server_message::Body::Delta(Delta::clone(d))),
-                    })
-                    .collect();
+                let deltas = needed().map(|d| Outgoing::Delta(d.clone())).collect();
                 return (deltas, entry.revision);
             }
         }
@@ -634,11 +639,11 @@ impl Registry {
         // change cancelled out before the flush. So flush first.
         self.flush_service(&mut state, key);
         let Some(entry) = state.services.get(key) else {
-            return (vec![self.snapshot_message(key, 0, Vec::new(), partial)], 0);
+            return (vec![self.snapshot_message(key, 0, Vec::new(), partial).into()], 0);
         };
         let providers = entry.providers.values().map(|(i, _)| i.clone()).collect();
         (
-            vec![self.snapshot_message(key, entry.revision, providers, partial)],
+            vec![self.snapshot_message(key, entry.revision, providers, partial).into()],
             entry.revision,
         )
     }
@@ -833,11 +838,6 @@ fn remove_provider(state: &mut State, key: &ServiceKey, addr: &str, owner: Sessi
     true
 }
 
-/// Encoded size of a message, for the bytes-pushed metric.
-pub fn message_len(message: &ServerMessage) -> usize {
-    message.encoded_len()
-}
-
 /// The request-level answers sent to a node.
 pub fn ack(request_id: u64) -> ServerMessage {
     ServerMessage {
@@ -881,6 +881,12 @@ mod tests {
         ServiceKey::new("demo.Greeter", "1.0.0", "")
     }
 
+    /// [`Registry::catch_up`], as the node decodes it.
+    fn decoded_catch_up(registry: &Registry, key: &ServiceKey, sent: Option<u64>) -> (Vec<ServerMessage>, u64) {
+        let (out, revision) = registry.catch_up(key, sent);
+        (out.iter().map(Outgoing::to_message).collect(), revision)
+    }
+
     fn delta_of(messages: &[ServerMessage]) -> Vec<&Delta> {
         messages
             .iter()
@@ -906,7 +912,7 @@ mod tests {
         registry.register(provider, key(), instance(1)).unwrap();
         registry.flush();
         registry.subscribe(consumer, key(), None).unwrap();
-        let (messages, rev) = registry.catch_up(&key(), None);
+        let (messages, rev) = decoded_catch_up(&registry, &key(), None);
         assert_eq!(snapshot_of(&messages).unwrap().providers.len(), 1);
         assert_eq!(rev, 1);
         let _ = push;
@@ -914,7 +920,7 @@ mod tests {
         registry.register(provider, key(), instance(2)).unwrap();
         registry.register(provider, key(), instance(3)).unwrap();
         registry.flush();
-        let (messages, rev) = registry.catch_up(&key(), Some(1));
+        let (messages, rev) = decoded_catch_up(&registry, &key(), Some(1));
         let deltas = delta_of(&messages);
         assert_eq!(deltas.len(), 1, "two registrations in one window coalesce");
         assert_eq!(deltas[0].added.len(), 2);
@@ -928,7 +934,7 @@ mod tests {
         registry.register(provider, key(), instance(1)).unwrap();
         registry.unregister(provider, &key(), "127.0.0.1", 1).unwrap();
         registry.flush();
-        assert_eq!(registry.catch_up(&key(), Some(0)).1, 0);
+        assert_eq!(decoded_catch_up(&registry, &key(), Some(0)).1, 0);
     }
 
     fn node(app: &str) -> NodeInfo {
@@ -949,7 +955,7 @@ mod tests {
         registry.flush();
         registry.close_session(provider, "test");
         registry.flush();
-        let (messages, _) = registry.catch_up(&key(), Some(1));
+        let (messages, _) = decoded_catch_up(&registry, &key(), Some(1));
         assert_eq!(delta_of(&messages)[0].removed, vec!["127.0.0.1:1".to_owned()]);
     }
 
@@ -961,12 +967,12 @@ mod tests {
             registry.register(provider, key(), instance(port)).unwrap();
             registry.flush();
         }
-        let (messages, rev) = registry.catch_up(&key(), Some(2));
+        let (messages, rev) = decoded_catch_up(&registry, &key(), Some(2));
         assert_eq!(messages.len(), 1);
         assert_eq!(snapshot_of(&messages).unwrap().providers.len(), 10);
         assert_eq!(rev, 10);
         // Within the history: the missing deltas only.
-        let (messages, _) = registry.catch_up(&key(), Some(8));
+        let (messages, _) = decoded_catch_up(&registry, &key(), Some(8));
         assert_eq!(delta_of(&messages).len(), 2);
     }
 
@@ -1066,7 +1072,11 @@ mod tests {
         registry.close_session(old, "expired");
         registry.flush();
         assert_eq!(registry.detail(&key()).unwrap().1.len(), 1);
-        assert_eq!(registry.catch_up(&key(), Some(1)).1, 1, "no change was pushed");
+        assert_eq!(
+            decoded_catch_up(&registry, &key(), Some(1)).1,
+            1,
+            "no change was pushed"
+        );
     }
 
     #[test]
@@ -1077,11 +1087,11 @@ mod tests {
         registry.subscribe(consumer, key(), None).unwrap();
         registry.register(provider, key(), instance(1)).unwrap();
         // Snapshot requested before the flusher ran.
-        let (messages, revision) = registry.catch_up(&key(), None);
+        let (messages, revision) = decoded_catch_up(&registry, &key(), None);
         assert_eq!((snapshot_of(&messages).unwrap().providers.len(), revision), (1, 1));
         registry.unregister(provider, &key(), "127.0.0.1", 1).unwrap();
         registry.flush();
-        let (messages, _) = registry.catch_up(&key(), Some(1));
+        let (messages, _) = decoded_catch_up(&registry, &key(), Some(1));
         assert_eq!(delta_of(&messages)[0].removed, vec!["127.0.0.1:1".to_owned()]);
     }
 
@@ -1090,7 +1100,11 @@ mod tests {
         let registry = Registry::new(RegistryConfig::default());
         let (consumer, push) = registry.open_session(NodeInfo::default());
         registry.subscribe(consumer, key(), None).unwrap();
-        assert!(snapshot_of(&registry.catch_up(&key(), None).0).unwrap().partial);
+        assert!(
+            snapshot_of(&decoded_catch_up(&registry, &key(), None).0)
+                .unwrap()
+                .partial
+        );
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let due = rt.block_on(push.next()).due;
         registry.end_grace();
@@ -1098,7 +1112,11 @@ mod tests {
         push.sent(&due[0], 0);
         let due = rt.block_on(push.next()).due;
         assert_eq!((due[0].key.clone(), due[0].sent), (key(), None));
-        assert!(!snapshot_of(&registry.catch_up(&key(), None).0).unwrap().partial);
+        assert!(
+            !snapshot_of(&decoded_catch_up(&registry, &key(), None).0)
+                .unwrap()
+                .partial
+        );
     }
 
     mod properties {
@@ -1140,7 +1158,7 @@ mod tests {
 
         impl Subscriber {
             fn apply(&mut self, registry: &Registry) {
-                let (messages, revision) = registry.catch_up(&key(), self.revision);
+                let (messages, revision) = decoded_catch_up(registry, &key(), self.revision);
                 for message in messages {
                     match message.body {
                         Some(server_message::Body::Snapshot(s)) => {

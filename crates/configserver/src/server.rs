@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tern_proto::registry::registry_server::RegistryServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,6 +14,7 @@ use tracing::{error, info};
 use crate::admin::AdminState;
 use crate::auth::Credentials;
 use crate::governance::Governance;
+use crate::grpc::RegistryEndpoint;
 use crate::registry::{Registry, RegistryConfig};
 use crate::session::{Heartbeats, RegistryService};
 use crate::store::{RuleStore, StoreError};
@@ -134,7 +134,7 @@ impl ConfigServer {
             shutdown.clone(),
             tracker.clone(),
         );
-        let grpc_service = RegistryServer::new(service).max_decoding_message_size(config.max_message_bytes);
+        let grpc_service = RegistryEndpoint::new(service, config.max_message_bytes);
         let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
         let token = shutdown.clone();
         tracker.spawn(async move {

@@ -6,23 +6,22 @@
 //! registry drops the node's instances and subscriptions at once.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rpc_core::ServiceKey;
-use tern_proto::registry::registry_server::Registry as RegistryRpc;
 use tern_proto::registry::{NodeMessage, ServerMessage, Welcome, node_message, server_message};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::auth::Credentials;
+use crate::grpc::{OutboundStream, Outgoing};
 use crate::registry::{self, NodeInfo, PushQueue, Registry, SessionId};
 
 /// Messages queued towards one node before the session waits for it to read.
@@ -64,25 +63,9 @@ impl RegistryService {
     }
 }
 
-/// Messages are boxed in the queue: a queue's first block of 32 slots is
-/// allocated with the session, and 32 inline messages would cost ~5 KiB per
-/// node where boxes cost 256 bytes.
-type Outbound = tokio_stream::adapters::Map<
-    ReceiverStream<Box<ServerMessage>>,
-    fn(Box<ServerMessage>) -> Result<ServerMessage, Status>,
->;
-
-// The box comes from the queue; this only moves the message out of it.
-#[allow(clippy::boxed_local)]
-fn unbox(message: Box<ServerMessage>) -> Result<ServerMessage, Status> {
-    Ok(*message)
-}
-
-#[tonic::async_trait]
-impl RegistryRpc for RegistryService {
-    type SessionStream = Pin<Box<Outbound>>;
-
-    async fn session(&self, request: Request<Streaming<NodeMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+impl RegistryService {
+    /// Starts a node's session on a new stream; the stream of messages to it.
+    pub fn session(&self, request: Request<Streaming<NodeMessage>>) -> Response<OutboundStream> {
         let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
@@ -93,12 +76,11 @@ impl RegistryRpc for RegistryService {
                 _ = run(this.registry.clone(), this.heartbeats, this.credentials.clone(), inbound, tx, peer) => {}
             }
         });
-        let outbound: Outbound = ReceiverStream::new(rx).map(unbox as fn(_) -> _);
-        Ok(Response::new(Box::pin(outbound)))
+        Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)))
     }
 }
 
-type Tx = mpsc::Sender<Box<ServerMessage>>;
+type Tx = mpsc::Sender<Outgoing>;
 
 async fn run(
     registry: Arc<Registry>,
@@ -123,7 +105,7 @@ async fn run(
                 Ok(Ok(Some(_))) => "the first message must be Hello".to_owned(),
             };
             warn!(?peer, reason = %why, "refusing session");
-            let _ = tx.send(Box::new(registry::error(0, "protocol", why))).await;
+            let _ = tx.send(Outgoing::from(registry::error(0, "protocol", why))).await;
             return;
         }
     };
@@ -133,7 +115,7 @@ async fn run(
         warn!(?peer, app = %hello.app, reason = %why, "refusing session");
         registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
         let _ = tx
-            .send(Box::new(registry::error(request_id, "unauthenticated", why)))
+            .send(Outgoing::from(registry::error(request_id, "unauthenticated", why)))
             .await;
         return;
     }
@@ -157,7 +139,7 @@ async fn run(
     // Held while rules are taken from the push queue and sent, so that a
     // registration's ack follows the rules it made due (see `read_loop`).
     let rules_gate = tokio::sync::Mutex::new(());
-    let reason = if tx.send(Box::new(welcome)).await.is_err() {
+    let reason = if tx.send(Outgoing::from(welcome)).await.is_err() {
         "node went away".to_owned()
     } else {
         let pushing = Pushing {
@@ -191,7 +173,7 @@ impl Pushing<'_> {
             return true;
         };
         self.registry.metrics.pushed_rules.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Box::new(message)).await.is_ok()
+        self.tx.send(Outgoing::from(message)).await.is_ok()
     }
 }
 
@@ -265,7 +247,7 @@ async fn read_loop(
                     request_id,
                     body: Some(server_message::Body::Heartbeat(hb)),
                 };
-                if tx.send_timeout(Box::new(echo), heartbeats.timeout).await.is_err() {
+                if tx.send_timeout(Outgoing::from(echo), heartbeats.timeout).await.is_err() {
                     return "node went away or stopped reading".to_owned();
                 }
                 continue;
@@ -292,7 +274,11 @@ async fn read_loop(
                 registry::error(request_id, e.kind(), e.to_string())
             }
         };
-        if tx.send_timeout(Box::new(answer), heartbeats.timeout).await.is_err() {
+        if tx
+            .send_timeout(Outgoing::from(answer), heartbeats.timeout)
+            .await
+            .is_err()
+        {
             return "node went away".to_owned();
         }
     }
@@ -316,13 +302,13 @@ async fn push_loop(pushing: &Pushing<'_>) -> String {
             for message in messages {
                 let metrics = &registry.metrics;
                 metrics.pushed_messages.fetch_add(1, Ordering::Relaxed);
-                metrics
-                    .pushed_bytes
-                    .fetch_add(registry::message_len(&message) as u64, Ordering::Relaxed);
-                if matches!(message.body, Some(server_message::Body::Snapshot(_))) {
+                metrics.pushed_bytes.fetch_add(message.len() as u64, Ordering::Relaxed);
+                if let Outgoing::Message(m) = &message
+                    && matches!(m.body, Some(server_message::Body::Snapshot(_)))
+                {
                     metrics.pushed_snapshots.fetch_add(1, Ordering::Relaxed);
                 }
-                if tx.send(Box::new(message)).await.is_err() {
+                if tx.send(message).await.is_err() {
                     return "node went away".to_owned();
                 }
             }

@@ -1,0 +1,205 @@
+//! The gRPC endpoint of the `Registry` service, with a codec that writes a
+//! delta encoded once for all its subscribers.
+//!
+//! It answers `/tern.registry.Registry/Session` as the code tonic generates
+//! from `registry.proto` would (same path, same messages on the wire), but
+//! its outbound items are [`Outgoing`]: either a message to encode, or a
+//! [`PushedDelta`] whose bytes were encoded when the change was flushed. A
+//! change pushed to 1,000 subscribers is then encoded once and copied 1,000
+//! times, instead of cloned and encoded 1,000 times.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes};
+use prost::Message;
+use tern_proto::registry::registry_server::SERVICE_NAME;
+use tern_proto::registry::{NodeMessage, ServerMessage};
+use tokio_stream::Stream;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
+use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::session::RegistryService;
+
+/// One flushed change of a service, encoded as the `ServerMessage` that
+/// carries it.
+#[derive(Debug)]
+pub struct PushedDelta {
+    pub from_revision: u64,
+    pub to_revision: u64,
+    /// Instances added, removed or updated.
+    pub entries: usize,
+    pub encoded: Bytes,
+}
+
+/// A message on its way to a node.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// Encoded when it is written. Boxed: the queue towards each node holds
+    /// 32 slots from its start, and they stay pointer-sized.
+    Message(Box<ServerMessage>),
+    /// Encoded already, shared by every subscriber it goes to.
+    Delta(Arc<PushedDelta>),
+}
+
+impl Outgoing {
+    /// Bytes this puts on the stream (before gRPC framing).
+    pub fn len(&self) -> usize {
+        match self {
+            Outgoing::Message(message) => message.encoded_len(),
+            Outgoing::Delta(delta) => delta.encoded.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The message as the node will decode it.
+    ///
+    /// # Panics
+    ///
+    /// Never for a delta this server encoded.
+    pub fn to_message(&self) -> ServerMessage {
+        match self {
+            Outgoing::Message(message) => (**message).clone(),
+            Outgoing::Delta(delta) => ServerMessage::decode(delta.encoded.clone()).expect("a delta we encoded"),
+        }
+    }
+}
+
+impl From<ServerMessage> for Outgoing {
+    fn from(message: ServerMessage) -> Outgoing {
+        Outgoing::Message(Box::new(message))
+    }
+}
+
+/// gRPC buffers of one stream. tonic's default (8 KiB each way) is sized
+/// for bulk transfers; a node's stream mostly carries messages of tens of
+/// bytes, and a server holds thousands of streams. Bigger messages grow the
+/// buffer as needed.
+const STREAM_BUFFER: usize = 1024;
+
+/// Encodes [`Outgoing`] items, decodes [`NodeMessage`]s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionCodec;
+
+impl Codec for SessionCodec {
+    type Encode = Outgoing;
+    type Decode = NodeMessage;
+    type Encoder = SessionCodec;
+    type Decoder = SessionCodec;
+
+    fn encoder(&mut self) -> SessionCodec {
+        SessionCodec
+    }
+
+    fn decoder(&mut self) -> SessionCodec {
+        SessionCodec
+    }
+}
+
+impl Encoder for SessionCodec {
+    type Item = Outgoing;
+    type Error = Status;
+
+    fn encode(&mut self, item: Outgoing, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        match item {
+            Outgoing::Message(message) => message
+                .encode(dst)
+                .map_err(|e| Status::internal(format!("encoding a message: {e}"))),
+            Outgoing::Delta(delta) => {
+                dst.put_slice(&delta.encoded);
+                Ok(())
+            }
+        }
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(STREAM_BUFFER, 32 * 1024)
+    }
+}
+
+impl Decoder for SessionCodec {
+    type Item = NodeMessage;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<NodeMessage>, Status> {
+        NodeMessage::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("malformed NodeMessage: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(STREAM_BUFFER, 32 * 1024)
+    }
+}
+
+/// Stream of messages to one node.
+pub type OutboundStream = Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send + 'static>>;
+
+/// The `Registry` gRPC service, ready for `tonic::transport::Server`.
+#[derive(Debug, Clone)]
+pub struct RegistryEndpoint {
+    service: Arc<RegistryService>,
+    max_message_bytes: usize,
+}
+
+impl RegistryEndpoint {
+    /// Serves `service`; a node's message over `max_message_bytes` ends its
+    /// stream.
+    pub fn new(service: RegistryService, max_message_bytes: usize) -> RegistryEndpoint {
+        RegistryEndpoint {
+            service: Arc::new(service),
+            max_message_bytes,
+        }
+    }
+}
+
+impl NamedService for RegistryEndpoint {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+/// The `Session` method.
+struct SessionMethod(Arc<RegistryService>);
+
+impl StreamingService<NodeMessage> for SessionMethod {
+    type Response = Outgoing;
+    type ResponseStream = OutboundStream;
+    type Future = BoxFuture<Response<OutboundStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<NodeMessage>>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { Ok(service.session(request)) })
+    }
+}
+
+impl<B> Service<http::Request<B>> for RegistryEndpoint
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        if path.strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE_NAME)) != Some("/Session") {
+            return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
+        }
+        let method = SessionMethod(self.service.clone());
+        let max = self.max_message_bytes;
+        Box::pin(async move {
+            let mut grpc = Grpc::new(SessionCodec).apply_max_message_size_config(Some(max), None);
+            Ok(grpc.streaming(method, request).await)
+        })
+    }
+}
