@@ -6,15 +6,24 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Proxy, consumer, http_get, metric, wait_for};
-use rpc_core::registry::{Role, SessionConfig};
+use prost::Message;
+use rpc_core::registry::framing::{self, FrameDecoder};
+use rpc_core::registry::{Role, SessionConfig, Transport};
 use tern::consumer::{Consumer, ConsumerConfig};
 use tern::demo::{GreeterClient, HelloRequest};
 use tern_proto::registry::registry_client::RegistryClient;
 use tern_proto::registry::{self as pb, NodeMessage, ServerMessage, node_message, server_message};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::codec::FramedRead;
+use tokio_util::task::AbortOnDropHandle;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_provider_stop_loses_no_call_even_without_retries() {
@@ -79,21 +88,50 @@ async fn reconnecting_consumer_receives_a_delta_not_a_snapshot() {
 
 // === bad input ===
 
+/// A node's control stream spoken by hand, over either transport.
 struct RawSession {
     tx: mpsc::Sender<NodeMessage>,
-    rx: tonic::Streaming<ServerMessage>,
+    rx: Pin<Box<dyn Stream<Item = Result<ServerMessage, String>> + Send>>,
+    _writer: Option<AbortOnDropHandle<()>>,
 }
 
 impl RawSession {
-    async fn open(addr: SocketAddr) -> RawSession {
-        let mut client = RegistryClient::connect(format!("http://{addr}")).await.unwrap();
-        let (tx, out) = mpsc::channel(16);
-        let rx = client
-            .session(tokio_stream::wrappers::ReceiverStream::new(out))
-            .await
-            .unwrap()
-            .into_inner();
-        RawSession { tx, rx }
+    async fn open(addr: SocketAddr, transport: Transport) -> RawSession {
+        let (tx, mut out) = mpsc::channel::<NodeMessage>(16);
+        match transport {
+            Transport::Grpc => {
+                let mut client = RegistryClient::connect(format!("http://{addr}")).await.unwrap();
+                let rx = client
+                    .session(tokio_stream::wrappers::ReceiverStream::new(out))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .map(|m| m.map_err(|status| status.to_string()));
+                RawSession {
+                    tx,
+                    rx: Box::pin(rx),
+                    _writer: None,
+                }
+            }
+            _ => {
+                let (read, mut write) = TcpStream::connect(addr).await.unwrap().into_split();
+                let writer = tokio::spawn(async move {
+                    let _ = write.write_all(&framing::PREFACE).await;
+                    while let Some(message) = out.recv().await {
+                        let mut frame = BytesMut::new();
+                        framing::put_frame(&mut frame, &message);
+                        if write.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                RawSession {
+                    tx,
+                    rx: Box::pin(native_inbound(read)),
+                    _writer: Some(AbortOnDropHandle::new(writer)),
+                }
+            }
+        }
     }
 
     async fn send(&self, request_id: u64, body: node_message::Body) {
@@ -109,10 +147,10 @@ impl RawSession {
     /// The next answer that is not a push.
     async fn answer(&mut self) -> Option<server_message::Body> {
         loop {
-            let message = tokio::time::timeout(LIMIT, self.rx.message())
+            let message = tokio::time::timeout(LIMIT, self.rx.next())
                 .await
                 .expect("an answer in time");
-            match message.ok()?? {
+            match message?.ok()? {
                 ServerMessage {
                     body:
                         Some(
@@ -127,8 +165,8 @@ impl RawSession {
         }
     }
 
-    async fn hello(addr: SocketAddr, app: &str) -> RawSession {
-        let mut session = RawSession::open(addr).await;
+    async fn hello(addr: SocketAddr, transport: Transport, app: &str) -> RawSession {
+        let mut session = RawSession::open(addr, transport).await;
         session
             .send(
                 0,
@@ -141,6 +179,14 @@ impl RawSession {
         assert!(matches!(session.answer().await, Some(server_message::Body::Welcome(_))));
         session
     }
+}
+
+/// Server messages of a natively framed stream.
+fn native_inbound(read: impl AsyncRead + Send + 'static) -> impl Stream<Item = Result<ServerMessage, String>> + Send {
+    FramedRead::new(read, FrameDecoder::new(framing::MAX_SERVER_FRAME)).map(|frame| {
+        let frame = frame.map_err(|e| e.to_string())?;
+        ServerMessage::decode(frame).map_err(|e| e.to_string())
+    })
 }
 
 fn greeter_key() -> pb::ServiceKey {
@@ -170,6 +216,15 @@ fn expect_error(answer: Option<server_message::Body>, kind: &str, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_control_messages_get_clear_errors_and_the_server_keeps_serving() {
+    bad_control_messages(Transport::Native).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_control_messages_over_grpc_get_clear_errors_and_the_server_keeps_serving() {
+    bad_control_messages(Transport::Grpc).await;
+}
+
+async fn bad_control_messages(transport: Transport) {
     let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
     let instance = pb::Instance {
         host: "127.0.0.1".into(),
@@ -179,11 +234,11 @@ async fn bad_control_messages_get_clear_errors_and_the_server_keeps_serving() {
     };
 
     // Register before Hello.
-    let mut early = RawSession::open(registry).await;
+    let mut early = RawSession::open(registry, transport).await;
     early.send(1, register(instance.clone(), greeter_key())).await;
     expect_error(early.answer().await, "protocol", "first message must be Hello");
 
-    let mut a = RawSession::hello(registry, "app-a").await;
+    let mut a = RawSession::hello(registry, transport, "app-a").await;
     let bad_key = pb::ServiceKey {
         interface: "demo Greeter".into(),
         ..greeter_key()
@@ -222,7 +277,7 @@ async fn bad_control_messages_get_clear_errors_and_the_server_keeps_serving() {
     assert!(matches!(a.answer().await, Some(server_message::Body::Ack(_))));
 
     // The same instance from another node.
-    let mut b = RawSession::hello(registry, "app-b").await;
+    let mut b = RawSession::hello(registry, transport, "app-b").await;
     b.send(8, register(instance.clone(), greeter_key())).await;
     expect_error(
         b.answer().await,
@@ -231,10 +286,12 @@ async fn bad_control_messages_get_clear_errors_and_the_server_keeps_serving() {
     );
 
     // A message over the size limit ends that stream only.
-    let mut c = RawSession::hello(registry, "app-c").await;
+    let mut c = RawSession::hello(registry, transport, "app-c").await;
     let mut oversized = instance.clone();
     oversized.metadata.insert("blob".into(), "x".repeat(2 * 1024 * 1024));
     c.send(9, register(oversized, greeter_key())).await;
+    // Told why (natively: from its length prefix, before the body is read).
+    expect_error(c.answer().await, "protocol", "1048576");
     assert!(c.answer().await.is_none(), "the oversized stream ends");
 
     // Still serving: a consumer sees the one valid registration.
@@ -242,6 +299,94 @@ async fn bad_control_messages_get_clear_errors_and_the_server_keeps_serving() {
     let expected: SocketAddr = "127.0.0.1:4000".parse().unwrap();
     wait_for(&client, "the valid registration", |p| p == [expected]).await;
     drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_native_frames_close_only_their_connection() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let mut healthy = RawSession::hello(registry, Transport::Native, "healthy").await;
+
+    // Not a body a NodeMessage decodes from: told why, then closed.
+    let mut garbage = TcpStream::connect(registry).await.unwrap();
+    garbage.write_all(&framing::PREFACE).await.unwrap();
+    garbage.write_all(&[0, 0, 0, 3, 0xFF, 0xFF, 0xFF]).await.unwrap();
+    let (read, _write) = garbage.into_split();
+    let mut answers = Box::pin(native_inbound(read));
+    match tokio::time::timeout(LIMIT, answers.next()).await.unwrap() {
+        Some(Ok(ServerMessage {
+            body: Some(server_message::Body::Error(e)),
+            ..
+        })) => {
+            assert_eq!(e.kind, "protocol");
+            assert!(e.message.contains("malformed NodeMessage"), "{}", e.message);
+        }
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    assert!(tokio::time::timeout(LIMIT, answers.next()).await.unwrap().is_none());
+
+    // A preface of an unknown version: closed without an answer.
+    let mut future = TcpStream::connect(registry).await.unwrap();
+    future.write_all(&[framing::PREFACE[0], b'T', b'C', 99]).await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(LIMIT, future.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(read.is_err() || rest.is_empty(), "nothing is answered: {rest:?}");
+
+    // A frame cut off by the close.
+    let mut cut = TcpStream::connect(registry).await.unwrap();
+    cut.write_all(&framing::PREFACE).await.unwrap();
+    cut.write_all(&[0, 0, 1, 0, 1, 2, 3]).await.unwrap();
+    drop(cut);
+
+    // The healthy session and new ones are served throughout.
+    healthy
+        .send(1, node_message::Body::Heartbeat(pb::Heartbeat { seq: 1 }))
+        .await;
+    let echo = tokio::time::timeout(LIMIT, healthy.rx.next()).await.unwrap();
+    assert!(
+        matches!(
+            &echo,
+            Some(Ok(ServerMessage {
+                body: Some(server_message::Body::Heartbeat(_)),
+                ..
+            }))
+        ),
+        "{echo:?}"
+    );
+    let instance = pb::Instance {
+        host: "127.0.0.1".into(),
+        port: 4001,
+        weight: 100,
+        ..Default::default()
+    };
+    healthy.send(2, register(instance, greeter_key())).await;
+    assert!(matches!(healthy.answer().await, Some(server_message::Body::Ack(_))));
+    let client = consumer(registry, 0);
+    let expected: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+    wait_for(&client, "the healthy registration", |p| p == [expected]).await;
+    assert!(http_get(admin, "/healthz").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_node_and_a_native_node_share_one_registry_port() {
+    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let (_a, a_addr) = Node::provider(registry, "a");
+    // The consumer side over gRPC sees the natively registered provider.
+    let mut session = SessionConfig::new([registry.to_string()], "grpc-consumer", Role::Consumer);
+    session.transport = Transport::Grpc;
+    let client = Consumer::new(ConsumerConfig {
+        registry: Some(session),
+        ..ConsumerConfig::default()
+    })
+    .reference::<GreeterClient<_>>()
+    .version("1.0.0")
+    .timeout(Duration::from_secs(2))
+    .build()
+    .unwrap();
+    wait_for(&client, "provider a, over gRPC", |p| p == [a_addr]).await;
+    let reply = client.say_hello(HelloRequest { name: "grpc".into() }).await.unwrap();
+    assert!(reply.message.contains("grpc"), "{reply:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

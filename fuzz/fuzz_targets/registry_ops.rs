@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use configserver::outgoing::Outgoing;
 use configserver::registry::{NodeInfo, Registry, RegistryConfig};
 use libfuzzer_sys::fuzz_target;
 use rpc_core::ServiceKey;
@@ -74,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
                 .unwrap(),
             _ => {
                 let (messages, now) = registry.catch_up(&key, revision);
-                for message in messages {
+                for message in messages.iter().map(Outgoing::to_message) {
                     match message.body {
                         Some(server_message::Body::Snapshot(s)) => {
                             held = s.providers.iter().map(instance_addr).collect()
@@ -94,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
     }
     registry.flush();
     let (messages, _) = registry.catch_up(&key, revision);
-    for message in messages {
+    for message in messages.iter().map(Outgoing::to_message) {
         match message.body {
             Some(server_message::Body::Snapshot(s)) => held = s.providers.iter().map(instance_addr).collect(),
             Some(server_message::Body::Delta(d)) => {

@@ -5,6 +5,10 @@
 //! and records when each subscriber's view first satisfies the goal. The
 //! registry bench (this framework's sessions) and the peers bench
 //! (ZooKeeper and etcd watchers too) time their changes the same way.
+//!
+//! The clock starts only once every watcher has seen the new goal: waking
+//! a thousand watcher tasks is the bench's own work and must not overlap
+//! the change it times.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -49,7 +53,10 @@ impl Addresses for Arc<BTreeSet<String>> {
 /// The time at which each subscriber reached the current goal.
 #[derive(Default)]
 struct Progress {
+    /// When the change was started; `None` while watchers are being armed.
     goal_set_at: Option<Instant>,
+    /// Watchers that have seen the current goal.
+    armed: usize,
     reached: Vec<Duration>,
 }
 
@@ -77,15 +84,20 @@ impl Watchers {
             let (progress, notify, check, mut goal_rx) =
                 (progress.clone(), notify.clone(), check.clone(), goal.subscribe());
             tasks.spawn(async move {
-                let mut done_for = 0u64;
+                let (mut armed_for, mut done_for) = (0u64, 0u64);
                 loop {
                     let goal = *goal_rx.borrow_and_update();
+                    if goal != armed_for {
+                        armed_for = goal;
+                        progress.lock().expect("progress").armed += 1;
+                        notify.notify_one();
+                    }
                     if goal != done_for && check(goal, &rx.borrow_and_update()) {
                         done_for = goal;
                         let mut progress = progress.lock().expect("progress");
-                        if let Some(at) = progress.goal_set_at {
-                            progress.reached.push(at.elapsed());
-                        }
+                        // Already there before the change started: zero.
+                        let at = progress.goal_set_at.map_or(Duration::ZERO, |at| at.elapsed());
+                        progress.reached.push(at);
                         notify.notify_one();
                     }
                     tokio::select! {
@@ -126,21 +138,29 @@ impl Watchers {
         {
             let mut progress = self.progress.lock().expect("progress");
             progress.reached.clear();
-            progress.goal_set_at = Some(Instant::now());
+            progress.armed = 0;
+            progress.goal_set_at = None;
         }
         self.goal.send_replace(goal);
+        self.until(total, |p| p.armed, "watchers saw the goal").await?;
+        self.progress.lock().expect("progress").goal_set_at = Some(Instant::now());
         act.await?;
-        let reached = || self.progress.lock().expect("progress").reached.len();
+        self.until(total, |p| p.reached.len(), "subscribers converged").await?;
+        let mut progress = self.progress.lock().expect("progress");
+        progress.goal_set_at = None;
+        Ok(std::mem::take(&mut progress.reached))
+    }
+
+    /// Waits (bounded) until `count` of the progress reaches `total`.
+    async fn until(&self, total: usize, count: impl Fn(&Progress) -> usize, what: &str) -> anyhow::Result<()> {
+        let now = || count(&self.progress.lock().expect("progress"));
         let wait = async {
-            while reached() < total {
+            while now() < total {
                 self.notify.notified().await;
             }
         };
         tokio::time::timeout(LIMIT, wait)
             .await
-            .with_context(|| format!("only {} of {total} subscribers converged within {LIMIT:?}", reached()))?;
-        let mut progress = self.progress.lock().expect("progress");
-        progress.goal_set_at = None;
-        Ok(std::mem::take(&mut progress.reached))
+            .with_context(|| format!("only {} of {total} {what} within {LIMIT:?}", now()))
     }
 }

@@ -36,7 +36,7 @@ use rpc_core::ServiceKey;
 use rpc_core::registry::{RegistrySession, Role, SessionConfig};
 use tern_proto::registry::Instance;
 
-use crate::convergence::Watchers;
+use crate::convergence::{Addresses, Watchers};
 use tokio::task::JoinSet;
 
 #[derive(Debug, clap::Args)]
@@ -309,7 +309,7 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
     let (initial_check, expected_check) = (initial_set.clone(), expected.clone());
     let watchers = Watchers::start(receivers, move |goal, list| {
         let want = if goal == 1 { &initial_check } else { &expected_check };
-        list.providers.len() == want.len() && list.providers.keys().all(|k| want.contains(k))
+        list.is(want)
     });
     watchers.time(1, args.storm_subscribers, async { Ok(()) }).await?;
     let converge = watchers

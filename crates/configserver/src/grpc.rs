@@ -12,70 +12,18 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes};
+use bytes::BufMut;
 use prost::Message;
+use tern_proto::registry::NodeMessage;
 use tern_proto::registry::registry_server::SERVICE_NAME;
-use tern_proto::registry::{NodeMessage, ServerMessage};
 use tokio_stream::Stream;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::outgoing::Outgoing;
 use crate::session::RegistryService;
-
-/// One flushed change of a service, encoded as the `ServerMessage` that
-/// carries it.
-#[derive(Debug)]
-pub struct PushedDelta {
-    pub from_revision: u64,
-    pub to_revision: u64,
-    /// Instances added, removed or updated.
-    pub entries: usize,
-    pub encoded: Bytes,
-}
-
-/// A message on its way to a node.
-#[derive(Debug)]
-pub enum Outgoing {
-    /// Encoded when it is written. Boxed: the queue towards each node holds
-    /// 32 slots from its start, and they stay pointer-sized.
-    Message(Box<ServerMessage>),
-    /// Encoded already, shared by every subscriber it goes to.
-    Delta(Arc<PushedDelta>),
-}
-
-impl Outgoing {
-    /// Bytes this puts on the stream (before gRPC framing).
-    pub fn len(&self) -> usize {
-        match self {
-            Outgoing::Message(message) => message.encoded_len(),
-            Outgoing::Delta(delta) => delta.encoded.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The message as the node will decode it.
-    ///
-    /// # Panics
-    ///
-    /// Never for a delta this server encoded.
-    pub fn to_message(&self) -> ServerMessage {
-        match self {
-            Outgoing::Message(message) => (**message).clone(),
-            Outgoing::Delta(delta) => ServerMessage::decode(delta.encoded.clone()).expect("a delta we encoded"),
-        }
-    }
-}
-
-impl From<ServerMessage> for Outgoing {
-    fn from(message: ServerMessage) -> Outgoing {
-        Outgoing::Message(Box::new(message))
-    }
-}
 
 /// gRPC buffers of one stream. tonic's default (8 KiB each way) is sized
 /// for bulk transfers; a node's stream mostly carries messages of tens of

@@ -7,8 +7,10 @@
 //!
 //! - [`registry`]: the map, revisions, coalesced deltas and their history.
 //! - [`session`]: one node's gRPC stream (Hello, requests, heartbeats, pushes).
-//! - [`grpc`]: the gRPC endpoint of that stream; deltas are encoded once for
-//!   all subscribers.
+//! - [`native`] and [`grpc`]: the two transports of that stream, on one
+//!   port: length-prefixed frames over TCP (the SDKs' default) and gRPC.
+//! - [`outgoing`]: what a session sends; a delta is encoded once for all
+//!   its subscribers.
 //! - [`governance`]: validated rule writes, and their push through the registry.
 //! - [`store`]: the durable rule store (SQLite, PostgreSQL, MySQL) and its audit log.
 //! - [`auth`]: optional app credentials and the admin token.
@@ -25,6 +27,8 @@ pub mod config;
 pub mod governance;
 pub mod grpc;
 pub mod metrics;
+pub mod native;
+pub mod outgoing;
 pub mod registry;
 pub mod server;
 pub mod session;

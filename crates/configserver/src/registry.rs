@@ -39,8 +39,8 @@ use tern_proto::registry::{self as pb, Delta, Instance, ServerMessage, Snapshot,
 use tokio::sync::Notify;
 use tracing::{debug, info};
 
-use crate::grpc::{Outgoing, PushedDelta};
 use crate::metrics::Metrics;
+use crate::outgoing::{Outgoing, PushedDelta};
 
 /// Session identifier, unique within one server run.
 pub type SessionId = u64;

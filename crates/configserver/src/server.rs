@@ -1,4 +1,4 @@
-//! A running ConfigServer: the gRPC registry endpoint, the admin HTTP API,
+//! A running ConfigServer: the registry port (native framing and gRPC), the admin HTTP API,
 //! the push flusher, the startup grace timer and the rule store follower,
 //! with one shutdown.
 
@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
@@ -22,7 +24,7 @@ use crate::store::{RuleStore, StoreError};
 /// Settings of a [`ConfigServer`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Where nodes connect (gRPC).
+    /// Where nodes connect (native framing or gRPC, on one port).
     pub listen: SocketAddr,
     /// Where the admin HTTP API listens.
     pub admin_listen: SocketAddr,
@@ -103,9 +105,9 @@ impl ConfigServer {
                 .await
                 .map_err(|source| StartError::Bind { addr, source })
         };
-        let grpc = bind(config.listen).await?;
+        let registry_port = bind(config.listen).await?;
         let admin = bind(config.admin_listen).await?;
-        let local_addr = grpc.local_addr().map_err(|source| StartError::Bind {
+        let local_addr = registry_port.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
         })?;
@@ -134,13 +136,23 @@ impl ConfigServer {
             shutdown.clone(),
             tracker.clone(),
         );
+        // One port, two transports: the accept loop serves natively framed
+        // sessions itself and hands the rest to the gRPC server.
+        let (to_grpc, grpc_incoming) = mpsc::channel(crate::native::GRPC_HANDOFF);
+        tracker.spawn(crate::native::accept(
+            registry_port,
+            service.clone(),
+            config.max_message_bytes,
+            to_grpc,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
         let grpc_service = RegistryEndpoint::new(service, config.max_message_bytes);
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
         let token = shutdown.clone();
         tracker.spawn(async move {
             let served = tonic::transport::Server::builder()
                 .add_service(grpc_service)
-                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .serve_with_incoming_shutdown(ReceiverStream::new(grpc_incoming), token.cancelled_owned())
                 .await;
             if let Err(e) = served {
                 error!(error = %e, "registry endpoint failed");
@@ -182,7 +194,7 @@ impl ConfigServer {
         })
     }
 
-    /// The registry (gRPC) address.
+    /// The registry port's address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }

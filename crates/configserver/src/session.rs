@@ -13,15 +13,16 @@ use std::time::Duration;
 use rpc_core::ServiceKey;
 use tern_proto::registry::{NodeMessage, ServerMessage, Welcome, node_message, server_message};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::auth::Credentials;
-use crate::grpc::{OutboundStream, Outgoing};
+use crate::grpc::OutboundStream;
+use crate::outgoing::Outgoing;
 use crate::registry::{self, NodeInfo, PushQueue, Registry, SessionId};
 
 /// Messages queued towards one node before the session waits for it to read.
@@ -34,7 +35,7 @@ pub struct Heartbeats {
     pub timeout: Duration,
 }
 
-/// The gRPC `Registry` service.
+/// The registry's sessions, whatever transport carries them.
 #[derive(Debug, Clone)]
 pub struct RegistryService {
     registry: Arc<Registry>,
@@ -64,45 +65,80 @@ impl RegistryService {
 }
 
 impl RegistryService {
-    /// Starts a node's session on a new stream; the stream of messages to it.
+    /// Starts a node's session on a new gRPC stream; the stream of messages to it.
     pub fn session(&self, request: Request<Streaming<NodeMessage>>) -> Response<OutboundStream> {
         let peer = request.remote_addr();
-        let inbound = request.into_inner();
+        let inbound = request
+            .into_inner()
+            .map(|message| message.map_err(|status| format!("stream error: {}", status.message())));
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let this = self.clone();
         self.tracker.spawn(async move {
             tokio::select! {
                 _ = this.shutdown.cancelled() => {}
-                _ = run(this.registry.clone(), this.heartbeats, this.credentials.clone(), inbound, tx, peer) => {}
+                _ = this.run(inbound, tx, peer) => {}
             }
         });
         Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)))
     }
+
+    /// Serves a node's session on a natively framed connection until it
+    /// ends (the caller owns this future's task).
+    pub async fn native_session(&self, socket: tokio::net::TcpStream, peer: SocketAddr, max_message_bytes: usize) {
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            _ = crate::native::serve(self, socket, peer, max_message_bytes, tx, rx) => {}
+        }
+    }
+
+    /// Runs one session over `inbound` (the node's messages, or why the
+    /// stream broke) and `tx` (towards the node).
+    pub(crate) async fn run(
+        &self,
+        inbound: impl Stream<Item = Result<NodeMessage, String>> + Unpin,
+        tx: Tx,
+        peer: Option<SocketAddr>,
+    ) {
+        run(
+            self.registry.clone(),
+            self.heartbeats,
+            self.credentials.clone(),
+            inbound,
+            tx,
+            peer,
+        )
+        .await;
+    }
+
+    pub(crate) fn heartbeats(&self) -> Heartbeats {
+        self.heartbeats
+    }
 }
 
-type Tx = mpsc::Sender<Outgoing>;
+pub(crate) type Tx = mpsc::Sender<Outgoing>;
 
 async fn run(
     registry: Arc<Registry>,
     heartbeats: Heartbeats,
     credentials: Option<Arc<Credentials>>,
-    mut inbound: Streaming<NodeMessage>,
+    mut inbound: impl Stream<Item = Result<NodeMessage, String>> + Unpin,
     tx: Tx,
     peer: Option<SocketAddr>,
 ) {
     // The first message must be Hello.
-    let first = tokio::time::timeout(heartbeats.timeout, inbound.message()).await;
+    let first = tokio::time::timeout(heartbeats.timeout, inbound.next()).await;
     let (request_id, hello) = match first {
-        Ok(Ok(Some(NodeMessage {
+        Ok(Some(Ok(NodeMessage {
             request_id,
             body: Some(node_message::Body::Hello(hello)),
         }))) => (request_id, hello),
         other => {
             let why = match other {
                 Err(_) => "no Hello within the heartbeat timeout".to_owned(),
-                Ok(Err(status)) => format!("stream error before Hello: {status}"),
-                Ok(Ok(None)) => return,
-                Ok(Ok(Some(_))) => "the first message must be Hello".to_owned(),
+                Ok(Some(Err(e))) => format!("before Hello: {e}"),
+                Ok(None) => return,
+                Ok(Some(Ok(_))) => "the first message must be Hello".to_owned(),
             };
             warn!(?peer, reason = %why, "refusing session");
             let _ = tx.send(Outgoing::from(registry::error(0, "protocol", why))).await;
@@ -187,23 +223,25 @@ async fn read_loop(
     pushing: &Pushing<'_>,
     heartbeats: Heartbeats,
     credentials: Option<&Credentials>,
-    inbound: &mut Streaming<NodeMessage>,
+    inbound: &mut (impl Stream<Item = Result<NodeMessage, String>> + Unpin),
 ) -> String {
     let Pushing { registry, id, tx, .. } = *pushing;
     loop {
-        let message = match tokio::time::timeout(heartbeats.timeout, inbound.message()).await {
+        let message = match tokio::time::timeout(heartbeats.timeout, inbound.next()).await {
             Err(_) => {
                 registry.metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
                 info!(session = id, timeout = ?heartbeats.timeout, "no heartbeat; expiring session");
                 return format!("no message within {:?}", heartbeats.timeout);
             }
-            Ok(Ok(None)) => return "closed by node".to_owned(),
-            Ok(Err(status)) => {
-                // Usually the node died or its connection dropped.
-                info!(session = id, error = %status, "stream error");
-                return format!("stream error: {}", status.message());
+            Ok(None) => return "closed by node".to_owned(),
+            Ok(Some(Err(e))) => {
+                // Usually the node died or its connection dropped; a
+                // malformed frame is told to the node before it closes.
+                info!(session = id, error = %e, "stream error");
+                let _ = tx.try_send(Outgoing::from(registry::error(0, "protocol", e.clone())));
+                return e;
             }
-            Ok(Ok(Some(message))) => message,
+            Ok(Some(Ok(message))) => message,
         };
         let request_id = message.request_id;
         let mut registered = None;

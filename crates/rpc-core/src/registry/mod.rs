@@ -12,6 +12,7 @@
 //!   restarted while the ConfigServer is down still finds its providers.
 
 pub mod convert;
+pub mod framing;
 mod session;
 
-pub use session::{ProviderList, RegistryError, RegistrySession, Role, SessionConfig};
+pub use session::{ProviderList, RegistryError, RegistrySession, Role, SessionConfig, Transport};

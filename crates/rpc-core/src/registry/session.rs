@@ -2,9 +2,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::{BufMut, BytesMut};
 use prost::Message;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -13,12 +15,18 @@ use tern_proto::registry::{
     self as pb, Delta, Hello, Instance, NodeMessage, ProviderCache, ServerMessage, Snapshot, node_message,
     server_message,
 };
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use super::convert::{addr_of, instance_addr};
+use super::framing::{self, FrameDecoder};
 use crate::governance::{Rule, RuleSet};
 use crate::{Backoff, ServiceKey};
 
@@ -60,6 +68,19 @@ pub struct SessionConfig {
     pub cache_file: Option<PathBuf>,
     /// This app's credential, when the ConfigServer requires one.
     pub token: String,
+    /// How the stream is carried (both reach the same port).
+    pub transport: Transport,
+}
+
+/// How a node's control stream is carried to the ConfigServer. Both carry
+/// the same messages and reach the same port; see [`framing`](super::framing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// Length-prefixed messages over TCP: a few KiB per node on the server.
+    #[default]
+    Native,
+    /// One gRPC bidirectional stream (`tern.registry.Registry/Session`).
+    Grpc,
 }
 
 impl SessionConfig {
@@ -83,6 +104,7 @@ impl SessionConfig {
             },
             cache_file: None,
             token: String::new(),
+            transport: Transport::default(),
         }
     }
 }
@@ -362,6 +384,37 @@ fn subscribe_message(key: &ServiceKey, known: Option<(String, u64)>) -> node_mes
 
 // === the task ===
 
+/// One open control stream.
+struct Stream {
+    /// Messages to the server, in order.
+    out: mpsc::Sender<NodeMessage>,
+    inbound: Pin<Box<dyn tokio_stream::Stream<Item = Result<ServerMessage, String>> + Send>>,
+    /// Writes `out` to the socket (native framing; gRPC has its own task).
+    _writer: Option<AbortOnDropHandle<()>>,
+}
+
+/// Drains `messages` into the socket, many frames per write. Ends when the
+/// stream's sender is dropped or the socket fails (the reader sees that too).
+async fn write_frames(mut messages: mpsc::Receiver<NodeMessage>, mut socket: OwnedWriteHalf) {
+    let mut buf = BytesMut::with_capacity(512);
+    buf.put_slice(&framing::PREFACE);
+    while let Some(message) = messages.recv().await {
+        framing::put_frame(&mut buf, &message);
+        while buf.len() < WRITE_BATCH {
+            let Ok(message) = messages.try_recv() else { break };
+            framing::put_frame(&mut buf, &message);
+        }
+        if let Err(e) = socket.write_all(&buf).await {
+            debug!(error = %e, "configserver stream write failed");
+            return;
+        }
+        buf.clear();
+    }
+}
+
+/// A writer stops gathering frames into one write at this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
+
 struct SessionTask {
     config: SessionConfig,
     desired: Arc<Mutex<Desired>>,
@@ -418,15 +471,58 @@ impl SessionTask {
         }
     }
 
+    /// Opens a stream to `server` and sends `hello` on it.
+    async fn open(&self, server: &str, hello: NodeMessage) -> Result<Stream, String> {
+        let (out, out_rx) = mpsc::channel::<NodeMessage>(256);
+        out.try_send(hello).expect("fresh channel has room");
+        match self.config.transport {
+            Transport::Native => {
+                let connect = tokio::net::TcpStream::connect(server);
+                let socket = tokio::time::timeout(self.config.connect_timeout, connect)
+                    .await
+                    .map_err(|_| format!("connect: no answer within {:?}", self.config.connect_timeout))?
+                    .map_err(|e| format!("connect: {e}"))?;
+                let _ = socket.set_nodelay(true);
+                let (read, write) = socket.into_split();
+                let inbound = FramedRead::new(read, FrameDecoder::new(framing::MAX_SERVER_FRAME)).map(|frame| {
+                    let frame = frame.map_err(|e| format!("stream error: {e}"))?;
+                    ServerMessage::decode(frame).map_err(|e| format!("malformed ServerMessage: {e}"))
+                });
+                Ok(Stream {
+                    out,
+                    inbound: Box::pin(inbound),
+                    _writer: Some(AbortOnDropHandle::new(tokio::spawn(write_frames(out_rx, write)))),
+                })
+            }
+            Transport::Grpc => {
+                let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
+                    .map_err(|e| format!("bad configserver address {server:?}: {e}"))?
+                    .connect_timeout(self.config.connect_timeout)
+                    .tcp_nodelay(true);
+                let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+                let mut client = RegistryClient::new(channel);
+                let response = tokio::time::timeout(
+                    self.config.connect_timeout,
+                    client.session(tokio_stream::wrappers::ReceiverStream::new(out_rx)),
+                )
+                .await
+                .map_err(|_| "no answer to the session request".to_owned())?
+                .map_err(|e| format!("session refused: {e}"))?;
+                let inbound = response
+                    .into_inner()
+                    .map(|message| message.map_err(|status| format!("stream error: {status}")));
+                Ok(Stream {
+                    out,
+                    inbound: Box::pin(inbound),
+                    _writer: None,
+                })
+            }
+        }
+    }
+
     /// One stream: connect, Hello/Welcome, replay, then serve until it ends.
     /// `Err` if it never got as far as Welcome.
     async fn stream(&self, server: &str, commands: &mut mpsc::Receiver<Command>) -> Result<Ended, String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
-            .map_err(|e| format!("bad configserver address {server:?}: {e}"))?
-            .connect_timeout(self.config.connect_timeout)
-            .tcp_nodelay(true);
-        let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
-        let (out, out_rx) = mpsc::channel::<NodeMessage>(256);
         let hello = Hello {
             app: self.config.app.clone(),
             role: self.config.role.to_pb(),
@@ -435,30 +531,28 @@ impl SessionTask {
             labels: self.config.labels.clone(),
             token: self.config.token.clone(),
         };
-        out.try_send(NodeMessage {
+        let hello = NodeMessage {
             request_id: 0,
             body: Some(node_message::Body::Hello(hello)),
-        })
-        .expect("fresh channel has room");
-        let mut client = RegistryClient::new(channel);
-        let response = tokio::time::timeout(
-            self.config.connect_timeout,
-            client.session(tokio_stream::wrappers::ReceiverStream::new(out_rx)),
-        )
-        .await
-        .map_err(|_| "no answer to the session request".to_owned())?
-        .map_err(|e| format!("session refused: {e}"))?;
-        let mut inbound = response.into_inner();
-        let welcome = match tokio::time::timeout(self.config.connect_timeout, inbound.message()).await {
-            Ok(Ok(Some(ServerMessage {
+        };
+        let Stream {
+            out,
+            mut inbound,
+            _writer,
+        } = self.open(server, hello).await?;
+        let welcome = match tokio::time::timeout(self.config.connect_timeout, inbound.next()).await {
+            Ok(Some(Ok(ServerMessage {
                 body: Some(server_message::Body::Welcome(welcome)),
                 ..
             }))) => welcome,
-            Ok(Ok(Some(ServerMessage {
+            Ok(Some(Ok(ServerMessage {
                 body: Some(server_message::Body::Error(e)),
                 ..
             }))) => return Err(format!("{REFUSED}{} ({})", e.message, e.kind)),
-            other => return Err(format!("expected Welcome, got {other:?}")),
+            Err(_) => return Err(format!("no Welcome within {:?}", self.config.connect_timeout)),
+            Ok(None) => return Err("closed before Welcome".to_owned()),
+            Ok(Some(Err(e))) => return Err(format!("before Welcome: {e}")),
+            Ok(Some(Ok(other))) => return Err(format!("expected Welcome, got {other:?}")),
         };
         let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100).into());
         let timeout = Duration::from_millis(welcome.heartbeat_timeout_ms.max(300).into());
@@ -490,10 +584,10 @@ impl SessionTask {
         let ended = loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(silent_after) => break format!("configserver silent for {timeout:?}"),
-                message = inbound.message() => match message {
-                    Ok(None) => break "closed by configserver".to_owned(),
-                    Err(status) => break format!("stream error: {status}"),
-                    Ok(Some(message)) => {
+                message = inbound.next() => match message {
+                    None => break "closed by configserver".to_owned(),
+                    Some(Err(e)) => break e,
+                    Some(Ok(message)) => {
                         silent_after = Instant::now() + timeout;
                         if let Some(resync) = self.on_message(message, &welcome.epoch, &mut pending) {
                             let _ = out.send(NodeMessage { request_id: 0, body: Some(resync) }).await;

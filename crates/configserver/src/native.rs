@@ -1,0 +1,153 @@
+//! The registry port: one listener for both transports of a node's stream.
+//!
+//! Each accepted connection is told apart by its first byte: the native
+//! framing's preface (see [`rpc_core::registry::framing`]) is served here,
+//! anything else (HTTP/2's preface starts with `P`) is handed to the gRPC
+//! server. A natively framed session costs one task, a read buffer that
+//! starts at a few hundred bytes, and a write buffer that lives only while
+//! a batch is written.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use prost::Message;
+use rpc_core::registry::framing::{self, FrameDecoder};
+use tern_proto::registry::NodeMessage;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::outgoing::Outgoing;
+use crate::session::{RegistryService, Tx};
+
+/// Connections accepted but not yet taken by the gRPC server; at the bound
+/// the accept loop's sorting tasks wait.
+pub const GRPC_HANDOFF: usize = 128;
+
+/// Read buffer a native session starts with; it grows for larger frames.
+const READ_BUFFER: usize = 256;
+
+/// A writer gathers queued frames into one write up to this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// After a batch, a write buffer larger than this is let go rather than
+/// kept for the next (a snapshot of a big service must not stay resident
+/// in every session that once received one).
+const KEEP_WRITE_BUFFER: usize = 4 * 1024;
+
+/// Accepts connections on the registry port until `shutdown`, serving
+/// native sessions and passing the rest to `grpc`. Every connection's task
+/// is in `tracker`.
+pub async fn accept(
+    listener: TcpListener,
+    service: RegistryService,
+    max_message_bytes: usize,
+    grpc: mpsc::Sender<std::io::Result<TcpStream>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (socket, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, usually: pause instead of spinning.
+                    warn!(error = %e, "registry port: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = socket.set_nodelay(true);
+        let (service, grpc) = (service.clone(), grpc.clone());
+        tracker.spawn(async move {
+            let mut first = [0u8; 1];
+            let timeout = service.heartbeats().timeout;
+            match tokio::time::timeout(timeout, socket.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == framing::PREFACE[0] => {
+                    service.native_session(socket, peer, max_message_bytes).await;
+                }
+                Ok(Ok(1)) => {
+                    let _ = grpc.send(Ok(socket)).await;
+                }
+                Ok(Ok(_)) => debug!(%peer, "registry port: closed before sending anything"),
+                Ok(Err(e)) => debug!(%peer, error = %e, "registry port: read failed"),
+                Err(_) => debug!(%peer, ?timeout, "registry port: nothing sent; closing"),
+            }
+        });
+    }
+}
+
+/// Serves one natively framed session: checks the preface, then runs the
+/// session over the frames while a writer drains `rx` into the socket.
+pub(crate) async fn serve(
+    service: &RegistryService,
+    socket: TcpStream,
+    peer: SocketAddr,
+    max_message_bytes: usize,
+    tx: Tx,
+    rx: mpsc::Receiver<Outgoing>,
+) {
+    let timeout = service.heartbeats().timeout;
+    let (mut read, write) = socket.into_split();
+    let mut preface = [0u8; framing::PREFACE.len()];
+    match tokio::time::timeout(timeout, read.read_exact(&mut preface)).await {
+        Ok(Ok(_)) if preface == framing::PREFACE => {}
+        Ok(Ok(_)) => {
+            warn!(%peer, preface = ?preface, expected = ?framing::PREFACE, "refusing connection: unknown control preface (unsupported version?)");
+            return;
+        }
+        Ok(Err(e)) => return debug!(%peer, error = %e, "closed inside the preface"),
+        Err(_) => return debug!(%peer, ?timeout, "no preface; closing"),
+    }
+    let inbound = FramedRead::with_capacity(read, FrameDecoder::new(max_message_bytes), READ_BUFFER).map(|frame| {
+        let frame = frame.map_err(|e| e.to_string())?;
+        NodeMessage::decode(frame).map_err(|e| format!("malformed NodeMessage: {e}"))
+    });
+    let session = service.run(inbound, tx, Some(peer));
+    let writer = write_frames(rx, write);
+    tokio::pin!(session, writer);
+    let mut written = false;
+    loop {
+        tokio::select! {
+            _ = &mut session => break,
+            // The socket failed: the session sees its queue closed and ends.
+            _ = &mut writer, if !written => written = true,
+        }
+    }
+    // What the session queued last (an Error naming why it ended) goes out
+    // if the node still reads.
+    if !written {
+        let _ = tokio::time::timeout(timeout, writer).await;
+    }
+}
+
+/// Drains `messages` into the socket, many frames per write, until the
+/// session drops its sender or the socket fails.
+async fn write_frames(mut messages: mpsc::Receiver<Outgoing>, mut socket: OwnedWriteHalf) {
+    let mut buf = BytesMut::new();
+    while let Some(message) = messages.recv().await {
+        message.put_frame(&mut buf);
+        while buf.len() < WRITE_BATCH {
+            let Ok(message) = messages.try_recv() else { break };
+            message.put_frame(&mut buf);
+        }
+        if let Err(e) = socket.write_all(&buf).await {
+            debug!(error = %e, "session write failed");
+            return;
+        }
+        buf.clear();
+        if buf.capacity() > KEEP_WRITE_BUFFER {
+            buf = BytesMut::new();
+        }
+    }
+    let _ = socket.shutdown().await;
+}
