@@ -580,15 +580,24 @@ impl SessionTask {
         let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
-        let mut silent_after = Instant::now() + timeout;
+        // Armed once and moved only when it fires: resetting a timer for
+        // every message would cost a timer-wheel update per push.
+        let mut heard = Instant::now();
+        let silence = tokio::time::sleep(timeout);
+        tokio::pin!(silence);
         let ended = loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(silent_after) => break format!("configserver silent for {timeout:?}"),
+                _ = &mut silence => {
+                    if heard.elapsed() >= timeout {
+                        break format!("configserver silent for {timeout:?}");
+                    }
+                    silence.as_mut().reset(heard + timeout);
+                }
                 message = inbound.next() => match message {
                     None => break "closed by configserver".to_owned(),
                     Some(Err(e)) => break e,
                     Some(Ok(message)) => {
-                        silent_after = Instant::now() + timeout;
+                        heard = Instant::now();
                         if let Some(resync) = self.on_message(message, &welcome.epoch, &mut pending) {
                             let _ = out.send(NodeMessage { request_id: 0, body: Some(resync) }).await;
                         }
@@ -733,6 +742,13 @@ impl SessionTask {
         desired.subscriptions.get(&key).map(|tx| (key, tx.clone()))
     }
 
+    /// Notes that a list changed since the cache file was written.
+    fn mark_cache_dirty(&self) {
+        if self.config.cache_file.is_some() {
+            self.desired.lock().expect("registry desired lock").cache_dirty = true;
+        }
+    }
+
     fn apply_snapshot(&self, snapshot: Snapshot) {
         let Some((key, tx)) = self.subscription(snapshot.service.as_ref()) else {
             return;
@@ -753,7 +769,7 @@ impl SessionTask {
             }
             debug!(service = %key, revision = list.revision, providers = list.providers.len(), partial, "snapshot");
         });
-        self.desired.lock().expect("registry desired lock").cache_dirty = true;
+        self.mark_cache_dirty();
     }
 
     fn apply_delta(&self, delta: Delta, epoch: &str) -> Option<node_message::Body> {
@@ -780,7 +796,7 @@ impl SessionTask {
             list.revision = delta.to_revision;
             debug!(service = %key, revision = list.revision, providers = list.providers.len(), "delta");
         });
-        self.desired.lock().expect("registry desired lock").cache_dirty = true;
+        self.mark_cache_dirty();
         None
     }
 
