@@ -283,7 +283,9 @@ async fn a_provider_cut_off_by_a_network_partition_fails_over_is_dropped_and_ret
     let netns = match Netns::create() {
         Ok(netns) => netns,
         Err(why) => {
-            eprintln!("SKIPPED: network partition test: cannot make a network namespace here: {why}");
+            common::skipped(&format!(
+                "network partition test: cannot make a network namespace here: {why}"
+            ));
             return;
         }
     };

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Node, free_port, http};
+use common::{Node, free_port, http, http_with, skipped};
 use rpc_core::Error;
 use rpc_core::ServiceKey;
 use rpc_core::registry::{RegistrySession, Role, SessionConfig};
@@ -227,6 +227,40 @@ async fn zone_affinity_keeps_calls_in_zone_and_falls_back_when_the_zone_empties(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_affinity_leaves_the_zone_when_too_few_of_its_providers_are_healthy() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &[]);
+    let (_near, _) = Node::provider_with(registry, "near", &["--zone", "z1"]);
+    let (_far, _) = Node::provider_with(registry, "far", &["--zone", "z2"]);
+    // A second provider in the zone, which refuses every connection: once
+    // tried, the consumer sets it aside, and half the zone is healthy.
+    let ghost = RegistrySession::start(SessionConfig::new([registry.to_string()], "ghost", Role::Provider));
+    let nobody = pb::Instance {
+        host: "127.0.0.1".into(),
+        port: free_port().into(),
+        weight: 100,
+        zone: "z1".into(),
+        protocol: "tern".into(),
+        ..pb::Instance::default()
+    };
+    ghost.register(&SERVICE.parse().unwrap(), nobody).await.unwrap();
+    let client = consumer(registry, Who { zone: "z1", ..WEB }, Balance::Random);
+    wait_for_providers(&client, 3).await;
+
+    let rule = |share: f64| format!(r#"{{"kind":"zone_affinity","min_healthy_share":{share}}}"#);
+    let revision = put_rule(admin, "zone", &rule(0.75)).await;
+    wait_for_rules(&client, revision).await;
+    call_until(&client, "a call served out of the zone", |r| {
+        matches!(r.as_deref(), Ok("far"))
+    })
+    .await;
+
+    let revision = put_rule(admin, "zone", &rule(0.5)).await;
+    wait_for_rules(&client, revision).await;
+    let in_zone = shares(&client, 100).await;
+    assert_eq!(in_zone.get("near"), Some(&1.0), "{in_zone:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_sends_matching_consumers_to_matching_providers() {
     let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &[]);
     let (_stable, _) = Node::provider_with(registry, "stable", &["--label", "env=stable"]);
@@ -255,6 +289,12 @@ async fn route_sends_matching_consumers_to_matching_providers() {
     .unwrap();
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("then") && body.contains("canary"), "{body}");
+    let (status, stored) = http(admin, "GET", &format!("/api/rules?service={SERVICE}"), "")
+        .await
+        .unwrap();
+    assert_eq!((status, stored.trim()), (200, "[]"), "a refused rule was stored");
+    let (status, history) = http(admin, "GET", "/api/rules/history?name=nowhere", "").await.unwrap();
+    assert_eq!((status, history.trim()), (200, "[]"), "a refused rule was audited");
 
     let rule = r#"{"kind":"route","when":{"labels":{"env":"gray"}},"then":{"env":"gray"}}"#;
     let revision = put_rule(admin, "gray", rule).await;
@@ -298,14 +338,26 @@ async fn consumers_without_the_service_token_are_refused() {
     assert!(matches!(hello(&batch).await, Err(Error::Forbidden(_))));
 }
 
+/// On the default store (an SQLite file in the data dir), then on
+/// PostgreSQL and MySQL when their URLs are set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_survive_a_configserver_restart_and_providers_enforce_them_while_it_is_down() {
+    restart_keeps_rules(None).await;
+    for var in ["TEST_POSTGRES_URL", "TEST_MYSQL_URL"] {
+        match std::env::var(var) {
+            Ok(url) if !url.is_empty() => restart_keeps_rules(Some(&url)).await,
+            _ => skipped(&format!("{var} is not set; the restart test ran on SQLite only")),
+        }
+    }
+}
+
+async fn restart_keeps_rules(store: Option<&str>) {
     let dir = std::env::temp_dir().join(format!("tern-governance-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let data_dir = dir.to_str().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
-    let flags = [
+    let mut flags = vec![
         "--data-dir",
         data_dir,
         "--heartbeat-interval-ms",
@@ -313,7 +365,13 @@ async fn rules_survive_a_configserver_restart_and_providers_enforce_them_while_i
         "--heartbeat-timeout-ms",
         "600",
     ];
+    if let Some(url) = store {
+        flags.extend(["--store", url]);
+    }
     let (mut cs, registry, admin) = Node::configserver(&listen, &flags);
+    // A shared database may hold this rule from an earlier run.
+    let path = format!("/api/rule?service={SERVICE}&name=no-batch");
+    http(admin, "DELETE", &path, "").await.unwrap();
     let (_provider, _) = Node::provider(registry, "a");
     let batch = consumer(registry, Who { app: "batch", ..WEB }, Balance::Random);
     wait_for_providers(&batch, 1).await;
@@ -334,7 +392,7 @@ async fn rules_survive_a_configserver_restart_and_providers_enforce_them_while_i
 
     // Back with the same data dir: a provider that starts now gets the rule
     // from the store.
-    let (_cs, registry, _) = Node::configserver(&listen, &flags);
+    let (_cs, registry, admin) = Node::configserver(&listen, &flags);
     let (_fresh, fresh) = Node::provider(registry, "fresh");
     let fresh_only = Consumer::new(ConsumerConfig {
         app: "batch".into(),
@@ -346,7 +404,9 @@ async fn rules_survive_a_configserver_restart_and_providers_enforce_them_while_i
     .build()
     .unwrap();
     let refused = hello(&fresh_only).await.unwrap_err();
-    assert!(matches!(refused, Error::Forbidden(_)), "{refused}");
+    assert!(matches!(refused, Error::Forbidden(_)), "{store:?}: {refused}");
+    let (status, body) = http(admin, "DELETE", &path, "").await.unwrap();
+    assert_eq!(status, 200, "{body}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -504,5 +564,15 @@ async fn with_credentials_apps_must_authenticate_and_provide_only_their_services
         .await
         .unwrap();
     assert_eq!(status, 401);
+    let wrong = "Authorization: Bearer greeter-secret\r\n";
+    let (status, _) = http_with(admin, "PUT", &path, r#"{"kind":"qps_limit","qps":5}"#, wrong)
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "an app's token is not the admin token");
+    let admin_token = "Authorization: Bearer admin-secret-1\r\n";
+    let (status, body) = http_with(admin, "PUT", &path, r#"{"kind":"qps_limit","qps":5}"#, admin_token)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
     std::fs::remove_dir_all(dir).unwrap();
 }

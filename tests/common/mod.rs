@@ -170,6 +170,13 @@ impl Drop for Node {
 }
 
 /// A free loopback port (bound, then released).
+/// Says loudly that (part of) a test did not run: straight to the
+/// terminal, past the test harness's output capture.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -185,9 +192,20 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 
 /// One HTTP/1.0 request; `(status code, body)`.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    http_with(addr, method, path, body, "").await
+}
+
+/// Like [`http`], with extra header lines (each ending in `\r\n`).
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &str,
+) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr).await?;
     let request = format!(
-        "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: test\r\n{headers}Content-Length: {}\r\nContent-Type: application/json\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await?;

@@ -276,8 +276,7 @@ mod tests {
     #[tokio::test]
     async fn rules_are_validated_stored_audited_and_reloaded_on_every_backend() {
         let dir = tempdir();
-        for store in stores(&dir).await {
-            let url = store.url().to_owned();
+        for (url, store) in stores(&dir).await {
             let registry = new_registry();
             let governance = Governance::start(store.clone(), registry.clone()).await.unwrap();
             let key: ServiceKey = "demo.Greeter:1.0".parse().unwrap();

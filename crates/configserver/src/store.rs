@@ -398,15 +398,23 @@ fn redact(url: &str) -> String {
 pub(crate) mod tests {
     use super::*;
 
-    /// The stores the suite runs against: SQLite always, PostgreSQL and
-    /// MySQL when their URLs are set. Each gets tables of its own (a fresh
-    /// SQLite file; the server databases are emptied first).
-    pub(crate) async fn stores(dir: &std::path::Path) -> Vec<RuleStore> {
+    /// The stores the suite runs against, with their URLs: SQLite always,
+    /// PostgreSQL and MySQL when their URLs are set (a missing one is
+    /// reported on the terminal, past the harness's output capture). Each
+    /// gets tables of its own (a fresh SQLite file; the server databases
+    /// are emptied first).
+    pub(crate) async fn stores(dir: &std::path::Path) -> Vec<(String, RuleStore)> {
         let mut urls = vec![format!("sqlite://{}?mode=rwc", dir.join("rules.db").display())];
         for var in ["TEST_POSTGRES_URL", "TEST_MYSQL_URL"] {
             match std::env::var(var) {
                 Ok(url) if !url.is_empty() => urls.push(url),
-                _ => eprintln!("SKIPPED: {var} is not set; the rule store suite runs on SQLite only"),
+                _ => {
+                    use std::io::Write;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "SKIPPED: {var} is not set; the rule store suite runs on SQLite only"
+                    );
+                }
             }
         }
         let mut stores = Vec::new();
@@ -418,7 +426,7 @@ pub(crate) mod tests {
                     .await
                     .unwrap();
             }
-            stores.push(store);
+            stores.push((url, store));
         }
         stores
     }

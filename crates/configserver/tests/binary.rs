@@ -89,6 +89,9 @@ fn rules_cli_writes_reads_audits_and_rules_survive_a_restart() {
     assert!(err.contains("qps") && err.contains("-3"), "{err}");
     let (ok, _, err) = rules(&admin, &["get", "demo.Greeter:1.0.0", "bad"]);
     assert!(!ok && err.contains("404"), "{err}");
+    let (ok, out, err) = rules(&admin, &["get", "demo.Greeter:1.0.0", "no-batch"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("deny_apps") && out.contains("batch"), "{out}");
 
     let (ok, out, err) = rules(&admin, &["history", "--service", "demo.Greeter:1.0.0"]);
     assert!(ok, "{err}");
