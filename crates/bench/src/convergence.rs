@@ -58,6 +58,9 @@ struct Progress {
     /// Watchers that have seen the current goal.
     armed: usize,
     reached: Vec<Duration>,
+    /// How many watchers the waiter waits for: only the last one wakes it
+    /// (a wake-up per watcher would be the bench's own load on the run).
+    total: usize,
 }
 
 /// Watches each receiver; every time a view changes, `check` decides
@@ -89,8 +92,11 @@ impl Watchers {
                     let goal = *goal_rx.borrow_and_update();
                     if goal != armed_for {
                         armed_for = goal;
-                        progress.lock().expect("progress").armed += 1;
-                        notify.notify_one();
+                        let mut progress = progress.lock().expect("progress");
+                        progress.armed += 1;
+                        if progress.armed >= progress.total {
+                            notify.notify_one();
+                        }
                     }
                     if goal != done_for && check(goal, &rx.borrow_and_update()) {
                         done_for = goal;
@@ -98,7 +104,9 @@ impl Watchers {
                         // Already there before the change started: zero.
                         let at = progress.goal_set_at.map_or(Duration::ZERO, |at| at.elapsed());
                         progress.reached.push(at);
-                        notify.notify_one();
+                        if progress.reached.len() >= progress.total {
+                            notify.notify_one();
+                        }
                     }
                     tokio::select! {
                         changed = rx.changed() => if changed.is_err() { return },
@@ -140,6 +148,7 @@ impl Watchers {
             progress.reached.clear();
             progress.armed = 0;
             progress.goal_set_at = None;
+            progress.total = total;
         }
         self.goal.send_replace(goal);
         self.until(total, |p| p.armed, "watchers saw the goal").await?;

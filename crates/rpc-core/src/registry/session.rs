@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use prost::Message;
-use rand::SeedableRng;
 use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use tern_proto::registry::registry_client::RegistryClient;
 use tern_proto::registry::{
     self as pb, Delta, Hello, Instance, NodeMessage, ProviderCache, ServerMessage, Snapshot, node_message,
@@ -384,6 +384,14 @@ fn subscribe_message(key: &ServiceKey, known: Option<(String, u64)>) -> node_mes
 
 // === the task ===
 
+/// Heartbeats come every `interval` less up to this share of it.
+const HEARTBEAT_JITTER: f64 = 0.2;
+
+/// `interval` less a random part of it, up to `share` (0..1) of it.
+fn jittered(interval: Duration, share: f64, rng: &mut SmallRng) -> Duration {
+    interval.mul_f64(1.0 - rng.random_range(0.0..=share.clamp(0.0, 1.0)))
+}
+
 /// One open control stream.
 struct Stream {
     /// Messages to the server, in order.
@@ -577,8 +585,12 @@ impl SessionTask {
 
         let mut pending: HashMap<u64, oneshot::Sender<Result<(), RegistryError>>> = HashMap::new();
         let mut next_request = 1u64;
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Jittered, so that nodes that (re)connected together do not beat
+        // together: a ConfigServer's load stays level instead of a burst of
+        // every node's heartbeat once per interval.
+        let mut rng = SmallRng::from_os_rng();
+        let heartbeat = tokio::time::sleep(jittered(interval, 0.9, &mut rng));
+        tokio::pin!(heartbeat);
         let mut seq = 0u64;
         // Armed once and moved only when it fires: resetting a timer for
         // every message would cost a timer-wheel update per push.
@@ -613,7 +625,8 @@ impl SessionTask {
                         break "stream closed".to_owned();
                     }
                 }
-                _ = heartbeat.tick() => {
+                _ = &mut heartbeat => {
+                    heartbeat.as_mut().reset(Instant::now() + jittered(interval, HEARTBEAT_JITTER, &mut rng));
                     seq += 1;
                     let beat = NodeMessage { request_id: 0, body: Some(node_message::Body::Heartbeat(pb::Heartbeat { seq })) };
                     // A full queue means the server is not reading; the
