@@ -10,7 +10,7 @@ use tern_proto::registry::ServerMessage;
 
 /// One flushed change of a service, encoded as the `ServerMessage` that
 /// carries it.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct PushedDelta {
     pub from_revision: u64,
     pub to_revision: u64,

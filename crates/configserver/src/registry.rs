@@ -126,7 +126,10 @@ pub struct PushQueue {
 
 #[derive(Debug, Default)]
 struct PushState {
-    dirty: BTreeSet<ServiceKey>,
+    /// Each with the delta that made it dirty, when exactly one did: a
+    /// session that holds the revision before it sends it without asking
+    /// the registry (whose lock a thousand sessions would queue on).
+    dirty: BTreeMap<ServiceKey, Option<Arc<PushedDelta>>>,
     sent: HashMap<ServiceKey, Sent>,
     /// Services whose rules the session must be sent.
     rules: BTreeSet<ServiceKey>,
@@ -158,17 +161,45 @@ pub struct Due {
     /// Revision last sent; `None` = the session needs a snapshot.
     pub sent: Option<u64>,
     generation: u64,
+    /// The one delta that made it dirty, if one did.
+    hint: Option<Arc<PushedDelta>>,
+}
+
+impl Due {
+    /// The delta that brings the session up to date by itself, if the
+    /// session holds the revision it starts from.
+    pub fn next_delta(&self) -> Option<&Arc<PushedDelta>> {
+        self.hint.as_ref().filter(|d| Some(d.from_revision) == self.sent)
+    }
 }
 
 impl PushQueue {
     /// Marks `key` dirty; with `reset`, the next push is a snapshot.
     fn mark(&self, key: &ServiceKey, reset: Option<Option<u64>>) {
+        self.mark_with(key, reset, None);
+    }
+
+    /// Marks `key` dirty by `delta`, flushed just now.
+    fn mark_delta(&self, key: &ServiceKey, delta: &Arc<PushedDelta>) {
+        self.mark_with(key, None, Some(delta.clone()));
+    }
+
+    fn mark_with(&self, key: &ServiceKey, reset: Option<Option<u64>>, hint: Option<Arc<PushedDelta>>) {
         let mut state = self.state.lock().expect("push lock");
         if let Some(revision) = reset {
             let generation = state.sent.get(key).map_or(0, |s| s.generation + 1);
             state.sent.insert(key.clone(), Sent { revision, generation });
         }
-        state.dirty.insert(key.clone());
+        match state.dirty.entry(key.clone()) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(hint);
+            }
+            // Dirty already: more than one change (or a reset) is due, and
+            // only the registry knows what to send.
+            std::collections::btree_map::Entry::Occupied(mut slot) => {
+                slot.insert(None);
+            }
+        }
         drop(state);
         self.notify.notify_one();
     }
@@ -206,12 +237,13 @@ impl PushQueue {
                 let dirty = std::mem::take(&mut state.dirty);
                 let due: Vec<Due> = dirty
                     .into_iter()
-                    .filter_map(|key| {
+                    .filter_map(|(key, hint)| {
                         let sent = *state.sent.get(&key)?;
                         Some(Due {
                             key,
                             sent: sent.revision,
                             generation: sent.generation,
+                            hint,
                         })
                     })
                     .collect();
@@ -556,25 +588,25 @@ impl Registry {
     pub fn flush(&self) {
         let mut state = self.lock();
         let dirty = std::mem::take(&mut state.dirty);
-        let mut notified = 0usize;
+        let mut due = Vec::new();
         for key in dirty {
-            notified += self.flush_service(&mut state, &key);
+            due.extend(self.flush_service(&mut state, &key));
             remove_if_unused(&mut state, &key);
         }
         drop(state);
+        let notified = mark_all(due);
         if notified > 0 {
             debug!(notified, "flushed changes");
         }
     }
 
     /// Flushes one service's pending change, if any: a new revision, one
-    /// delta in the history, its subscribers marked. Returns how many.
-    fn flush_service(&self, state: &mut State, key: &ServiceKey) -> usize {
-        let Some(entry) = state.services.get_mut(key) else {
-            return 0;
-        };
+    /// delta in the history. Returns the push queues of its subscribers,
+    /// to be marked once the registry lock is released (see [`mark_all`]).
+    fn flush_service(&self, state: &mut State, key: &ServiceKey) -> Option<Flushed> {
+        let entry = state.services.get_mut(key)?;
         if entry.pending.is_empty() {
-            return 0;
+            return None;
         }
         let pending = std::mem::take(&mut entry.pending);
         let delta = Delta {
@@ -598,17 +630,20 @@ impl Registry {
             .into(),
         };
         entry.revision += 1;
-        entry.history.push_back(Arc::new(pushed));
+        let pushed = Arc::new(pushed);
+        entry.history.push_back(pushed.clone());
         while entry.history.len() > self.config.history_len {
             entry.history.pop_front();
         }
-        let subscribers: Vec<SessionId> = entry.subscribers.iter().copied().collect();
-        for id in &subscribers {
-            if let Some(session) = state.sessions.get(id) {
-                session.push.mark(key, None);
-            }
-        }
-        subscribers.len()
+        let subscribers = &state.services[key].subscribers;
+        Some(Flushed {
+            key: key.clone(),
+            delta: pushed,
+            subscribers: subscribers
+                .iter()
+                .filter_map(|id| state.sessions.get(id).map(|session| session.push.clone()))
+                .collect(),
+        })
     }
 
     /// What a subscriber that was last sent `sent` of `key` needs now:
@@ -637,14 +672,19 @@ impl Registry {
         // A snapshot must show a flushed revision: one that showed a pending
         // change under the old revision could never be corrected if the
         // change cancelled out before the flush. So flush first.
-        self.flush_service(&mut state, key);
-        let Some(entry) = state.services.get(key) else {
-            return (vec![self.snapshot_message(key, 0, Vec::new(), partial).into()], 0);
+        let due = self.flush_service(&mut state, key);
+        let (providers, revision) = match state.services.get(key) {
+            Some(entry) => (
+                entry.providers.values().map(|(i, _)| i.clone()).collect(),
+                entry.revision,
+            ),
+            None => (Vec::new(), 0),
         };
-        let providers = entry.providers.values().map(|(i, _)| i.clone()).collect();
+        drop(state);
+        mark_all(due);
         (
-            vec![self.snapshot_message(key, entry.revision, providers, partial).into()],
-            entry.revision,
+            vec![self.snapshot_message(key, revision, providers, partial).into()],
+            revision,
         )
     }
 
@@ -838,6 +878,33 @@ fn remove_provider(state: &mut State, key: &ServiceKey, addr: &str, owner: Sessi
     true
 }
 
+/// A service's change just flushed, and the push queues of its subscribers.
+struct Flushed {
+    key: ServiceKey,
+    delta: Arc<PushedDelta>,
+    subscribers: Vec<Arc<PushQueue>>,
+}
+
+/// Marks each flushed service's subscribers. Called without the registry
+/// lock: a woken session's first step may be to take that lock, and a
+/// thousand of them woken while the flusher still holds it would queue up
+/// on it. Returns how many were marked.
+fn mark_all(flushed: impl IntoIterator<Item = Flushed>) -> usize {
+    let mut marked = 0;
+    for Flushed {
+        key,
+        delta,
+        subscribers,
+    } in flushed
+    {
+        for push in &subscribers {
+            push.mark_delta(&key, &delta);
+        }
+        marked += subscribers.len();
+    }
+    marked
+}
+
 /// The request-level answers sent to a node.
 pub fn ack(request_id: u64) -> ServerMessage {
     ServerMessage {
@@ -925,6 +992,39 @@ mod tests {
         assert_eq!(deltas.len(), 1, "two registrations in one window coalesce");
         assert_eq!(deltas[0].added.len(), 2);
         assert_eq!((deltas[0].from_revision, deltas[0].to_revision, rev), (1, 2, 2));
+    }
+
+    #[test]
+    fn a_session_up_to_date_is_handed_the_flushed_delta_itself() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        let (consumer, push) = registry.open_session(NodeInfo::default());
+        registry.subscribe(consumer, key(), None).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let due = rt.block_on(push.next()).due;
+        assert!(due[0].next_delta().is_none(), "a snapshot is due first");
+        let (_, revision) = registry.catch_up(&key(), due[0].sent);
+        push.sent(&due[0], revision);
+
+        // One flush: the queue carries that delta, the same the registry
+        // would hand out.
+        registry.register(provider, key(), instance(1)).unwrap();
+        registry.flush();
+        let due = rt.block_on(push.next()).due;
+        let hinted = due[0].next_delta().expect("the flushed delta").clone();
+        let (from_registry, _) = registry.catch_up(&key(), due[0].sent);
+        assert!(matches!(&from_registry[..], [Outgoing::Delta(d)] if **d == *hinted));
+        push.sent(&due[0], hinted.to_revision);
+
+        // Two flushes before the session looked: no single delta will do.
+        registry.register(provider, key(), instance(2)).unwrap();
+        registry.flush();
+        registry.register(provider, key(), instance(3)).unwrap();
+        registry.flush();
+        let due = rt.block_on(push.next()).due;
+        assert!(due[0].next_delta().is_none());
+        let (messages, revision) = decoded_catch_up(&registry, &key(), due[0].sent);
+        assert_eq!((delta_of(&messages).len(), revision), (2, 3));
     }
 
     #[test]
@@ -1128,11 +1228,22 @@ mod tests {
 
         #[derive(Debug, Clone)]
         enum Op {
-            Register { session: usize, port: u32, weight: u32 },
-            Unregister { session: usize, port: u32 },
-            Close { session: usize },
+            Register {
+                session: usize,
+                port: u32,
+                weight: u32,
+            },
+            Unregister {
+                session: usize,
+                port: u32,
+            },
+            Close {
+                session: usize,
+            },
             Flush,
             CatchUp,
+            /// The consumer session's push task takes what is due.
+            Push,
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -1146,6 +1257,7 @@ mod tests {
                 (0..3usize).prop_map(|session| Op::Close { session }),
                 Just(Op::Flush),
                 Just(Op::CatchUp),
+                Just(Op::Push),
             ]
         }
 
@@ -1158,7 +1270,26 @@ mod tests {
 
         impl Subscriber {
             fn apply(&mut self, registry: &Registry) {
-                let (messages, revision) = decoded_catch_up(registry, &key(), self.revision);
+                self.receive(decoded_catch_up(registry, &key(), self.revision));
+            }
+
+            /// As a session's push task does: what its queue says is due,
+            /// the flushed delta itself when that is enough.
+            fn push(&mut self, registry: &Registry, push: &PushQueue, rt: &tokio::runtime::Runtime) {
+                let Ok(work) = rt.block_on(async { tokio::time::timeout(Duration::ZERO, push.next()).await }) else {
+                    return; // nothing due
+                };
+                for due in work.due {
+                    let (out, revision) = match due.next_delta() {
+                        Some(delta) => (vec![Outgoing::Delta(delta.clone())], delta.to_revision),
+                        None => registry.catch_up(&due.key, due.sent),
+                    };
+                    self.receive((out.iter().map(Outgoing::to_message).collect(), revision));
+                    push.sent(&due, revision);
+                }
+            }
+
+            fn receive(&mut self, (messages, revision): (Vec<ServerMessage>, u64)) {
                 for message in messages {
                     match message.body {
                         Some(server_message::Body::Snapshot(s)) => {
@@ -1203,6 +1334,10 @@ mod tests {
                 let (consumer, _) = registry.open_session(node("consumer"));
                 registry.subscribe(consumer, key(), None).unwrap();
                 let mut subscriber = Subscriber::default();
+                let (pushed_to, push) = registry.open_session(node("pushed-to"));
+                registry.subscribe(pushed_to, key(), None).unwrap();
+                let mut pushed = Subscriber::default();
+                let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
                 for op in ops {
                     match op {
                         Op::Register { session, port, weight } => {
@@ -1219,15 +1354,18 @@ mod tests {
                         }
                         Op::Flush => registry.flush(),
                         Op::CatchUp => subscriber.apply(&registry),
+                        Op::Push => pushed.push(&registry, &push, &rt),
                     }
                 }
                 registry.flush();
                 subscriber.apply(&registry);
+                pushed.push(&registry, &push, &rt);
                 let held: BTreeSet<String> = registry.detail(&key()).map(|(_, p, _)| p.iter().map(instance_addr).collect()).unwrap_or_default();
                 let seen: BTreeSet<String> = subscriber.providers.keys().cloned().collect();
                 prop_assert_eq!(seen, held);
                 let weights: BTreeMap<String, u32> = registry.detail(&key()).map(|(_, p, _)| p.iter().map(|i| (instance_addr(i), i.weight)).collect()).unwrap_or_default();
                 prop_assert_eq!(&subscriber.providers, &weights);
+                prop_assert_eq!(&pushed.providers, &weights, "through the push queue");
             }
         }
     }

@@ -336,7 +336,12 @@ async fn push_loop(pushing: &Pushing<'_>) -> String {
             }
         }
         for due in work.due {
-            let (messages, revision) = registry.catch_up(&due.key, due.sent);
+            // Usually exactly the delta flushed just now; otherwise the
+            // registry says what is missing.
+            let (messages, revision) = match due.next_delta() {
+                Some(delta) => (vec![Outgoing::Delta(delta.clone())], delta.to_revision),
+                None => registry.catch_up(&due.key, due.sent),
+            };
             for message in messages {
                 let metrics = &registry.metrics;
                 metrics.pushed_messages.fetch_add(1, Ordering::Relaxed);
