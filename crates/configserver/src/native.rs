@@ -4,8 +4,8 @@
 //! framing's preface (see [`rpc_core::registry::framing`]) is served here,
 //! anything else (HTTP/2's preface starts with `P`) is handed to the gRPC
 //! server. A natively framed session costs one task, a read buffer that
-//! starts at a few hundred bytes, and a write buffer that lives only while
-//! a batch is written.
+//! starts at a few hundred bytes, and a write buffer of at most 4 KiB
+//! between batches.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -61,17 +61,24 @@ pub async fn accept(
                 Err(e) => {
                     // Out of file descriptors, usually: pause instead of spinning.
                     warn!(error = %e, "registry port: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
                     continue;
                 }
             },
         };
         let _ = socket.set_nodelay(true);
-        let (service, grpc) = (service.clone(), grpc.clone());
+        let (service, grpc, shutdown) = (service.clone(), grpc.clone(), shutdown.clone());
         tracker.spawn(async move {
             let mut first = [0u8; 1];
             let timeout = service.heartbeats().timeout;
-            match tokio::time::timeout(timeout, socket.peek(&mut first)).await {
+            let peeked = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                peeked = tokio::time::timeout(timeout, socket.peek(&mut first)) => peeked,
+            };
+            match peeked {
                 Ok(Ok(1)) if first[0] == framing::PREFACE[0] => {
                     service.native_session(socket, peer, max_message_bytes).await;
                 }

@@ -133,6 +133,9 @@ struct PushState {
     sent: HashMap<ServiceKey, Sent>,
     /// Services whose rules the session must be sent.
     rules: BTreeSet<ServiceKey>,
+    /// Last generation handed out; it only goes up, across unsubscribes
+    /// too, so a push in flight is never taken for one after a reset.
+    generation: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -187,7 +190,8 @@ impl PushQueue {
     fn mark_with(&self, key: &ServiceKey, reset: Option<Option<u64>>, hint: Option<Arc<PushedDelta>>) {
         let mut state = self.state.lock().expect("push lock");
         if let Some(revision) = reset {
-            let generation = state.sent.get(key).map_or(0, |s| s.generation + 1);
+            state.generation += 1;
+            let generation = state.generation;
             state.sent.insert(key.clone(), Sent { revision, generation });
         }
         match state.dirty.entry(key.clone()) {
@@ -324,6 +328,22 @@ struct State {
     sessions: HashMap<SessionId, SessionEntry>,
     dirty: BTreeSet<ServiceKey>,
     next_session: SessionId,
+    /// Where a (re)created service's revisions start: above every revision
+    /// of every service removed so far. A node may still hold a revision of
+    /// a removed service; revisions restarting at 0 would let it resume (or
+    /// a delta flushed for the old one apply) on the new service's numbers.
+    revision_floor: u64,
+}
+
+impl State {
+    /// The entry of `key`, created (its revisions above the floor) if absent.
+    fn service(&mut self, key: &ServiceKey) -> &mut ServiceEntry {
+        let floor = self.revision_floor;
+        self.services.entry(key.clone()).or_insert_with(|| ServiceEntry {
+            revision: floor,
+            ..ServiceEntry::default()
+        })
+    }
 }
 
 /// The registry of one ConfigServer.
@@ -493,7 +513,7 @@ impl Registry {
             }
             return Ok(());
         }
-        let entry = state.services.entry(key.clone()).or_default();
+        let entry = state.service(&key);
         let existed_at_flush = entry.providers.contains_key(&addr) && !entry.pending.added.contains_key(&addr)
             || entry.pending.removed.contains(&addr);
         entry.pending.add(&addr, instance.clone(), existed_at_flush);
@@ -555,7 +575,7 @@ impl Registry {
             session.push.mark_rules(&key);
         }
         let (node, push) = (session.node.clone(), session.push.clone());
-        let entry = state.services.entry(key.clone()).or_default();
+        let entry = state.service(&key);
         entry.subscribers.insert(id);
         entry.consumers.insert(id, node);
         let resume = known.and_then(|(epoch, revision)| {
@@ -858,8 +878,9 @@ fn remove_if_unused(state: &mut State, key: &ServiceKey) {
     if state.services.get(key).is_some_and(|e| {
         e.providers.is_empty() && e.subscribers.is_empty() && e.consumers.is_empty() && e.pending.is_empty()
     }) && !state.dirty.contains(key)
+        && let Some(entry) = state.services.remove(key)
     {
-        state.services.remove(key);
+        state.revision_floor = state.revision_floor.max(entry.revision + 1);
     }
 }
 
@@ -1025,6 +1046,60 @@ mod tests {
         assert!(due[0].next_delta().is_none());
         let (messages, revision) = decoded_catch_up(&registry, &key(), due[0].sent);
         assert_eq!((delta_of(&messages).len(), revision), (2, 3));
+    }
+
+    #[test]
+    fn a_recreated_service_never_resumes_a_revision_of_the_removed_one() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        let (consumer, push) = registry.open_session(NodeInfo::default());
+        registry.register(provider, key(), instance(1)).unwrap();
+        registry.flush();
+        registry.subscribe(consumer, key(), None).unwrap();
+        let (_, held) = registry.catch_up(&key(), None);
+
+        // Everyone leaves: the service is gone. Then it comes back.
+        registry.unsubscribe(consumer, &key());
+        registry.unregister(provider, &key(), "127.0.0.1", 1).unwrap();
+        registry.flush();
+        assert!(registry.detail(&key()).is_none(), "the unused service was removed");
+        for port in [2, 3] {
+            registry.register(provider, key(), instance(port)).unwrap();
+            registry.flush();
+        }
+
+        // The node still holds revision `held` of the old service: it must
+        // get a snapshot, not the new service's deltas from that number.
+        registry
+            .subscribe(consumer, key(), Some((registry.epoch(), held)))
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let due = rt.block_on(push.next()).due;
+        assert_eq!(due[0].sent, None, "a snapshot is due");
+        let (messages, _) = decoded_catch_up(&registry, &key(), due[0].sent);
+        let ports: Vec<u32> = snapshot_of(&messages)
+            .unwrap()
+            .providers
+            .iter()
+            .map(|i| i.port)
+            .collect();
+        assert_eq!(ports, [2, 3]);
+    }
+
+    #[test]
+    fn a_push_in_flight_across_unsubscribe_and_subscribe_does_not_cancel_the_snapshot() {
+        let registry = registry();
+        let (consumer, push) = registry.open_session(NodeInfo::default());
+        registry.subscribe(consumer, key(), None).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let in_flight = rt.block_on(push.next()).due;
+        // While that snapshot is being sent, the node unsubscribes and
+        // subscribes again: it must get a fresh snapshot.
+        registry.unsubscribe(consumer, &key());
+        registry.subscribe(consumer, key(), None).unwrap();
+        push.sent(&in_flight[0], 0);
+        let due = rt.block_on(push.next()).due;
+        assert_eq!(due[0].sent, None, "the new subscription still gets its snapshot");
     }
 
     #[test]

@@ -184,6 +184,7 @@ async fn run(
             push: &push,
             rules_gate: &rules_gate,
             tx: &tx,
+            send_timeout: heartbeats.timeout,
         };
         tokio::select! {
             reason = read_loop(&pushing, heartbeats, credentials.as_deref(), &mut inbound) => reason,
@@ -200,6 +201,10 @@ struct Pushing<'a> {
     push: &'a PushQueue,
     rules_gate: &'a tokio::sync::Mutex<()>,
     tx: &'a Tx,
+    /// How long a message may wait for room towards the node: a node that
+    /// stops reading ends its session instead of holding it (and the
+    /// rules gate) forever.
+    send_timeout: Duration,
 }
 
 impl Pushing<'_> {
@@ -209,7 +214,10 @@ impl Pushing<'_> {
             return true;
         };
         self.registry.metrics.pushed_rules.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Outgoing::from(message)).await.is_ok()
+        self.tx
+            .send_timeout(Outgoing::from(message), self.send_timeout)
+            .await
+            .is_ok()
     }
 }
 
@@ -351,8 +359,8 @@ async fn push_loop(pushing: &Pushing<'_>) -> String {
                 {
                     metrics.pushed_snapshots.fetch_add(1, Ordering::Relaxed);
                 }
-                if tx.send(message).await.is_err() {
-                    return "node went away".to_owned();
+                if tx.send_timeout(message, pushing.send_timeout).await.is_err() {
+                    return "node went away or stopped reading".to_owned();
                 }
             }
             push.sent(&due, revision);

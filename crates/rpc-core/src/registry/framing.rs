@@ -33,6 +33,9 @@ pub const LEN_BYTES: usize = 4;
 /// service (tens of thousands of providers) fits.
 pub const MAX_SERVER_FRAME: usize = 64 * 1024 * 1024;
 
+/// The most a decoder reserves ahead of bytes it has not received.
+const RESERVE_STEP: usize = 64 * 1024;
+
 /// Appends `message` as one frame.
 pub fn put_frame(dst: &mut BytesMut, message: &impl Message) {
     let len = message.encoded_len();
@@ -77,11 +80,18 @@ impl Decoder for FrameDecoder {
             ));
         }
         if src.len() < LEN_BYTES + len {
-            src.reserve(LEN_BYTES + len - src.len());
+            // Room for what is announced, a step at a time: eight bytes
+            // claiming a megabyte do not get a megabyte before it comes.
+            src.reserve((LEN_BYTES + len - src.len()).min(RESERVE_STEP));
             return Ok(None);
         }
         src.advance(LEN_BYTES);
-        Ok(Some(src.split_to(len)))
+        let frame = src.split_to(len);
+        if src.is_empty() && src.capacity() > RESERVE_STEP {
+            // A large frame is not kept resident for the rest of the stream.
+            *src = BytesMut::with_capacity(512);
+        }
+        Ok(Some(frame))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
@@ -140,6 +150,18 @@ mod tests {
             "control frame length 4294967295 exceeds the limit 1024"
         );
         assert!(buf.capacity() < 1024, "nothing reserved for the bogus frame");
+    }
+
+    #[test]
+    fn room_is_reserved_as_a_frame_arrives_and_let_go_after_it() {
+        let mut decoder = FrameDecoder::new(4 * 1024 * 1024);
+        let mut buf = BytesMut::new();
+        buf.put_u32(1024 * 1024);
+        assert!(decoder.decode(&mut buf).unwrap().is_none());
+        assert!(buf.capacity() <= LEN_BYTES + RESERVE_STEP, "{}", buf.capacity());
+        buf.put_bytes(0, 1024 * 1024);
+        assert_eq!(decoder.decode(&mut buf).unwrap().unwrap().len(), 1024 * 1024);
+        assert!(buf.capacity() < RESERVE_STEP, "the large buffer is let go");
     }
 
     #[test]

@@ -129,6 +129,9 @@ fn is_refusal(reason: &str) -> bool {
 
 const REFUSED: &str = "refused: ";
 
+/// How an attempt that never reached a server starts its reason.
+const CONNECT_FAILED: &str = "connect: ";
+
 /// The providers of one service as this node knows them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProviderList {
@@ -466,9 +469,15 @@ impl SessionTask {
                     warn!(%server, %reason, "configserver refused this node's session; check its app name and token");
                     *self.refusal.lock().expect("refusal lock") = Some(reason);
                 }
-                Err(reason) => {
+                Err(reason) if reason.starts_with(CONNECT_FAILED) => {
                     failures = failures.saturating_add(1);
                     debug!(%server, %reason, failures, "cannot reach configserver");
+                }
+                Err(reason) => {
+                    // Something answered but never welcomed us: a server of
+                    // another version or transport, or not a ConfigServer.
+                    failures = failures.saturating_add(1);
+                    warn!(%server, %reason, failures, transport = ?self.config.transport, "configserver did not open a session; is it a ConfigServer that speaks this transport?");
                 }
             }
             let delay = self.config.backoff.delay(failures.saturating_sub(1), &mut self.rng);
@@ -488,8 +497,8 @@ impl SessionTask {
                 let connect = tokio::net::TcpStream::connect(server);
                 let socket = tokio::time::timeout(self.config.connect_timeout, connect)
                     .await
-                    .map_err(|_| format!("connect: no answer within {:?}", self.config.connect_timeout))?
-                    .map_err(|e| format!("connect: {e}"))?;
+                    .map_err(|_| format!("{CONNECT_FAILED}no answer within {:?}", self.config.connect_timeout))?
+                    .map_err(|e| format!("{CONNECT_FAILED}{e}"))?;
                 let _ = socket.set_nodelay(true);
                 let (read, write) = socket.into_split();
                 let inbound = FramedRead::new(read, FrameDecoder::new(framing::MAX_SERVER_FRAME)).map(|frame| {
@@ -507,7 +516,7 @@ impl SessionTask {
                     .map_err(|e| format!("bad configserver address {server:?}: {e}"))?
                     .connect_timeout(self.config.connect_timeout)
                     .tcp_nodelay(true);
-                let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+                let channel = endpoint.connect().await.map_err(|e| format!("{CONNECT_FAILED}{e}"))?;
                 let mut client = RegistryClient::new(channel);
                 let response = tokio::time::timeout(
                     self.config.connect_timeout,
