@@ -45,6 +45,20 @@ async fn graceful_provider_stop_loses_no_call_even_without_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_after_the_last_push_went_out_waits_for_no_window() {
+    // A coalescing window long enough that waiting for it would show.
+    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0", "--coalesce-ms", "5000"]);
+    let client = consumer(registry, 0);
+    let (_a, a_addr) = Node::provider(registry, "a");
+    wait_for(&client, "provider a", |p| p == [a_addr]).await;
+    // Well within the window of a's flush, but a's push is out: b's
+    // registration is flushed at once.
+    let (_b, b_addr) = Node::provider(registry, "b");
+    let took = wait_for(&client, "provider b", |p| p.contains(&b_addr)).await;
+    assert!(took < Duration::from_millis(2500), "held {took:?} by the window");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnecting_consumer_receives_a_delta_not_a_snapshot() {
     let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
     let proxy = Proxy::start(registry).await;

@@ -68,7 +68,9 @@ fuzz_target!(|data: &[u8]| {
                 registry.close_session(session, "fuzz");
                 sessions[usize::from(a) % 3] = registry.open_session(node(a)).0;
             }
-            3 => registry.flush(),
+            3 => {
+                registry.flush();
+            }
             4 => registry
                 .subscribe(subscriber, key.clone(), None)
                 .map(|_| revision = None)

@@ -61,8 +61,9 @@ pub struct Settings {
     /// A node silent this long is expired [default: 3000].
     #[arg(long, env = "CONFIGSERVER_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: Option<u64>,
-    /// After a push, changes within this window go out as one delta; a
-    /// change after a quiet window goes at once [default: 5].
+    /// Longest a change is held while the last flush's pushes are still
+    /// going out (changes held together go out as one delta); a change
+    /// when they are out goes at once [default: 5].
     #[arg(long, env = "CONFIGSERVER_COALESCE_MS")]
     pub coalesce_ms: Option<u64>,
     /// Deltas kept per service for reconnecting or lagging nodes [default: 64].

@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -356,6 +356,11 @@ pub struct Registry {
     grace_over: AtomicBool,
     /// Woken on every change; the flusher waits on it.
     pub changed: Notify,
+    /// Pushes of the last flush not yet sent (approximately: see
+    /// [`Registry::pushed`]); the flusher holds the next flush while some are.
+    outstanding: AtomicUsize,
+    /// Woken when `outstanding` reaches zero.
+    pub drained: Notify,
     pub metrics: Metrics,
 }
 
@@ -371,6 +376,8 @@ impl Registry {
             epoch,
             started: Instant::now(),
             changed: Notify::new(),
+            outstanding: AtomicUsize::new(0),
+            drained: Notify::new(),
             metrics: Metrics::default(),
         }
     }
@@ -604,8 +611,8 @@ impl Registry {
     }
 
     /// Turns pending changes into revisions and deltas and marks the
-    /// subscribers of each changed service.
-    pub fn flush(&self) {
+    /// subscribers of each changed service; how many were marked.
+    pub fn flush(&self) -> usize {
         let mut state = self.lock();
         let dirty = std::mem::take(&mut state.dirty);
         let mut due = Vec::new();
@@ -614,10 +621,35 @@ impl Registry {
             remove_if_unused(&mut state, &key);
         }
         drop(state);
+        // Counted before the marks wake anyone: a session may report its
+        // push before `mark_all` returns.
+        let marking = due.iter().map(|f| f.subscribers.len()).sum();
+        self.outstanding.store(marking, Ordering::Relaxed);
+        if marking == 0 {
+            self.drained.notify_one();
+        }
         let notified = mark_all(due);
         if notified > 0 {
             debug!(notified, "flushed changes");
         }
+        notified
+    }
+
+    /// A session sent what one mark asked for. Counts are approximate (a
+    /// mark for a reset or an older flush is counted too): the flusher's
+    /// hold ends early or at its window, never later.
+    pub fn pushed(&self) {
+        let before = self
+            .outstanding
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if before == Ok(1) {
+            self.drained.notify_one();
+        }
+    }
+
+    /// Whether the pushes of the last flush are all sent.
+    pub fn is_drained(&self) -> bool {
+        self.outstanding.load(Ordering::Relaxed) == 0
     }
 
     /// Flushes one service's pending change, if any: a new revision, one
@@ -1427,7 +1459,9 @@ mod tests {
                             registry.close_session(sessions[session], "test");
                             sessions[session] = registry.open_session(node(&format!("p{session}"))).0;
                         }
-                        Op::Flush => registry.flush(),
+                        Op::Flush => {
+                            registry.flush();
+                        }
                         Op::CatchUp => subscriber.apply(&registry),
                         Op::Push => pushed.push(&registry, &push, &rt),
                     }

@@ -364,6 +364,7 @@ async fn push_loop(pushing: &Pushing<'_>) -> String {
                 }
             }
             push.sent(&due, revision);
+            registry.pushed();
         }
     }
 }
