@@ -61,9 +61,9 @@ pub struct Settings {
     /// A node silent this long is expired [default: 3000].
     #[arg(long, env = "CONFIGSERVER_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: Option<u64>,
-    /// Longest a change is held while the last flush's pushes are still
-    /// going out (changes held together go out as one delta); a change
-    /// when they are out goes at once [default: 5].
+    /// Longest a change is held after a flush (until its pushes are out,
+    /// then 4x as long as they took); changes held together go out as one
+    /// delta [default: 5].
     #[arg(long, env = "CONFIGSERVER_COALESCE_MS")]
     pub coalesce_ms: Option<u64>,
     /// Deltas kept per service for reconnecting or lagging nodes [default: 64].

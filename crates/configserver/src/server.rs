@@ -32,9 +32,8 @@ pub struct ServerConfig {
     pub heartbeat_interval: Duration,
     /// A node silent this long is expired.
     pub heartbeat_timeout: Duration,
-    /// Longest a change waits after a flush while that flush's pushes are
-    /// still going out; changes within it go out together as one delta per
-    /// service (a change when the last pushes are out goes at once).
+    /// Longest a change waits after a flush (see `flusher`); changes that
+    /// wait together go out as one delta per service.
     pub coalesce: Duration,
     /// Largest control message accepted.
     pub max_message_bytes: usize,
