@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Proxy, consumer, http_get, metric, wait_for};
-use prost::Message;
-use rpc_core::registry::framing::{self, FrameDecoder};
+use rpc_core::registry::framing;
 use rpc_core::registry::{Role, SessionConfig, Transport};
 use tern::consumer::{Consumer, ConsumerConfig};
 use tern::demo::{GreeterClient, HelloRequest};
@@ -22,7 +21,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
-use tokio_util::codec::FramedRead;
 use tokio_util::task::AbortOnDropHandle;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,10 +195,7 @@ impl RawSession {
 
 /// Server messages of a natively framed stream.
 fn native_inbound(read: impl AsyncRead + Send + 'static) -> impl Stream<Item = Result<ServerMessage, String>> + Send {
-    FramedRead::new(read, FrameDecoder::new(framing::MAX_SERVER_FRAME)).map(|frame| {
-        let frame = frame.map_err(|e| e.to_string())?;
-        ServerMessage::decode(frame).map_err(|e| e.to_string())
-    })
+    framing::read_messages(read, framing::MAX_SERVER_FRAME, 8 * 1024, "ServerMessage")
 }
 
 fn greeter_key() -> pb::ServiceKey {

@@ -8,18 +8,15 @@
 //! between batches.
 
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use prost::Message;
-use rpc_core::registry::framing::{self, FrameDecoder};
+use rpc_core::registry::framing;
 use tern_proto::registry::NodeMessage;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -33,14 +30,6 @@ pub const GRPC_HANDOFF: usize = 128;
 
 /// Read buffer a native session starts with; it grows for larger frames.
 const READ_BUFFER: usize = 256;
-
-/// A writer gathers queued frames into one write up to this many bytes.
-const WRITE_BATCH: usize = 64 * 1024;
-
-/// After a batch, a write buffer larger than this is let go rather than
-/// kept for the next (a snapshot of a big service must not stay resident
-/// in every session that once received one).
-const KEEP_WRITE_BUFFER: usize = 4 * 1024;
 
 /// Accepts connections on the registry port until `shutdown`, serving
 /// native sessions and passing the rest to `grpc`. Every connection's task
@@ -115,12 +104,14 @@ pub(crate) async fn serve(
         Ok(Err(e)) => return debug!(%peer, error = %e, "closed inside the preface"),
         Err(_) => return debug!(%peer, ?timeout, "no preface; closing"),
     }
-    let inbound = FramedRead::with_capacity(read, FrameDecoder::new(max_message_bytes), READ_BUFFER).map(|frame| {
-        let frame = frame.map_err(|e| e.to_string())?;
-        NodeMessage::decode(frame).map_err(|e| format!("malformed NodeMessage: {e}"))
-    });
+    let inbound = pin!(framing::read_messages::<NodeMessage>(
+        read,
+        max_message_bytes,
+        READ_BUFFER,
+        "NodeMessage"
+    ));
     let session = service.run(inbound, tx, Some(peer));
-    let writer = write_frames(rx, write);
+    let writer = framing::write_frames(rx, write, BytesMut::new(), Outgoing::put_frame);
     tokio::pin!(session, writer);
     let mut written = false;
     loop {
@@ -135,26 +126,4 @@ pub(crate) async fn serve(
     if !written {
         let _ = tokio::time::timeout(timeout, writer).await;
     }
-}
-
-/// Drains `messages` into the socket, many frames per write, until the
-/// session drops its sender or the socket fails.
-async fn write_frames(mut messages: mpsc::Receiver<Outgoing>, mut socket: OwnedWriteHalf) {
-    let mut buf = BytesMut::new();
-    while let Some(message) = messages.recv().await {
-        message.put_frame(&mut buf);
-        while buf.len() < WRITE_BATCH {
-            let Ok(message) = messages.try_recv() else { break };
-            message.put_frame(&mut buf);
-        }
-        if let Err(e) = socket.write_all(&buf).await {
-            debug!(error = %e, "session write failed");
-            return;
-        }
-        buf.clear();
-        if buf.capacity() > KEEP_WRITE_BUFFER {
-            buf = BytesMut::new();
-        }
-    }
-    let _ = socket.shutdown().await;
 }

@@ -1001,6 +1001,12 @@ mod tests {
         ServiceKey::new("demo.Greeter", "1.0.0", "")
     }
 
+    /// What `push` says is due next (waiting for it).
+    fn next_due(push: &PushQueue) -> Vec<Due> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(push.next()).due
+    }
+
     /// [`Registry::catch_up`], as the node decodes it.
     fn decoded_catch_up(registry: &Registry, key: &ServiceKey, sent: Option<u64>) -> (Vec<ServerMessage>, u64) {
         let (out, revision) = registry.catch_up(key, sent);
@@ -1053,8 +1059,7 @@ mod tests {
         let (provider, _) = registry.open_session(NodeInfo::default());
         let (consumer, push) = registry.open_session(NodeInfo::default());
         registry.subscribe(consumer, key(), None).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let due = rt.block_on(push.next()).due;
+        let due = next_due(&push);
         assert!(due[0].next_delta().is_none(), "a snapshot is due first");
         let (_, revision) = registry.catch_up(&key(), due[0].sent);
         push.sent(&due[0], revision);
@@ -1063,7 +1068,7 @@ mod tests {
         // would hand out.
         registry.register(provider, key(), instance(1)).unwrap();
         registry.flush();
-        let due = rt.block_on(push.next()).due;
+        let due = next_due(&push);
         let hinted = due[0].next_delta().expect("the flushed delta").clone();
         let (from_registry, _) = registry.catch_up(&key(), due[0].sent);
         assert!(matches!(&from_registry[..], [Outgoing::Delta(d)] if **d == *hinted));
@@ -1074,7 +1079,7 @@ mod tests {
         registry.flush();
         registry.register(provider, key(), instance(3)).unwrap();
         registry.flush();
-        let due = rt.block_on(push.next()).due;
+        let due = next_due(&push);
         assert!(due[0].next_delta().is_none());
         let (messages, revision) = decoded_catch_up(&registry, &key(), due[0].sent);
         assert_eq!((delta_of(&messages).len(), revision), (2, 3));
@@ -1105,8 +1110,7 @@ mod tests {
         registry
             .subscribe(consumer, key(), Some((registry.epoch(), held)))
             .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let due = rt.block_on(push.next()).due;
+        let due = next_due(&push);
         assert_eq!(due[0].sent, None, "a snapshot is due");
         let (messages, _) = decoded_catch_up(&registry, &key(), due[0].sent);
         let ports: Vec<u32> = snapshot_of(&messages)
@@ -1123,14 +1127,13 @@ mod tests {
         let registry = registry();
         let (consumer, push) = registry.open_session(NodeInfo::default());
         registry.subscribe(consumer, key(), None).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let in_flight = rt.block_on(push.next()).due;
+        let in_flight = next_due(&push);
         // While that snapshot is being sent, the node unsubscribes and
         // subscribes again: it must get a fresh snapshot.
         registry.unsubscribe(consumer, &key());
         registry.subscribe(consumer, key(), None).unwrap();
         push.sent(&in_flight[0], 0);
-        let due = rt.block_on(push.next()).due;
+        let due = next_due(&push);
         assert_eq!(due[0].sent, None, "the new subscription still gets its snapshot");
     }
 
@@ -1194,14 +1197,13 @@ mod tests {
         registry.flush();
         let epoch = registry.epoch().to_owned();
         registry.subscribe(consumer, key(), Some((&epoch, 1))).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let due = rt.block_on(push.next()).due;
+        let due = next_due(&push);
         assert_eq!(
             due.iter().map(|d| (d.key.clone(), d.sent)).collect::<Vec<_>>(),
             vec![(key(), Some(1))]
         );
         registry.subscribe(consumer, key(), Some(("another-epoch", 1))).unwrap();
-        let due = rt.block_on(push.next()).due;
+        let due = next_due(&push);
         assert_eq!(
             due.iter().map(|d| (d.key.clone(), d.sent)).collect::<Vec<_>>(),
             vec![(key(), None)]
@@ -1312,12 +1314,11 @@ mod tests {
                 .unwrap()
                 .partial
         );
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let due = rt.block_on(push.next()).due;
+        let due = next_due(&push);
         registry.end_grace();
         // The push that was in flight when the grace ended must not hide the reset.
         push.sent(&due[0], 0);
-        let due = rt.block_on(push.next()).due;
+        let due = next_due(&push);
         assert_eq!((due[0].key.clone(), due[0].sent), (key(), None));
         assert!(
             !snapshot_of(&decoded_catch_up(&registry, &key(), None).0)

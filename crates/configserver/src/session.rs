@@ -96,19 +96,77 @@ impl RegistryService {
     /// stream broke) and `tx` (towards the node).
     pub(crate) async fn run(
         &self,
-        inbound: impl Stream<Item = Result<NodeMessage, String>> + Unpin,
+        mut inbound: impl Stream<Item = Result<NodeMessage, String>> + Unpin,
         tx: Tx,
         peer: Option<SocketAddr>,
     ) {
-        run(
-            self.registry.clone(),
-            self.heartbeats,
-            self.credentials.clone(),
-            inbound,
-            tx,
+        let (registry, heartbeats, credentials) = (&*self.registry, self.heartbeats, self.credentials.as_deref());
+        // The first message must be Hello.
+        let first = tokio::time::timeout(heartbeats.timeout, inbound.next()).await;
+        let (request_id, hello) = match first {
+            Ok(Some(Ok(NodeMessage {
+                request_id,
+                body: Some(node_message::Body::Hello(hello)),
+            }))) => (request_id, hello),
+            other => {
+                let why = match other {
+                    Err(_) => "no Hello within the heartbeat timeout".to_owned(),
+                    Ok(Some(Err(e))) => format!("before Hello: {e}"),
+                    Ok(None) => return,
+                    Ok(Some(Ok(_))) => "the first message must be Hello".to_owned(),
+                };
+                warn!(?peer, reason = %why, "refusing session");
+                let _ = tx.send(Outgoing::from(registry::error(0, "protocol", why))).await;
+                return;
+            }
+        };
+        if let Some(credentials) = credentials
+            && let Err(why) = credentials.authenticate(&hello.app, &hello.token)
+        {
+            warn!(?peer, app = %hello.app, reason = %why, "refusing session");
+            registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
+            let _ = tx
+                .send(Outgoing::from(registry::error(request_id, "unauthenticated", why)))
+                .await;
+            return;
+        }
+        let node = NodeInfo {
+            app: hello.app,
+            role: hello.role,
+            host: hello.host,
+            zone: hello.zone,
             peer,
-        )
-        .await;
+        };
+        let (id, push) = registry.open_session(node);
+        let welcome = ServerMessage {
+            request_id,
+            body: Some(server_message::Body::Welcome(Welcome {
+                session_id: id.to_string(),
+                epoch: registry.epoch().to_owned(),
+                heartbeat_interval_ms: heartbeats.interval.as_millis() as u32,
+                heartbeat_timeout_ms: heartbeats.timeout.as_millis() as u32,
+            })),
+        };
+        // Held while rules are taken from the push queue and sent, so that a
+        // registration's ack follows the rules it made due (see `read_loop`).
+        let rules_gate = tokio::sync::Mutex::new(());
+        let reason = if tx.send(Outgoing::from(welcome)).await.is_err() {
+            "node went away".to_owned()
+        } else {
+            let pushing = Pushing {
+                registry,
+                id,
+                push: &push,
+                rules_gate: &rules_gate,
+                tx: &tx,
+                send_timeout: heartbeats.timeout,
+            };
+            tokio::select! {
+                reason = read_loop(&pushing, heartbeats, credentials, &mut inbound) => reason,
+                reason = push_loop(&pushing) => reason,
+            }
+        };
+        registry.close_session(id, &reason);
     }
 
     pub(crate) fn heartbeats(&self) -> Heartbeats {
@@ -117,82 +175,6 @@ impl RegistryService {
 }
 
 pub(crate) type Tx = mpsc::Sender<Outgoing>;
-
-async fn run(
-    registry: Arc<Registry>,
-    heartbeats: Heartbeats,
-    credentials: Option<Arc<Credentials>>,
-    mut inbound: impl Stream<Item = Result<NodeMessage, String>> + Unpin,
-    tx: Tx,
-    peer: Option<SocketAddr>,
-) {
-    // The first message must be Hello.
-    let first = tokio::time::timeout(heartbeats.timeout, inbound.next()).await;
-    let (request_id, hello) = match first {
-        Ok(Some(Ok(NodeMessage {
-            request_id,
-            body: Some(node_message::Body::Hello(hello)),
-        }))) => (request_id, hello),
-        other => {
-            let why = match other {
-                Err(_) => "no Hello within the heartbeat timeout".to_owned(),
-                Ok(Some(Err(e))) => format!("before Hello: {e}"),
-                Ok(None) => return,
-                Ok(Some(Ok(_))) => "the first message must be Hello".to_owned(),
-            };
-            warn!(?peer, reason = %why, "refusing session");
-            let _ = tx.send(Outgoing::from(registry::error(0, "protocol", why))).await;
-            return;
-        }
-    };
-    if let Some(credentials) = &credentials
-        && let Err(why) = credentials.authenticate(&hello.app, &hello.token)
-    {
-        warn!(?peer, app = %hello.app, reason = %why, "refusing session");
-        registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
-        let _ = tx
-            .send(Outgoing::from(registry::error(request_id, "unauthenticated", why)))
-            .await;
-        return;
-    }
-    let node = NodeInfo {
-        app: hello.app,
-        role: hello.role,
-        host: hello.host,
-        zone: hello.zone,
-        peer,
-    };
-    let (id, push) = registry.open_session(node);
-    let welcome = ServerMessage {
-        request_id,
-        body: Some(server_message::Body::Welcome(Welcome {
-            session_id: id.to_string(),
-            epoch: registry.epoch().to_owned(),
-            heartbeat_interval_ms: heartbeats.interval.as_millis() as u32,
-            heartbeat_timeout_ms: heartbeats.timeout.as_millis() as u32,
-        })),
-    };
-    // Held while rules are taken from the push queue and sent, so that a
-    // registration's ack follows the rules it made due (see `read_loop`).
-    let rules_gate = tokio::sync::Mutex::new(());
-    let reason = if tx.send(Outgoing::from(welcome)).await.is_err() {
-        "node went away".to_owned()
-    } else {
-        let pushing = Pushing {
-            registry: &registry,
-            id,
-            push: &push,
-            rules_gate: &rules_gate,
-            tx: &tx,
-            send_timeout: heartbeats.timeout,
-        };
-        tokio::select! {
-            reason = read_loop(&pushing, heartbeats, credentials.as_deref(), &mut inbound) => reason,
-            reason = push_loop(&pushing) => reason,
-        }
-    };
-    registry.close_session(id, &reason);
-}
 
 /// What both halves of a session share.
 struct Pushing<'a> {

@@ -21,7 +21,11 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 use prost::Message;
-use tokio_util::codec::Decoder;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::codec::{Decoder, FramedRead};
+use tracing::debug;
 
 /// First bytes a node sends on a natively framed stream.
 pub const PREFACE: [u8; 4] = [0xC7, b'T', b'C', 1];
@@ -49,6 +53,56 @@ pub fn put_encoded_frame(dst: &mut BytesMut, encoded: &[u8]) {
     dst.reserve(LEN_BYTES + encoded.len());
     dst.put_u32(encoded.len() as u32);
     dst.put_slice(encoded);
+}
+
+/// A writer gathers queued frames into one write up to this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// After a batch, a write buffer larger than this is let go rather than
+/// kept for the next (a large snapshot must not stay resident in every
+/// stream that once carried one).
+const KEEP_WRITE_BUFFER: usize = 4 * 1024;
+
+/// The messages of a natively framed stream, each decoded as `M` (`what`
+/// names it in errors), or why the stream broke. `capacity` is the read
+/// buffer to start with; it grows for larger frames.
+pub fn read_messages<M: Message + Default>(
+    read: impl AsyncRead,
+    max_frame: usize,
+    capacity: usize,
+    what: &'static str,
+) -> impl Stream<Item = Result<M, String>> {
+    FramedRead::with_capacity(read, FrameDecoder::new(max_frame), capacity).map(move |frame| {
+        let frame = frame.map_err(|e| e.to_string())?;
+        M::decode(frame).map_err(|e| format!("malformed {what}: {e}"))
+    })
+}
+
+/// Drains `messages` into `socket` after what `buf` already holds (a
+/// preface), many frames per write, each appended by `put`. Ends when the
+/// senders are gone (then shuts the socket's write side) or a write fails.
+pub async fn write_frames<T>(
+    mut messages: mpsc::Receiver<T>,
+    mut socket: impl AsyncWrite + Unpin,
+    mut buf: BytesMut,
+    put: impl Fn(&T, &mut BytesMut),
+) {
+    while let Some(message) = messages.recv().await {
+        put(&message, &mut buf);
+        while buf.len() < WRITE_BATCH {
+            let Ok(message) = messages.try_recv() else { break };
+            put(&message, &mut buf);
+        }
+        if let Err(e) = socket.write_all(&buf).await {
+            debug!(error = %e, "control stream write failed");
+            return;
+        }
+        buf.clear();
+        if buf.capacity() > KEEP_WRITE_BUFFER {
+            buf = BytesMut::new();
+        }
+    }
+    let _ = socket.shutdown().await;
 }
 
 /// Splits a byte stream into frame bodies, checking each length against

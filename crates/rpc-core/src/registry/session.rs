@@ -15,18 +15,15 @@ use tern_proto::registry::{
     self as pb, Delta, Hello, Instance, NodeMessage, ProviderCache, ServerMessage, Snapshot, node_message,
     server_message,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use super::convert::{addr_of, instance_addr};
-use super::framing::{self, FrameDecoder};
+use super::framing;
 use crate::governance::{Rule, RuleSet};
 use crate::{Backoff, ServiceKey};
 
@@ -387,6 +384,9 @@ fn subscribe_message(key: &ServiceKey, known: Option<(String, u64)>) -> node_mes
 
 // === the task ===
 
+/// Read buffer a natively framed stream starts with (tokio-util's default).
+const READ_BUFFER: usize = 8 * 1024;
+
 /// Heartbeats come every `interval` less up to this share of it.
 const HEARTBEAT_JITTER: f64 = 0.2;
 
@@ -403,28 +403,6 @@ struct Stream {
     /// Writes `out` to the socket (native framing; gRPC has its own task).
     _writer: Option<AbortOnDropHandle<()>>,
 }
-
-/// Drains `messages` into the socket, many frames per write. Ends when the
-/// stream's sender is dropped or the socket fails (the reader sees that too).
-async fn write_frames(mut messages: mpsc::Receiver<NodeMessage>, mut socket: OwnedWriteHalf) {
-    let mut buf = BytesMut::with_capacity(512);
-    buf.put_slice(&framing::PREFACE);
-    while let Some(message) = messages.recv().await {
-        framing::put_frame(&mut buf, &message);
-        while buf.len() < WRITE_BATCH {
-            let Ok(message) = messages.try_recv() else { break };
-            framing::put_frame(&mut buf, &message);
-        }
-        if let Err(e) = socket.write_all(&buf).await {
-            debug!(error = %e, "configserver stream write failed");
-            return;
-        }
-        buf.clear();
-    }
-}
-
-/// A writer stops gathering frames into one write at this many bytes.
-const WRITE_BATCH: usize = 64 * 1024;
 
 struct SessionTask {
     config: SessionConfig,
@@ -501,14 +479,15 @@ impl SessionTask {
                     .map_err(|e| format!("{CONNECT_FAILED}{e}"))?;
                 let _ = socket.set_nodelay(true);
                 let (read, write) = socket.into_split();
-                let inbound = FramedRead::new(read, FrameDecoder::new(framing::MAX_SERVER_FRAME)).map(|frame| {
-                    let frame = frame.map_err(|e| format!("stream error: {e}"))?;
-                    ServerMessage::decode(frame).map_err(|e| format!("malformed ServerMessage: {e}"))
-                });
+                let inbound = framing::read_messages(read, framing::MAX_SERVER_FRAME, READ_BUFFER, "ServerMessage")
+                    .map(|message| message.map_err(|e| format!("stream error: {e}")));
+                let mut preface = BytesMut::with_capacity(512);
+                preface.put_slice(&framing::PREFACE);
+                let writer = framing::write_frames(out_rx, write, preface, |m, buf| framing::put_frame(buf, m));
                 Ok(Stream {
                     out,
                     inbound: Box::pin(inbound),
-                    _writer: Some(AbortOnDropHandle::new(tokio::spawn(write_frames(out_rx, write)))),
+                    _writer: Some(AbortOnDropHandle::new(tokio::spawn(writer))),
                 })
             }
             Transport::Grpc => {
