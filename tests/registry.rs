@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Proxy, consumer, http_get, metric, wait_for};
 use rpc_core::registry::framing;
-use rpc_core::registry::{Role, SessionConfig, Transport};
+use rpc_core::registry::{ProviderList, RegistrySession, Role, SessionConfig, Transport};
 use tern::consumer::{Consumer, ConsumerConfig};
 use tern::demo::{GreeterClient, HelloRequest};
 use tern_proto::registry::registry_client::RegistryClient;
@@ -517,4 +517,43 @@ async fn the_configserver_lists_consumers_and_forgets_a_dropped_reference() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(consumer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_listener_is_told_each_pushed_list_in_order() {
+    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let key = rpc_core::ServiceKey::new("demo.Listened", "1.0.0", "");
+    let provider = RegistrySession::start(SessionConfig::new([registry.to_string()], "p", Role::Provider));
+    let consumer = RegistrySession::start(SessionConfig::new([registry.to_string()], "c", Role::Consumer));
+    let (told, mut heard) = mpsc::channel(16);
+    let _list = consumer.subscribe_with(&key, move |list: &ProviderList| {
+        let mut addresses: Vec<String> = list.providers.keys().cloned().collect();
+        addresses.sort();
+        let _ = told.try_send(addresses);
+    });
+    assert_eq!(told_next(&mut heard).await, Vec::<String>::new(), "the first snapshot");
+    for port in [4101, 4102] {
+        let instance = pb::Instance {
+            host: "127.0.0.1".into(),
+            port,
+            weight: 100,
+            ..Default::default()
+        };
+        provider.register(&key, instance).await.unwrap();
+    }
+    let mut seen = told_next(&mut heard).await;
+    if seen.len() == 1 {
+        // The two registrations may come as one delta or two.
+        seen = told_next(&mut heard).await;
+    }
+    assert_eq!(seen, ["127.0.0.1:4101", "127.0.0.1:4102"]);
+    provider.unregister(&key, "127.0.0.1", 4101).await.unwrap();
+    assert_eq!(told_next(&mut heard).await, ["127.0.0.1:4102"]);
+}
+
+async fn told_next(heard: &mut mpsc::Receiver<Vec<String>>) -> Vec<String> {
+    tokio::time::timeout(LIMIT, heard.recv())
+        .await
+        .expect("the listener is told within the limit")
+        .expect("the listener is kept")
 }

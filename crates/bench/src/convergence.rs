@@ -1,23 +1,29 @@
 //! Timing how long a change takes to reach every subscriber.
 //!
-//! Each subscriber exposes what it currently holds as a
-//! `watch::Receiver<T>`; [`Watchers`] sets a numbered goal, runs the change,
-//! and records when each subscriber's view first satisfies the goal. The
-//! registry bench (this framework's sessions) and the peers bench
-//! (ZooKeeper and etcd watchers too) time their changes the same way.
+//! Each subscriber has an [`Observer`], which its client calls with the
+//! subscriber's view every time that view changes: this framework's SDK
+//! through its list listener ([`RegistrySession::subscribe_with`], Dubbo's
+//! `NotifyListener`), the ZooKeeper and etcd subscribers of `bench peers`
+//! right after they applied a watch event. [`Arrivals`] sets a numbered
+//! goal, runs the change, and records when each view first satisfies the
+//! goal. The registry bench and the peers bench time their changes the
+//! same way.
 //!
-//! The clock starts only once every watcher has seen the new goal: waking
-//! a thousand watcher tasks is the bench's own work and must not overlap
-//! the change it times.
+//! The observation runs on the task that applied the change, with no task
+//! of the bench's own in between: a thousand watcher tasks woken per change
+//! would be the bench's work, on the same two cores as the systems it
+//! measures, and part of every sample of every system.
+//!
+//! [`RegistrySession::subscribe_with`]: rpc_core::registry::RegistrySession::subscribe_with
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rpc_core::registry::ProviderList;
 use tokio::sync::{Notify, watch};
-use tokio::task::JoinSet;
 
 /// Bound on any one convergence.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -26,150 +32,195 @@ const LIMIT: Duration = Duration::from_secs(60);
 pub trait Addresses: Send + Sync + 'static {
     fn has(&self, address: &str) -> bool;
 
-    /// Exactly `want`, nothing more. Both sides are sorted by address, so
-    /// this walks them side by side: checking a 2,000-provider view after
-    /// every push of a storm must not make the checker the bottleneck.
+    /// Exactly `want`, nothing more. It is asked after every change a
+    /// subscriber applies (a dozen per subscriber in a storm), so it must
+    /// not make the checker the bottleneck: see [`same_set`].
     fn is(&self, want: &BTreeSet<String>) -> bool;
 }
 
-impl Addresses for Arc<ProviderList> {
+/// Whether the sorted `view` (of `len` addresses) is exactly `want`: the
+/// size and both ends first, which rule out a view still on its way in a
+/// few steps, then a walk of both side by side.
+fn same_set<'a>(
+    len: usize,
+    view: impl DoubleEndedIterator<Item = &'a String> + Clone,
+    want: &BTreeSet<String>,
+) -> bool {
+    len == want.len()
+        && view.clone().next() == want.first()
+        && view.clone().next_back() == want.last()
+        && view.eq(want.iter())
+}
+
+impl Addresses for ProviderList {
     fn has(&self, address: &str) -> bool {
         self.providers.contains_key(address)
     }
     fn is(&self, want: &BTreeSet<String>) -> bool {
-        self.providers.len() == want.len() && self.providers.keys().eq(want.iter())
+        same_set(self.providers.len(), self.providers.keys(), want)
     }
 }
 
-impl Addresses for Arc<BTreeSet<String>> {
+impl Addresses for BTreeSet<String> {
     fn has(&self, address: &str) -> bool {
         self.contains(address)
     }
     fn is(&self, want: &BTreeSet<String>) -> bool {
-        **self == *want
+        same_set(self.len(), self.iter(), want)
     }
 }
+
+type Check = dyn Fn(u64, &dyn Addresses) -> bool + Send + Sync;
 
 /// The time at which each subscriber reached the current goal.
 #[derive(Default)]
 struct Progress {
-    /// When the change was started; `None` while watchers are being armed.
+    goal: u64,
+    /// When the change was started; `None` while views that already
+    /// satisfy the goal are being counted.
     goal_set_at: Option<Instant>,
-    /// Watchers that have seen the current goal.
-    armed: usize,
     reached: Vec<Duration>,
-    /// How many watchers the waiter waits for: only the last one wakes it
-    /// (a wake-up per watcher would be the bench's own load on the run).
+    /// How many arrivals the waiter waits for: only the last one wakes it.
     total: usize,
 }
 
-/// Watches each receiver; every time a view changes, `check` decides
-/// whether that subscriber has reached the current goal.
-pub struct Watchers {
-    progress: Arc<Mutex<Progress>>,
-    goal: Arc<watch::Sender<u64>>,
-    notify: Arc<Notify>,
-    _tasks: JoinSet<()>,
+struct Shared {
+    /// The current goal (0: none), readable without the lock.
+    goal: AtomicU64,
+    progress: Mutex<Progress>,
+    notify: Notify,
+    check: Box<Check>,
 }
 
-impl Watchers {
-    pub fn start<T: Send + Sync + 'static>(
-        receivers: Vec<watch::Receiver<T>>,
-        check: impl Fn(u64, &T) -> bool + Send + Sync + 'static,
-    ) -> Watchers {
-        let progress = Arc::new(Mutex::new(Progress::default()));
-        let (goal, _) = watch::channel(0u64);
-        let goal = Arc::new(goal);
-        let notify = Arc::new(Notify::new());
-        let check = Arc::new(check);
-        let mut tasks = JoinSet::new();
-        for mut rx in receivers {
-            let (progress, notify, check, mut goal_rx) =
-                (progress.clone(), notify.clone(), check.clone(), goal.subscribe());
-            tasks.spawn(async move {
-                let (mut armed_for, mut done_for) = (0u64, 0u64);
-                loop {
-                    let goal = *goal_rx.borrow_and_update();
-                    if goal != armed_for {
-                        armed_for = goal;
-                        let mut progress = progress.lock().expect("progress");
-                        progress.armed += 1;
-                        if progress.armed >= progress.total {
-                            notify.notify_one();
-                        }
-                    }
-                    if goal != done_for && check(goal, &rx.borrow_and_update()) {
-                        done_for = goal;
-                        let mut progress = progress.lock().expect("progress");
-                        // Already there before the change started: zero.
-                        let at = progress.goal_set_at.map_or(Duration::ZERO, |at| at.elapsed());
-                        progress.reached.push(at);
-                        if progress.reached.len() >= progress.total {
-                            notify.notify_one();
-                        }
-                    }
-                    tokio::select! {
-                        changed = rx.changed() => if changed.is_err() { return },
-                        changed = goal_rx.changed() => if changed.is_err() { return },
-                    }
-                }
-            });
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().expect("progress")
+    }
+}
+
+/// One subscriber's observer; its client calls [`Observer::saw`].
+#[derive(Clone)]
+pub struct Observer {
+    shared: Arc<Shared>,
+    /// The last goal this subscriber was counted for.
+    counted: Arc<AtomicU64>,
+}
+
+impl Observer {
+    /// The subscriber's view changed (or is being looked at) and is now
+    /// `view`: counts it if it reached the current goal for the first time.
+    pub fn saw(&self, view: &dyn Addresses) {
+        let goal = self.shared.goal.load(Ordering::Acquire);
+        if goal == 0 || self.counted.load(Ordering::Relaxed) == goal || !(self.shared.check)(goal, view) {
+            return;
         }
-        Watchers {
-            progress,
-            goal,
-            notify,
-            _tasks: tasks,
+        if self.counted.swap(goal, Ordering::AcqRel) == goal {
+            return; // counted meanwhile (by the sweep or by the client)
+        }
+        let mut progress = self.shared.lock();
+        if progress.goal != goal {
+            return; // a goal that has been left behind
+        }
+        // Already there before the change started: zero.
+        let at = progress.goal_set_at.map_or(Duration::ZERO, |at| at.elapsed());
+        progress.reached.push(at);
+        if progress.reached.len() >= progress.total {
+            self.shared.notify.notify_one();
+        }
+    }
+}
+
+/// The observers of a set of subscribers and the goals they are timed for.
+pub struct Arrivals {
+    shared: Arc<Shared>,
+    observers: Vec<Observer>,
+}
+
+impl Arrivals {
+    /// `check(goal, view)`: whether `view` satisfies `goal`.
+    pub fn new(check: impl Fn(u64, &dyn Addresses) -> bool + Send + Sync + 'static) -> Arrivals {
+        Arrivals {
+            shared: Arc::new(Shared {
+                goal: AtomicU64::new(0),
+                progress: Mutex::new(Progress::default()),
+                notify: Notify::new(),
+                check: Box::new(check),
+            }),
+            observers: Vec::new(),
         }
     }
 
-    /// Sets a new goal, runs `act`, and returns the time until all `total`
-    /// watchers reached the goal.
-    pub async fn time<F: Future<Output = anyhow::Result<()>>>(
+    /// The observer of the next subscriber (they are counted in the order
+    /// made, matching the views given to [`Arrivals::time`]).
+    pub fn observer(&mut self) -> Observer {
+        let observer = Observer {
+            shared: self.shared.clone(),
+            counted: Arc::new(AtomicU64::new(0)),
+        };
+        self.observers.push(observer.clone());
+        observer
+    }
+
+    /// Sets a new goal (never one used before), runs `act`, and returns the
+    /// time until every subscriber's view reached it. `views` are the
+    /// subscribers' current views, one per observer: those that already
+    /// satisfy the goal count as zero.
+    pub async fn time<T: Addresses, F: Future<Output = anyhow::Result<()>>>(
         &self,
         goal: u64,
-        total: usize,
+        views: &[watch::Receiver<Arc<T>>],
         act: F,
     ) -> anyhow::Result<Duration> {
-        let each = self.time_each(goal, total, act).await?;
+        let each = self.time_each(goal, views, act).await?;
         Ok(each.last().copied().unwrap_or_default())
     }
 
-    /// Like [`Watchers::time`], but returns when each watcher reached the
+    /// Like [`Arrivals::time`], but returns when each subscriber reached the
     /// goal, in order (the last is the convergence time).
-    pub async fn time_each<F: Future<Output = anyhow::Result<()>>>(
+    pub async fn time_each<T: Addresses, F: Future<Output = anyhow::Result<()>>>(
         &self,
         goal: u64,
-        total: usize,
+        views: &[watch::Receiver<Arc<T>>],
         act: F,
     ) -> anyhow::Result<Vec<Duration>> {
+        anyhow::ensure!(
+            views.len() == self.observers.len(),
+            "{} views for {} observers",
+            views.len(),
+            self.observers.len()
+        );
+        let total = self.observers.len();
         {
-            let mut progress = self.progress.lock().expect("progress");
-            progress.reached.clear();
-            progress.armed = 0;
-            progress.goal_set_at = None;
-            progress.total = total;
+            let mut progress = self.shared.lock();
+            *progress = Progress {
+                goal,
+                goal_set_at: None,
+                reached: Vec::with_capacity(total),
+                total,
+            };
+            self.shared.goal.store(goal, Ordering::Release);
         }
-        self.goal.send_replace(goal);
-        self.until(total, |p| p.armed, "watchers saw the goal").await?;
-        self.progress.lock().expect("progress").goal_set_at = Some(Instant::now());
+        for (observer, view) in self.observers.iter().zip(views) {
+            let view = Arc::clone(&view.borrow());
+            observer.saw(&*view);
+        }
+        self.shared.lock().goal_set_at = Some(Instant::now());
         act.await?;
-        self.until(total, |p| p.reached.len(), "subscribers converged").await?;
-        let mut progress = self.progress.lock().expect("progress");
-        progress.goal_set_at = None;
-        Ok(std::mem::take(&mut progress.reached))
-    }
-
-    /// Waits (bounded) until `count` of the progress reaches `total`.
-    async fn until(&self, total: usize, count: impl Fn(&Progress) -> usize, what: &str) -> anyhow::Result<()> {
-        let now = || count(&self.progress.lock().expect("progress"));
+        let reached = || self.shared.lock().reached.len();
         let wait = async {
-            while now() < total {
-                self.notify.notified().await;
+            while reached() < total {
+                self.shared.notify.notified().await;
             }
         };
-        tokio::time::timeout(LIMIT, wait)
-            .await
-            .with_context(|| format!("only {} of {total} {what} within {LIMIT:?}", now()))
+        tokio::time::timeout(LIMIT, wait).await.with_context(|| {
+            format!(
+                "only {} of {total} subscribers reached goal {goal} within {LIMIT:?}",
+                reached()
+            )
+        })?;
+        let mut progress = self.shared.lock();
+        progress.goal_set_at = None;
+        self.shared.goal.store(0, Ordering::Release);
+        Ok(std::mem::take(&mut progress.reached))
     }
 }

@@ -16,8 +16,9 @@
 //!
 //! How each system is used is how its registries use it:
 //!
-//! - **tern**: the SDKs' `RegistrySession` (one tonic stream per session);
-//!   the server pushes deltas.
+//! - **tern**: the SDKs' `RegistrySession` (one natively framed stream per
+//!   session); the server pushes deltas, and the SDK's list listener
+//!   observes each applied one.
 //! - **ZooKeeper**: Dubbo's layout, `/dubbo/<service>/providers/<URL-encoded
 //!   provider URL>` as ephemeral nodes of the provider's session. A
 //!   subscriber reads the children with a watch; when the watch fires it
@@ -27,6 +28,10 @@
 //!   provider session's lease (kept alive); a subscriber reads the prefix and
 //!   then watches it from the next revision, applying each event as etcd's
 //!   own clients do (no re-read: the most favourable use of etcd).
+//!
+//! Every subscriber's view is observed on the task that applied the change
+//! (see `convergence.rs`): no task of the bench's own sits between a
+//! system's client and the clock.
 //!
 //! Provider sessions (`--provider-sessions`) carry many registrations each,
 //! and failure detection is set alike (about 3-4 s): tern's heartbeat
@@ -60,7 +65,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use zookeeper_client as zk;
 
-use crate::convergence::{Addresses, Watchers};
+use crate::convergence::{Arrivals, Observer};
 use crate::etcd::{self, kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient};
 use crate::proc_stats;
 use crate::registry::{self, Server};
@@ -269,9 +274,10 @@ impl Target {
         Ok(sessions)
     }
 
-    /// `n` subscribers of `service`, each with its own connection, each
-    /// holding the initial list when this returns.
-    async fn subscribers(&self, service: &str, n: usize) -> anyhow::Result<Subscribers> {
+    /// `n` subscribers of `service`, each with its own connection and an
+    /// observer from `arrivals`, each holding the initial list when this
+    /// returns.
+    async fn subscribers(&self, service: &str, n: usize, arrivals: &mut Arrivals) -> anyhow::Result<Subscribers> {
         let mut subs = Subscribers::default();
         match self {
             Target::Tern(server) => {
@@ -280,14 +286,19 @@ impl Target {
                     .collect();
                 registry::connected(&sessions).await?;
                 let key = tern_key(service);
-                subs.tern = sessions.iter().map(|s| s.subscribe(&key)).collect();
+                for session in &sessions {
+                    let observer = arrivals.observer();
+                    subs.tern
+                        .push(session.subscribe_with(&key, move |list| observer.saw(list)));
+                }
                 subs.sessions = sessions;
             }
             Target::Zookeeper { addr, .. } => {
                 for _ in 0..n {
                     let client = zk_connect(*addr).await?;
                     let (tx, rx) = watch::channel(Arc::new(BTreeSet::new()));
-                    subs.tasks.spawn(zk_watch(client, zk_dir(service), tx));
+                    subs.tasks
+                        .spawn(zk_watch(client, zk_dir(service), tx, arrivals.observer()));
                     subs.sets.push(rx);
                 }
             }
@@ -296,7 +307,8 @@ impl Target {
                     let channel = etcd_channel(*addr).await?;
                     let (tx, rx) = watch::channel(Arc::new(BTreeSet::new()));
                     let first = etcd_read(&channel, service).await?;
-                    subs.tasks.spawn(etcd_watch(channel, service.to_owned(), first, tx));
+                    subs.tasks
+                        .spawn(etcd_watch(channel, service.to_owned(), first, tx, arrivals.observer()));
                     subs.sets.push(rx);
                 }
             }
@@ -336,12 +348,28 @@ impl Subscribers {
         self.tern.len() + self.sets.len()
     }
 
-    fn watchers(&self, check: impl Fn(u64, &dyn Addresses) -> bool + Send + Sync + 'static) -> Watchers {
+    /// Sets `goal`, runs `act`, and returns when each subscriber reached it.
+    async fn time_each(
+        &self,
+        arrivals: &Arrivals,
+        goal: u64,
+        act: impl Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<Vec<Duration>> {
         if self.tern.is_empty() {
-            Watchers::start(self.sets.clone(), move |goal, view| check(goal, view))
+            arrivals.time_each(goal, &self.sets, act).await
         } else {
-            Watchers::start(self.tern.clone(), move |goal, view| check(goal, view))
+            arrivals.time_each(goal, &self.tern, act).await
         }
+    }
+
+    async fn time(
+        &self,
+        arrivals: &Arrivals,
+        goal: u64,
+        act: impl Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<Duration> {
+        let each = self.time_each(arrivals, goal, act).await?;
+        Ok(each.last().copied().unwrap_or_default())
     }
 }
 
@@ -488,7 +516,7 @@ fn zk_node_address(node: &str) -> Option<String> {
 /// A Dubbo-style subscriber: read the children with a watch, publish them,
 /// wait for the watch, read again. Ends when its task is aborted or the
 /// session fails.
-async fn zk_watch(client: zk::Client, dir: String, view: watch::Sender<Arc<BTreeSet<String>>>) {
+async fn zk_watch(client: zk::Client, dir: String, view: watch::Sender<Arc<BTreeSet<String>>>, observer: Observer) {
     loop {
         let (children, _, watcher) = match client.get_and_watch_children(&dir).await {
             Ok(read) => read,
@@ -497,7 +525,9 @@ async fn zk_watch(client: zk::Client, dir: String, view: watch::Sender<Arc<BTree
                 return;
             }
         };
-        view.send_replace(Arc::new(children.iter().filter_map(|c| zk_node_address(c)).collect()));
+        let children: Arc<BTreeSet<String>> = Arc::new(children.iter().filter_map(|c| zk_node_address(c)).collect());
+        view.send_replace(children.clone());
+        observer.saw(&*children);
         watcher.changed().await;
     }
 }
@@ -613,8 +643,11 @@ async fn etcd_watch(
     service: String,
     (addresses, revision): (BTreeSet<String>, i64),
     view: watch::Sender<Arc<BTreeSet<String>>>,
+    observer: Observer,
 ) {
-    view.send_replace(Arc::new(addresses));
+    let addresses = Arc::new(addresses);
+    view.send_replace(addresses.clone());
+    observer.saw(&*addresses);
     let prefix = etcd_prefix(&service);
     let create = etcd::WatchRequest {
         request_union: Some(etcd::watch_request::RequestUnion::CreateRequest(
@@ -673,6 +706,7 @@ async fn etcd_watch(
                 }
             }
         });
+        observer.saw(&**view.borrow());
     }
 }
 
@@ -691,9 +725,8 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
     register_all(&providers, probe, &base).await?;
 
     // 1. Push.
-    let subscribers = target.subscribers(probe, args.subscribers).await?;
     let base_set: Arc<BTreeSet<String>> = Arc::new(base.iter().map(|&p| address(p)).collect());
-    let watchers = subscribers.watchers(move |goal, view| {
+    let mut arrivals = Arrivals::new(move |goal, view| {
         // Goal 1: the base list; then 2 x port + 1 when a probe joined, 2 x port when it left.
         if goal == 1 {
             return view.is(&base_set);
@@ -701,7 +734,8 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
         let port = (goal / 2) as u16;
         view.has(&address(port)) == (goal % 2 == 1)
     });
-    watchers.time(1, subscribers.len(), async { Ok(()) }).await?;
+    let subscribers = target.subscribers(probe, args.subscribers, &mut arrivals).await?;
+    subscribers.time(&arrivals, 1, async { Ok(()) }).await?;
     let rss_kb = proc_stats::rss_kb(pid)?;
 
     let bytes_before = wire::server_bytes(target.port());
@@ -713,8 +747,8 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
         let session = &providers[p % providers.len()];
         for joined in [true, false] {
             let goal = 2 * u64::from(port) + u64::from(joined);
-            let took = watchers
-                .time(goal, subscribers.len(), async {
+            let took = subscribers
+                .time(&arrivals, goal, async {
                     if joined {
                         session.register(probe, port).await
                     } else {
@@ -738,26 +772,26 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
             None
         }
     };
-    drop(watchers);
     drop(subscribers);
+    drop(arrivals);
     let push_p50 = latency.value_at_quantile(0.5) as f64 / 1e3;
     let push_p99 = latency.value_at_quantile(0.99) as f64 / 1e3;
 
     // 2. Storm.
     let initial: Vec<u16> = (0..args.storm_providers).map(|k| 20_000 + k as u16).collect();
     register_all(&providers, storm, &initial).await?;
-    let subscribers = target.subscribers(storm, args.storm_subscribers).await?;
     let replaced = args.storm_providers / 10;
     let fresh: Vec<u16> = (0..replaced).map(|k| 50_000 + k as u16).collect();
     let initial_set: Arc<BTreeSet<String>> = Arc::new(initial.iter().map(|&p| address(p)).collect());
     let expected: Arc<BTreeSet<String>> =
         Arc::new(initial[replaced..].iter().chain(&fresh).map(|&p| address(p)).collect());
-    let watchers = subscribers.watchers(move |goal, view| view.is(if goal == 1 { &initial_set } else { &expected }));
-    watchers.time(1, subscribers.len(), async { Ok(()) }).await?;
+    let mut arrivals = Arrivals::new(move |goal, view| view.is(if goal == 1 { &initial_set } else { &expected }));
+    let subscribers = target.subscribers(storm, args.storm_subscribers, &mut arrivals).await?;
+    subscribers.time(&arrivals, 1, async { Ok(()) }).await?;
     let cpu_before = proc_stats::cpu_seconds(pid)?;
     let mut storm_acked = Duration::ZERO;
-    let each = watchers
-        .time_each(2, subscribers.len(), async {
+    let each = subscribers
+        .time_each(&arrivals, 2, async {
             let start = std::time::Instant::now();
             let (gone, fresh) = (&initial[..replaced], &fresh);
             tokio::try_join!(
@@ -772,8 +806,8 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
     let storm_cpu_s = proc_stats::cpu_seconds(pid)? - cpu_before;
     let storm_each_ms: Vec<f64> = each.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     let storm_ms = storm_each_ms.last().copied().unwrap_or_default();
-    drop(watchers);
     drop(subscribers);
+    drop(arrivals);
 
     // Leave the peer as it was found, for the next run.
     let all_storm: Vec<u16> = initial[replaced..].iter().chain(&fresh).copied().collect();

@@ -36,7 +36,7 @@ use rpc_core::ServiceKey;
 use rpc_core::registry::{RegistrySession, Role, SessionConfig};
 use tern_proto::registry::Instance;
 
-use crate::convergence::{Addresses, Watchers};
+use crate::convergence::Arrivals;
 use tokio::task::JoinSet;
 
 #[derive(Debug, clap::Args)]
@@ -212,13 +212,12 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
     let mut receivers = Vec::new();
     // Held to the end: a list nobody watches is unsubscribed at the next heartbeat.
     let mut others = Vec::new();
+    let mut arrivals = Arrivals::new(|port, list| list.has(&format!("127.0.0.1:{port}")));
     for (i, s) in subscribers.iter().enumerate() {
-        receivers.push(s.subscribe(&probe));
+        let observer = arrivals.observer();
+        receivers.push(s.subscribe_with(&probe, move |list| observer.saw(list)));
         others.push(s.subscribe(&service(i % args.services.max(1))));
     }
-    let watchers = Watchers::start(receivers, |port, list| {
-        list.providers.contains_key(&format!("127.0.0.1:{port}"))
-    });
     let rss_after = server.rss_kb()?;
     let sessions = providers.len() + subscribers.len();
     let rss_per_session = rss_after.saturating_sub(rss_before) as f64 / sessions as f64;
@@ -242,13 +241,17 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
     }
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let bytes_before = server.metric("configserver_pushed_bytes_total").await?;
+    let (messages_before, direct_before) = (
+        server.metric("configserver_pushed_messages_total").await?,
+        server.metric("configserver_pushed_direct_total").await?,
+    );
     let mut changed_entry_bytes = 0usize;
     for p in 0..args.probes {
         let port = 60_000 + p as u32;
         let probe_instance = instance(port);
         changed_entry_bytes += probe_instance.encoded_len();
-        let took = watchers
-            .time(u64::from(port), subscribers.len(), async {
+        let took = arrivals
+            .time(u64::from(port), &receivers, async {
                 providers[0].register(&probe, probe_instance).await?;
                 Ok(())
             })
@@ -256,6 +259,8 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
         latency.record(took.as_micros() as u64)?;
     }
     let pushed = server.metric("configserver_pushed_bytes_total").await? - bytes_before;
+    let messages = server.metric("configserver_pushed_messages_total").await? - messages_before;
+    let direct = server.metric("configserver_pushed_direct_total").await? - direct_before;
     let deliveries = (args.probes * subscribers.len()) as f64;
     let bytes_per_change = pushed as f64 / deliveries;
     let entry_bytes = changed_entry_bytes as f64 / args.probes as f64;
@@ -269,7 +274,8 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
     println!(
         "push: {bytes_per_change:.0} bytes pushed per subscriber per change; the changed entry is {entry_bytes:.0} bytes"
     );
-    drop(watchers);
+    println!("push: {direct} of {messages} pushes written by the flusher itself, the rest by the session's task");
+    drop(arrivals);
     drop(subscribers);
 
     // 4. Storm.
@@ -305,15 +311,21 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
             .map(|k| format!("127.0.0.1:{}", 20_000 + k as u32))
             .collect(),
     );
-    let receivers = watchers_sessions.iter().map(|s| s.subscribe(&storm)).collect();
     let (initial_check, expected_check) = (initial_set.clone(), expected.clone());
-    let watchers = Watchers::start(receivers, move |goal, list| {
+    let mut arrivals = Arrivals::new(move |goal, list| {
         let want = if goal == 1 { &initial_check } else { &expected_check };
         list.is(want)
     });
-    watchers.time(1, args.storm_subscribers, async { Ok(()) }).await?;
-    let converge = watchers
-        .time(2, args.storm_subscribers, async {
+    let receivers: Vec<_> = watchers_sessions
+        .iter()
+        .map(|s| {
+            let observer = arrivals.observer();
+            s.subscribe_with(&storm, move |list| observer.saw(list))
+        })
+        .collect();
+    arrivals.time(1, &receivers, async { Ok(()) }).await?;
+    let converge = arrivals
+        .time(2, &receivers, async {
             let mut tasks = JoinSet::new();
             for k in 0..replaced {
                 let session = storm_sessions[k % storm_sessions.len()].clone();

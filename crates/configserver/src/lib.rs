@@ -11,6 +11,8 @@
 //!   port: length-prefixed frames over TCP (the SDKs' default) and gRPC.
 //! - [`outgoing`]: what a session sends; a delta is encoded once for all
 //!   its subscribers.
+//! - [`outbox`]: a native session's write side, which the flusher writes
+//!   pushed deltas into directly.
 //! - [`governance`]: validated rule writes, and their push through the registry.
 //! - [`store`]: the durable rule store (SQLite, PostgreSQL, MySQL) and its audit log.
 //! - [`auth`]: optional app credentials and the admin token.
@@ -28,6 +30,7 @@ pub mod governance;
 pub mod grpc;
 pub mod metrics;
 pub mod native;
+pub mod outbox;
 pub mod outgoing;
 pub mod registry;
 pub mod server;

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub pushed_messages: AtomicU64,
     pub pushed_bytes: AtomicU64,
     pub pushed_snapshots: AtomicU64,
+    pub pushed_direct: AtomicU64,
     pub pushed_rules: AtomicU64,
     pub rule_changes: AtomicU64,
 }
@@ -71,6 +72,11 @@ impl Metrics {
                 "configserver_pushed_snapshots_total",
                 "Snapshots pushed",
                 &self.pushed_snapshots,
+            ),
+            (
+                "configserver_pushed_direct_total",
+                "Deltas the flusher wrote to a native session's connection itself (included in pushed messages)",
+                &self.pushed_direct,
             ),
         ];
         for (name, help, value) in counters {

@@ -4,14 +4,14 @@
 //! framing's preface (see [`rpc_core::registry::framing`]) is served here,
 //! anything else (HTTP/2's preface starts with `P`) is handed to the gRPC
 //! server. A natively framed session costs one task, a read buffer that
-//! starts at a few hundred bytes, and a write buffer of at most 4 KiB
-//! between batches.
+//! starts at a few hundred bytes, and an outbox (`outbox.rs`) whose buffer
+//! is empty while the socket keeps up.
 
 use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use rpc_core::registry::framing;
 use tern_proto::registry::NodeMessage;
 use tokio::io::AsyncReadExt;
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::outgoing::Outgoing;
+use crate::outbox::Outbox;
 use crate::session::{RegistryService, Tx};
 
 /// Connections accepted but not yet taken by the gRPC server; at the bound
@@ -83,15 +83,9 @@ pub async fn accept(
 }
 
 /// Serves one natively framed session: checks the preface, then runs the
-/// session over the frames while a writer drains `rx` into the socket.
-pub(crate) async fn serve(
-    service: &RegistryService,
-    socket: TcpStream,
-    peer: SocketAddr,
-    max_message_bytes: usize,
-    tx: Tx,
-    rx: mpsc::Receiver<Outgoing>,
-) {
+/// session over the frames while its outbox is written as the socket
+/// drains.
+pub(crate) async fn serve(service: &RegistryService, socket: TcpStream, peer: SocketAddr, max_message_bytes: usize) {
     let timeout = service.heartbeats().timeout;
     let (mut read, write) = socket.into_split();
     let mut preface = [0u8; framing::PREFACE.len()];
@@ -110,20 +104,20 @@ pub(crate) async fn serve(
         READ_BUFFER,
         "NodeMessage"
     ));
-    let session = service.run(inbound, tx, Some(peer));
-    let writer = framing::write_frames(rx, write, BytesMut::new(), Outgoing::put_frame);
-    tokio::pin!(session, writer);
-    let mut written = false;
+    let outbox = Arc::new(Outbox::new(write));
+    let session = service.run(inbound, Tx::Native(outbox.clone()), Some(peer));
+    let drain = outbox.drain();
+    tokio::pin!(session, drain);
+    let mut drained = false;
     loop {
         tokio::select! {
             _ = &mut session => break,
-            // The socket failed: the session sees its queue closed and ends.
-            _ = &mut writer, if !written => written = true,
+            // The socket failed: the session's next send fails and it ends.
+            _ = &mut drain, if !drained => drained = true,
         }
     }
-    // What the session queued last (an Error naming why it ended) goes out
+    // What the session sent last (an Error naming why it ended) goes out
     // if the node still reads.
-    if !written {
-        let _ = tokio::time::timeout(timeout, writer).await;
-    }
+    let _ = tokio::time::timeout(timeout, outbox.finish()).await;
+    outbox.close();
 }

@@ -19,6 +19,15 @@ pub struct PushedDelta {
     pub encoded: Bytes,
 }
 
+/// A session's transport that can take a flushed delta at once, from the
+/// flusher's task, without waking the session's (see `outbox.rs`).
+pub trait Deliver: Send + Sync + std::fmt::Debug {
+    /// Takes `delta` for the node: written now, or queued behind bytes
+    /// already waiting. `false`: not now (full or closed); the session's
+    /// task must send it.
+    fn deliver(&self, delta: &PushedDelta) -> bool;
+}
+
 /// A message on its way to a node.
 #[derive(Debug)]
 pub enum Outgoing {

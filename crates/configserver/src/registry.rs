@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -40,7 +40,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info};
 
 use crate::metrics::Metrics;
-use crate::outgoing::{Outgoing, PushedDelta};
+use crate::outgoing::{Deliver, Outgoing, PushedDelta};
 
 /// Session identifier, unique within one server run.
 pub type SessionId = u64;
@@ -122,6 +122,9 @@ pub struct NodeInfo {
 pub struct PushQueue {
     state: Mutex<PushState>,
     notify: Notify,
+    /// The session's transport, if it takes deltas from the flusher
+    /// directly (see [`PushQueue::attach`]).
+    direct: OnceLock<Weak<dyn Deliver>>,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +180,37 @@ impl Due {
 }
 
 impl PushQueue {
+    /// From now on, a flushed delta the session is up to date for is
+    /// handed to `direct` by the flusher, not sent by the session's task.
+    /// Weak: a session's transport lives as long as its connection.
+    pub fn attach(&self, direct: Weak<dyn Deliver>) {
+        let _ = self.direct.set(direct);
+    }
+
+    /// Hands `delta` (just flushed) to the session's transport if the
+    /// session holds the revision it starts from and nothing else of `key`
+    /// is due; otherwise marks `key` for the session's task. Whether it
+    /// was handed over.
+    fn push_delta(&self, key: &ServiceKey, delta: &Arc<PushedDelta>) -> bool {
+        if let Some(direct) = self.direct.get().and_then(Weak::upgrade) {
+            // Under the push lock: a reset or a push by the session's task
+            // cannot come between the check and the write, and the session
+            // records a revision only after its bytes are in the outbox,
+            // so these bytes follow whatever brought it there.
+            let mut state = self.state.lock().expect("push lock");
+            if !state.dirty.contains_key(key)
+                && let Some(sent) = state.sent.get_mut(key)
+                && sent.revision == Some(delta.from_revision)
+                && direct.deliver(delta)
+            {
+                sent.revision = Some(delta.to_revision);
+                return true;
+            }
+        }
+        self.mark_delta(key, delta);
+        false
+    }
+
     /// Marks `key` dirty; with `reset`, the next push is a snapshot.
     fn mark(&self, key: &ServiceKey, reset: Option<Option<u64>>) {
         self.mark_with(key, reset, None);
@@ -610,27 +644,43 @@ impl Registry {
         remove_if_unused(&mut state, key);
     }
 
-    /// Turns pending changes into revisions and deltas and marks the
-    /// subscribers of each changed service; how many were marked.
+    /// Turns pending changes into revisions and deltas and pushes them to
+    /// the subscribers of each changed service; how many were pushed to.
     pub fn flush(&self) -> usize {
+        let pushes = self.take_flush();
+        self.push(pushes)
+    }
+
+    /// Turns pending changes into revisions and deltas; the pushes to make,
+    /// to be made with [`Registry::push`] (in parts, from several tasks,
+    /// if there are many: see [`Pushes::split`]).
+    pub fn take_flush(&self) -> Pushes {
         let mut state = self.lock();
         let dirty = std::mem::take(&mut state.dirty);
-        let mut due = Vec::new();
+        let mut flushed = Vec::new();
         for key in dirty {
-            due.extend(self.flush_service(&mut state, &key));
+            flushed.extend(self.flush_service(&mut state, &key));
             remove_if_unused(&mut state, &key);
         }
         drop(state);
+        let pushes = Pushes { flushed };
         // Counted before the marks wake anyone: a session may report its
-        // push before `mark_all` returns.
-        let marking = due.iter().map(|f| f.subscribers.len()).sum();
+        // push before `push` returns.
+        let marking = pushes.len();
         self.outstanding.store(marking, Ordering::Relaxed);
         if marking == 0 {
             self.drained.notify_one();
         }
-        let notified = mark_all(due);
+        pushes
+    }
+
+    /// Makes (a part of) the pushes of a flush; how many were made.
+    pub fn push(&self, pushes: Pushes) -> usize {
+        let marked = self.push_flushed(pushes.flushed);
+        self.pushed_n(marked.delivered);
+        let notified = marked.marked + marked.delivered;
         if notified > 0 {
-            debug!(notified, "flushed changes");
+            debug!(delivered = marked.delivered, marked = marked.marked, "flushed changes");
         }
         notified
     }
@@ -639,12 +689,52 @@ impl Registry {
     /// mark for a reset or an older flush is counted too): the flusher's
     /// hold ends early or at its window, never later.
     pub fn pushed(&self) {
+        self.pushed_n(1);
+    }
+
+    fn pushed_n(&self, pushes: usize) {
+        if pushes == 0 {
+            return;
+        }
         let before = self
             .outstanding
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        if before == Ok(1) {
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(pushes.min(n)));
+        if matches!(before, Ok(n) if n > 0 && n <= pushes) {
             self.drained.notify_one();
         }
+    }
+
+    /// Pushes each flushed service's delta to its subscribers: handed to
+    /// the transport at once where it can take it
+    /// ([`PushQueue::push_delta`]), marked for the session's task
+    /// otherwise. Called without the registry lock: a woken session's first
+    /// step may be to take that lock, and a thousand of them woken while the
+    /// flusher still holds it would queue up on it.
+    fn push_flushed(&self, flushed: impl IntoIterator<Item = Flushed>) -> Marked {
+        let mut marked = Marked::default();
+        for Flushed {
+            key,
+            delta,
+            subscribers,
+        } in flushed
+        {
+            let mut delivered = 0;
+            for push in &subscribers {
+                if push.push_delta(&key, &delta) {
+                    delivered += 1;
+                } else {
+                    marked.marked += 1;
+                }
+            }
+            marked.delivered += delivered;
+            let delivered = delivered as u64;
+            self.metrics.pushed_messages.fetch_add(delivered, Ordering::Relaxed);
+            self.metrics.pushed_direct.fetch_add(delivered, Ordering::Relaxed);
+            self.metrics
+                .pushed_bytes
+                .fetch_add(delivered * delta.encoded.len() as u64, Ordering::Relaxed);
+        }
+        marked
     }
 
     /// Whether the pushes of the last flush are all sent.
@@ -654,7 +744,8 @@ impl Registry {
 
     /// Flushes one service's pending change, if any: a new revision, one
     /// delta in the history. Returns the push queues of its subscribers,
-    /// to be marked once the registry lock is released (see [`mark_all`]).
+    /// to be pushed once the registry lock is released (see
+    /// [`Registry::push_flushed`]).
     fn flush_service(&self, state: &mut State, key: &ServiceKey) -> Option<Flushed> {
         let entry = state.services.get_mut(key)?;
         if entry.pending.is_empty() {
@@ -733,7 +824,7 @@ impl Registry {
             None => (Vec::new(), 0),
         };
         drop(state);
-        mark_all(due);
+        self.push_flushed(due);
         (
             vec![self.snapshot_message(key, revision, providers, partial).into()],
             revision,
@@ -932,30 +1023,62 @@ fn remove_provider(state: &mut State, key: &ServiceKey, addr: &str, owner: Sessi
 }
 
 /// A service's change just flushed, and the push queues of its subscribers.
+#[derive(Debug)]
 struct Flushed {
     key: ServiceKey,
     delta: Arc<PushedDelta>,
     subscribers: Vec<Arc<PushQueue>>,
 }
 
-/// Marks each flushed service's subscribers. Called without the registry
-/// lock: a woken session's first step may be to take that lock, and a
-/// thousand of them woken while the flusher still holds it would queue up
-/// on it. Returns how many were marked.
-fn mark_all(flushed: impl IntoIterator<Item = Flushed>) -> usize {
-    let mut marked = 0;
-    for Flushed {
-        key,
-        delta,
-        subscribers,
-    } in flushed
-    {
-        for push in &subscribers {
-            push.mark_delta(&key, &delta);
-        }
-        marked += subscribers.len();
+/// The pushes of one flush, not made yet: each flushed delta and the
+/// subscribers it goes to.
+#[derive(Debug, Default)]
+pub struct Pushes {
+    flushed: Vec<Flushed>,
+}
+
+impl Pushes {
+    /// Subscribers to push to, over all services.
+    pub fn len(&self) -> usize {
+        self.flushed.iter().map(|f| f.subscribers.len()).sum()
     }
-    marked
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// At most `parts` parts of about equal size (each service's
+    /// subscribers are shared out in runs), to be pushed concurrently.
+    pub fn split(self, parts: usize) -> Vec<Pushes> {
+        let parts = parts.clamp(1, self.len().max(1));
+        let mut split: Vec<Pushes> = (0..parts).map(|_| Pushes::default()).collect();
+        for Flushed {
+            key,
+            delta,
+            subscribers,
+        } in self.flushed
+        {
+            let run = subscribers.len().div_ceil(parts).max(1);
+            for (part, chunk) in split.iter_mut().zip(subscribers.chunks(run)) {
+                part.flushed.push(Flushed {
+                    key: key.clone(),
+                    delta: delta.clone(),
+                    subscribers: chunk.to_vec(),
+                });
+            }
+        }
+        split.retain(|part| !part.flushed.is_empty());
+        split
+    }
+}
+
+/// What [`Registry::push_flushed`] did.
+#[derive(Debug, Default)]
+struct Marked {
+    /// Deltas handed to transports by the flusher.
+    delivered: usize,
+    /// Sessions whose task must push.
+    marked: usize,
 }
 
 /// The request-level answers sent to a node.
@@ -1083,6 +1206,108 @@ mod tests {
         assert!(due[0].next_delta().is_none());
         let (messages, revision) = decoded_catch_up(&registry, &key(), due[0].sent);
         assert_eq!((delta_of(&messages).len(), revision), (2, 3));
+    }
+
+    /// A transport that takes deltas while `open`, recording them.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        open: AtomicBool,
+        taken: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl Deliver for Recorder {
+        fn deliver(&self, delta: &PushedDelta) -> bool {
+            let open = self.open.load(Ordering::Relaxed);
+            if open {
+                let mut taken = self.taken.lock().unwrap();
+                taken.push((delta.from_revision, delta.to_revision));
+            }
+            open
+        }
+    }
+
+    #[test]
+    fn the_flusher_writes_a_delta_to_an_up_to_date_session_and_leaves_the_rest_to_its_task() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        let (consumer, push) = registry.open_session(NodeInfo::default());
+        let transport = Arc::new(Recorder::default());
+        transport.open.store(true, Ordering::Relaxed);
+        let direct: Weak<dyn Deliver> = Arc::downgrade(&transport) as Weak<Recorder>;
+        push.attach(direct);
+        registry.subscribe(consumer, key(), None).unwrap();
+
+        // The snapshot is still due: the flusher must not write ahead of it.
+        registry.register(provider, key(), instance(1)).unwrap();
+        registry.flush();
+        assert!(transport.taken.lock().unwrap().is_empty());
+        let due = next_due(&push);
+        let (_, revision) = registry.catch_up(&key(), due[0].sent);
+        push.sent(&due[0], revision);
+
+        // Up to date: the next delta goes straight to the transport, and
+        // nothing is left for the session's task.
+        let before = registry.metrics.pushed_direct.load(Ordering::Relaxed);
+        registry.register(provider, key(), instance(2)).unwrap();
+        assert_eq!(registry.flush(), 1);
+        assert_eq!(*transport.taken.lock().unwrap(), [(revision, revision + 1)]);
+        assert_eq!(registry.metrics.pushed_direct.load(Ordering::Relaxed), before + 1);
+        assert!(registry.is_drained(), "a direct write counts as pushed");
+        registry.register(provider, key(), instance(3)).unwrap();
+        registry.flush();
+        assert_eq!(
+            transport.taken.lock().unwrap().len(),
+            2,
+            "and so on, revision after revision"
+        );
+
+        // A transport that cannot take it now: the session's task is asked
+        // instead, and sends it from where the session is.
+        transport.open.store(false, Ordering::Relaxed);
+        registry.register(provider, key(), instance(4)).unwrap();
+        registry.flush();
+        let due = next_due(&push);
+        let delta = due[0].next_delta().expect("the delta, for the session's task");
+        assert_eq!(delta.from_revision, revision + 2);
+        assert!(!registry.is_drained(), "until the session reports it sent");
+        push.sent(&due[0], delta.to_revision);
+        registry.pushed();
+        assert!(registry.is_drained());
+
+        // Once the transport is gone (its connection closed), the queue is
+        // marked as for any session.
+        drop(transport);
+        registry.register(provider, key(), instance(5)).unwrap();
+        registry.flush();
+        assert_eq!(next_due(&push).len(), 1);
+    }
+
+    #[test]
+    fn pushes_split_into_parts_cover_every_subscriber_once() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        let other = ServiceKey::new("demo.Other", "1.0.0", "");
+        let mut queues = Vec::new();
+        for _ in 0..5 {
+            let (consumer, push) = registry.open_session(NodeInfo::default());
+            registry.subscribe(consumer, key(), None).unwrap();
+            registry.subscribe(consumer, other.clone(), None).unwrap();
+            queues.push(push);
+        }
+        registry.register(provider, key(), instance(1)).unwrap();
+        registry.register(provider, other.clone(), instance(2)).unwrap();
+        let pushes = registry.take_flush();
+        assert_eq!(pushes.len(), 10);
+        let parts = pushes.split(3);
+        assert_eq!(parts.iter().map(Pushes::len).collect::<Vec<_>>(), [4, 4, 2]);
+        let made: usize = parts.into_iter().map(|part| registry.push(part)).sum();
+        assert_eq!(made, 10);
+        for push in &queues {
+            let mut due: Vec<_> = next_due(push).into_iter().map(|d| d.key).collect();
+            due.sort();
+            assert_eq!(due, [key(), other.clone()], "each subscriber marked for both services");
+        }
+        assert_eq!(Pushes::default().split(4).len(), 0);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,7 +18,7 @@ use crate::admin::AdminState;
 use crate::auth::Credentials;
 use crate::governance::Governance;
 use crate::grpc::RegistryEndpoint;
-use crate::registry::{Registry, RegistryConfig};
+use crate::registry::{Pushes, Registry, RegistryConfig};
 use crate::session::{Heartbeats, RegistryService};
 use crate::store::{RuleStore, StoreError};
 
@@ -252,7 +253,7 @@ async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: Cancellati
             _ = shutdown.cancelled() => return,
         }
         let flushed_at = tokio::time::Instant::now();
-        if registry.flush() == 0 {
+        if push(&registry, registry.take_flush()).await == 0 {
             continue;
         }
         // Changes made meanwhile leave a stored wake-up: the next turn
@@ -279,6 +280,37 @@ async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: Cancellati
         }
     }
 }
+
+/// Makes the pushes of a flush; how many were made. Many are shared out
+/// over the runtime's worker threads: each write to a subscriber's socket
+/// also wakes the thread that reads it, and those wake-ups, made one after
+/// another from a single thread, would be the round's critical path.
+async fn push(registry: &Arc<Registry>, pushes: Pushes) -> usize {
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    if pushes.len() < PARALLEL_PUSH_MIN || workers < 2 {
+        return registry.push(pushes);
+    }
+    // Every part in a task of its own (none run here): a task spawned
+    // last sits in this worker's next-task slot, which others cannot steal
+    // from, so the parts before it are what the other workers take.
+    let mut parts = JoinSet::new();
+    for part in pushes.split(workers) {
+        let registry = registry.clone();
+        parts.spawn(async move { registry.push(part) });
+    }
+    let mut pushed = 0;
+    while let Some(part) = parts.join_next().await {
+        match part {
+            Ok(made) => pushed += made,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {} // aborted: only when this future is dropped
+        }
+    }
+    pushed
+}
+
+/// Fewer pushes than this are made by the flusher alone.
+const PARALLEL_PUSH_MIN: usize = 256;
 
 /// After a push round, the flusher holds changes this many times as long
 /// as the round took (within the coalescing window).

@@ -6,8 +6,8 @@
 //! registry drops the node's instances and subscriptions at once.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rpc_core::ServiceKey;
@@ -22,7 +22,8 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Credentials;
 use crate::grpc::OutboundStream;
-use crate::outgoing::Outgoing;
+use crate::outbox::Outbox;
+use crate::outgoing::{Deliver, Outgoing};
 use crate::registry::{self, NodeInfo, PushQueue, Registry, SessionId};
 
 /// Messages queued towards one node before the session waits for it to read.
@@ -76,7 +77,7 @@ impl RegistryService {
         self.tracker.spawn(async move {
             tokio::select! {
                 _ = this.shutdown.cancelled() => {}
-                _ = this.run(inbound, tx, peer) => {}
+                _ = this.run(inbound, Tx::Queue(tx), peer) => {}
             }
         });
         Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)))
@@ -85,10 +86,9 @@ impl RegistryService {
     /// Serves a node's session on a natively framed connection until it
     /// ends (the caller owns this future's task).
     pub async fn native_session(&self, socket: tokio::net::TcpStream, peer: SocketAddr, max_message_bytes: usize) {
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         tokio::select! {
             _ = self.shutdown.cancelled() => {}
-            _ = crate::native::serve(self, socket, peer, max_message_bytes, tx, rx) => {}
+            _ = crate::native::serve(self, socket, peer, max_message_bytes) => {}
         }
     }
 
@@ -116,7 +116,9 @@ impl RegistryService {
                     Ok(Some(Ok(_))) => "the first message must be Hello".to_owned(),
                 };
                 warn!(?peer, reason = %why, "refusing session");
-                let _ = tx.send(Outgoing::from(registry::error(0, "protocol", why))).await;
+                let _ = tx
+                    .send(Outgoing::from(registry::error(0, "protocol", why)), heartbeats.timeout)
+                    .await;
                 return;
             }
         };
@@ -126,7 +128,10 @@ impl RegistryService {
             warn!(?peer, app = %hello.app, reason = %why, "refusing session");
             registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
             let _ = tx
-                .send(Outgoing::from(registry::error(request_id, "unauthenticated", why)))
+                .send(
+                    Outgoing::from(registry::error(request_id, "unauthenticated", why)),
+                    heartbeats.timeout,
+                )
                 .await;
             return;
         }
@@ -138,6 +143,9 @@ impl RegistryService {
             peer,
         };
         let (id, push) = registry.open_session(node);
+        if let Some(direct) = tx.direct() {
+            push.attach(direct);
+        }
         let welcome = ServerMessage {
             request_id,
             body: Some(server_message::Body::Welcome(Welcome {
@@ -150,7 +158,7 @@ impl RegistryService {
         // Held while rules are taken from the push queue and sent, so that a
         // registration's ack follows the rules it made due (see `read_loop`).
         let rules_gate = tokio::sync::Mutex::new(());
-        let reason = if tx.send(Outgoing::from(welcome)).await.is_err() {
+        let reason = if tx.send(Outgoing::from(welcome), heartbeats.timeout).await.is_err() {
             "node went away".to_owned()
         } else {
             let pushing = Pushing {
@@ -174,7 +182,47 @@ impl RegistryService {
     }
 }
 
-pub(crate) type Tx = mpsc::Sender<Outgoing>;
+/// The way to one node.
+#[derive(Debug, Clone)]
+pub(crate) enum Tx {
+    /// A queue its transport drains (gRPC).
+    Queue(mpsc::Sender<Outgoing>),
+    /// A natively framed connection's outbox.
+    Native(Arc<Outbox>),
+}
+
+/// The node went away or stopped reading.
+#[derive(Debug)]
+pub(crate) struct Gone;
+
+impl Tx {
+    /// Sends `message`, waiting at most `timeout` for room.
+    async fn send(&self, message: Outgoing, timeout: Duration) -> Result<(), Gone> {
+        match self {
+            Tx::Queue(tx) => tx.send_timeout(message, timeout).await.map_err(|_| Gone),
+            Tx::Native(outbox) => outbox.send(&message, timeout).await.map_err(|_| Gone),
+        }
+    }
+
+    /// Sends `message` if there is room now.
+    fn try_send(&self, message: Outgoing) {
+        let _ = match self {
+            Tx::Queue(tx) => tx.try_send(message).map_err(|_| Gone),
+            Tx::Native(outbox) => outbox.try_send(&message).map_err(|_| Gone),
+        };
+    }
+
+    /// The transport, if the flusher can hand it deltas itself.
+    fn direct(&self) -> Option<Weak<dyn Deliver>> {
+        match self {
+            Tx::Queue(_) => None,
+            Tx::Native(outbox) => {
+                let direct: Weak<dyn Deliver> = Arc::downgrade(outbox) as Weak<Outbox>;
+                Some(direct)
+            }
+        }
+    }
+}
 
 /// What both halves of a session share.
 struct Pushing<'a> {
@@ -196,10 +244,7 @@ impl Pushing<'_> {
             return true;
         };
         self.registry.metrics.pushed_rules.fetch_add(1, Ordering::Relaxed);
-        self.tx
-            .send_timeout(Outgoing::from(message), self.send_timeout)
-            .await
-            .is_ok()
+        self.tx.send(Outgoing::from(message), self.send_timeout).await.is_ok()
     }
 }
 
@@ -228,7 +273,7 @@ async fn read_loop(
                 // Usually the node died or its connection dropped; a
                 // malformed frame is told to the node before it closes.
                 info!(session = id, error = %e, "stream error");
-                let _ = tx.try_send(Outgoing::from(registry::error(0, "protocol", e.clone())));
+                tx.try_send(Outgoing::from(registry::error(0, "protocol", e.clone())));
                 return e;
             }
             Ok(Some(Ok(message))) => message,
@@ -275,7 +320,7 @@ async fn read_loop(
                     request_id,
                     body: Some(server_message::Body::Heartbeat(hb)),
                 };
-                if tx.send_timeout(Outgoing::from(echo), heartbeats.timeout).await.is_err() {
+                if tx.send(Outgoing::from(echo), heartbeats.timeout).await.is_err() {
                     return "node went away or stopped reading".to_owned();
                 }
                 continue;
@@ -302,11 +347,7 @@ async fn read_loop(
                 registry::error(request_id, e.kind(), e.to_string())
             }
         };
-        if tx
-            .send_timeout(Outgoing::from(answer), heartbeats.timeout)
-            .await
-            .is_err()
-        {
+        if tx.send(Outgoing::from(answer), heartbeats.timeout).await.is_err() {
             return "node went away".to_owned();
         }
     }
@@ -341,7 +382,7 @@ async fn push_loop(pushing: &Pushing<'_>) -> String {
                 {
                     metrics.pushed_snapshots.fetch_add(1, Ordering::Relaxed);
                 }
-                if tx.send_timeout(message, pushing.send_timeout).await.is_err() {
+                if tx.send(message, pushing.send_timeout).await.is_err() {
                     return "node went away or stopped reading".to_owned();
                 }
             }

@@ -164,11 +164,24 @@ struct Inner {
     _stop_guard: DropGuard,
 }
 
+/// Told each new provider list of a service (see
+/// [`RegistrySession::subscribe_with`]).
+#[derive(Clone)]
+struct Listener(Arc<dyn Fn(&ProviderList) + Send + Sync>);
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Listener")
+    }
+}
+
 /// What this node wants the registry to hold.
 #[derive(Debug, Default)]
 struct Desired {
     registrations: BTreeMap<(ServiceKey, String), Instance>,
     subscriptions: HashMap<ServiceKey, watch::Sender<Arc<ProviderList>>>,
+    /// Called on the session task after each change of a list.
+    listeners: HashMap<ServiceKey, Arc<Vec<Listener>>>,
     /// The last rules received per service; kept across reconnects.
     rules: HashMap<ServiceKey, watch::Sender<Arc<RuleSet>>>,
     /// Lists loaded from the cache file, used as subscriptions start.
@@ -319,6 +332,25 @@ impl RegistrySession {
         rx
     }
 
+    /// Like [`RegistrySession::subscribe`], and `on_change` is called with
+    /// the list each time a pushed snapshot or delta changed it, as Dubbo
+    /// tells its `NotifyListener`. It runs on the session's task, before the
+    /// next message is read: it must be quick and must not block. It is
+    /// called as long as the list is subscribed, i.e. while some receiver of
+    /// it is held.
+    pub fn subscribe_with(
+        &self,
+        key: &ServiceKey,
+        on_change: impl Fn(&ProviderList) + Send + Sync + 'static,
+    ) -> watch::Receiver<Arc<ProviderList>> {
+        let rx = self.subscribe(key);
+        let mut desired = self.desired();
+        let listeners = desired.listeners.entry(key.clone()).or_default();
+        // Cloned only when a message is being applied meanwhile (rare).
+        Arc::make_mut(listeners).push(Listener(Arc::new(on_change)));
+        rx
+    }
+
     /// The governance rules of `key` as last pushed (empty until the first
     /// push). The server sends them for every service this node registers
     /// or subscribes to; they are kept while the ConfigServer is away.
@@ -415,6 +447,23 @@ struct SessionTask {
 
 /// Why a stream ended.
 type Ended = String;
+
+/// A subscribed list, as a pushed message finds it.
+struct Subscription {
+    key: ServiceKey,
+    tx: watch::Sender<Arc<ProviderList>>,
+    listeners: Option<Arc<Vec<Listener>>>,
+}
+
+/// Tells each listener the list `tx` now holds.
+fn tell(listeners: Option<&Vec<Listener>>, tx: &watch::Sender<Arc<ProviderList>>) {
+    if let Some(listeners) = listeners {
+        let list = tx.borrow();
+        for Listener(listener) in listeners {
+            listener(&list);
+        }
+    }
+}
 
 impl SessionTask {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
@@ -653,6 +702,7 @@ impl SessionTask {
             .into_iter()
             .map(|key| {
                 desired.subscriptions.remove(&key);
+                desired.listeners.remove(&key);
                 debug!(service = %key, "no one watches the list any more; unsubscribing");
                 node_message::Body::Unsubscribe(pb::Unsubscribe {
                     service: Some((&key).into()),
@@ -737,10 +787,12 @@ impl SessionTask {
         }
     }
 
-    fn subscription(&self, key: Option<&pb::ServiceKey>) -> Option<(ServiceKey, watch::Sender<Arc<ProviderList>>)> {
+    fn subscription(&self, key: Option<&pb::ServiceKey>) -> Option<Subscription> {
         let key = ServiceKey::from(key?);
         let desired = self.desired.lock().expect("registry desired lock");
-        desired.subscriptions.get(&key).map(|tx| (key, tx.clone()))
+        let tx = desired.subscriptions.get(&key)?.clone();
+        let listeners = desired.listeners.get(&key).cloned();
+        Some(Subscription { key, tx, listeners })
     }
 
     /// Notes that a list changed since the cache file was written.
@@ -751,7 +803,7 @@ impl SessionTask {
     }
 
     fn apply_snapshot(&self, snapshot: Snapshot) {
-        let Some((key, tx)) = self.subscription(snapshot.service.as_ref()) else {
+        let Some(Subscription { key, tx, listeners }) = self.subscription(snapshot.service.as_ref()) else {
             return;
         };
         let partial = snapshot.partial;
@@ -770,11 +822,12 @@ impl SessionTask {
             }
             debug!(service = %key, revision = list.revision, providers = list.providers.len(), partial, "snapshot");
         });
+        tell(listeners.as_deref(), &tx);
         self.mark_cache_dirty();
     }
 
     fn apply_delta(&self, delta: Delta, epoch: &str) -> Option<node_message::Body> {
-        let (key, tx) = self.subscription(delta.service.as_ref())?;
+        let Subscription { key, tx, listeners } = self.subscription(delta.service.as_ref())?;
         let (held_epoch, held) = {
             let current = tx.borrow();
             (current.epoch == epoch, current.revision)
@@ -797,6 +850,7 @@ impl SessionTask {
             list.revision = delta.to_revision;
             debug!(service = %key, revision = list.revision, providers = list.providers.len(), "delta");
         });
+        tell(listeners.as_deref(), &tx);
         self.mark_cache_dirty();
         None
     }
