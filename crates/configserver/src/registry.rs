@@ -139,6 +139,10 @@ struct PushState {
     /// Last generation handed out; it only goes up, across unsubscribes
     /// too, so a push in flight is never taken for one after a reset.
     generation: u64,
+    /// Services handed to the session's task by [`PushQueue::next`] and not
+    /// yet reported [`PushQueue::sent`]: the flusher leaves them to it,
+    /// since what it is sending is not recorded yet.
+    in_flight: BTreeSet<ServiceKey>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -189,8 +193,8 @@ impl PushQueue {
 
     /// Hands `delta` (just flushed) to the session's transport if the
     /// session holds the revision it starts from and nothing else of `key`
-    /// is due; otherwise marks `key` for the session's task. Whether it
-    /// was handed over.
+    /// is due or being sent by the session's task; otherwise marks `key`
+    /// for that task. Whether it was handed over.
     fn push_delta(&self, key: &ServiceKey, delta: &Arc<PushedDelta>) -> bool {
         if let Some(direct) = self.direct.get().and_then(Weak::upgrade) {
             // Under the push lock: a reset or a push by the session's task
@@ -199,6 +203,7 @@ impl PushQueue {
             // so these bytes follow whatever brought it there.
             let mut state = self.state.lock().expect("push lock");
             if !state.dirty.contains_key(key)
+                && !state.in_flight.contains(key)
                 && let Some(sent) = state.sent.get_mut(key)
                 && sent.revision == Some(delta.from_revision)
                 && direct.deliver(delta)
@@ -273,10 +278,12 @@ impl PushQueue {
                 let mut state = self.state.lock().expect("push lock");
                 let rules = !state.rules.is_empty();
                 let dirty = std::mem::take(&mut state.dirty);
+                let state = &mut *state;
                 let due: Vec<Due> = dirty
                     .into_iter()
                     .filter_map(|(key, hint)| {
                         let sent = *state.sent.get(&key)?;
+                        state.in_flight.insert(key.clone());
                         Some(Due {
                             key,
                             sent: sent.revision,
@@ -297,8 +304,10 @@ impl PushQueue {
     /// was reset (or unsubscribed) meanwhile.
     pub fn sent(&self, due: &Due, revision: u64) {
         let mut state = self.state.lock().expect("push lock");
+        state.in_flight.remove(&due.key);
         if let Some(sent) = state.sent.get_mut(&due.key)
             && sent.generation == due.generation
+            && sent.revision.is_none_or(|held| held < revision)
         {
             sent.revision = Some(revision);
         }
@@ -1052,6 +1061,9 @@ impl Pushes {
     pub fn split(self, parts: usize) -> Vec<Pushes> {
         let parts = parts.clamp(1, self.len().max(1));
         let mut split: Vec<Pushes> = (0..parts).map(|_| Pushes::default()).collect();
+        // Runs are dealt round, across services too: many services with a
+        // subscriber or two each spread over every part.
+        let mut next = 0;
         for Flushed {
             key,
             delta,
@@ -1059,12 +1071,13 @@ impl Pushes {
         } in self.flushed
         {
             let run = subscribers.len().div_ceil(parts).max(1);
-            for (part, chunk) in split.iter_mut().zip(subscribers.chunks(run)) {
-                part.flushed.push(Flushed {
+            for chunk in subscribers.chunks(run) {
+                split[next % parts].flushed.push(Flushed {
                     key: key.clone(),
                     delta: delta.clone(),
                     subscribers: chunk.to_vec(),
                 });
+                next += 1;
             }
         }
         split.retain(|part| !part.flushed.is_empty());
@@ -1128,6 +1141,18 @@ mod tests {
     fn next_due(push: &PushQueue) -> Vec<Due> {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(push.next()).due
+    }
+
+    /// What `push` has due right now, without waiting.
+    fn due_now(push: &PushQueue) -> Vec<Due> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            tokio::select! {
+                biased;
+                work = push.next() => work.due,
+                () = std::future::ready(()) => Vec::new(),
+            }
+        })
     }
 
     /// [`Registry::catch_up`], as the node decodes it.
@@ -1253,6 +1278,7 @@ mod tests {
         assert_eq!(*transport.taken.lock().unwrap(), [(revision, revision + 1)]);
         assert_eq!(registry.metrics.pushed_direct.load(Ordering::Relaxed), before + 1);
         assert!(registry.is_drained(), "a direct write counts as pushed");
+        assert!(due_now(&push).is_empty(), "nothing left for the session's task");
         registry.register(provider, key(), instance(3)).unwrap();
         registry.flush();
         assert_eq!(
@@ -1283,6 +1309,45 @@ mod tests {
     }
 
     #[test]
+    fn the_flusher_leaves_a_service_to_the_session_task_that_is_sending_it() {
+        let registry = registry();
+        let (provider, _) = registry.open_session(NodeInfo::default());
+        let (consumer, push) = registry.open_session(NodeInfo::default());
+        let transport = Arc::new(Recorder::default());
+        transport.open.store(true, Ordering::Relaxed);
+        let direct: Weak<dyn Deliver> = Arc::downgrade(&transport) as Weak<Recorder>;
+        push.attach(direct);
+        registry.subscribe(consumer, key(), None).unwrap();
+        let due = next_due(&push);
+        let (_, revision) = registry.catch_up(&key(), due[0].sent);
+        push.sent(&due[0], revision);
+
+        // The session's task has taken the service (a change marked it) and
+        // is sending; a flush meanwhile must not write past it.
+        registry.register(provider, key(), instance(1)).unwrap();
+        transport.open.store(false, Ordering::Relaxed);
+        registry.flush();
+        transport.open.store(true, Ordering::Relaxed);
+        let taken = next_due(&push);
+        registry.register(provider, key(), instance(2)).unwrap();
+        registry.flush();
+        assert!(transport.taken.lock().unwrap().is_empty(), "left to the session's task");
+        let sending = taken[0].next_delta().expect("its delta").to_revision;
+        push.sent(&taken[0], sending);
+        // What the flush marked follows, from the revision now recorded.
+        let due = next_due(&push);
+        assert_eq!(due[0].sent, Some(sending));
+        let delta = due[0].next_delta().expect("the next delta");
+        assert_eq!((delta.from_revision, delta.to_revision), (sending, sending + 1));
+        push.sent(&due[0], delta.to_revision);
+        // And a report of an older push never moves the record back.
+        push.sent(&taken[0], sending);
+        registry.register(provider, key(), instance(3)).unwrap();
+        registry.flush();
+        assert_eq!(*transport.taken.lock().unwrap(), [(sending + 1, sending + 2)]);
+    }
+
+    #[test]
     fn pushes_split_into_parts_cover_every_subscriber_once() {
         let registry = registry();
         let (provider, _) = registry.open_session(NodeInfo::default());
@@ -1308,6 +1373,18 @@ mod tests {
             assert_eq!(due, [key(), other.clone()], "each subscriber marked for both services");
         }
         assert_eq!(Pushes::default().split(4).len(), 0);
+
+        // Services with a subscriber each are dealt over every part.
+        let (consumer, _push) = registry.open_session(NodeInfo::default());
+        let keys: Vec<ServiceKey> = (0..4)
+            .map(|i| ServiceKey::new(format!("demo.S{i}"), "1.0.0", ""))
+            .collect();
+        for k in &keys {
+            registry.subscribe(consumer, k.clone(), None).unwrap();
+            registry.register(provider, k.clone(), instance(3)).unwrap();
+        }
+        let parts = registry.take_flush().split(2);
+        assert_eq!(parts.iter().map(Pushes::len).collect::<Vec<_>>(), [2, 2]);
     }
 
     #[test]

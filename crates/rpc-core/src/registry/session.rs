@@ -311,7 +311,18 @@ impl RegistrySession {
     /// When every receiver of it is dropped, the session unsubscribes (at
     /// its next heartbeat).
     pub fn subscribe(&self, key: &ServiceKey) -> watch::Receiver<Arc<ProviderList>> {
+        self.subscribe_telling(key, None)
+    }
+
+    fn subscribe_telling(&self, key: &ServiceKey, listener: Option<Listener>) -> watch::Receiver<Arc<ProviderList>> {
         let mut desired = self.desired();
+        // Added in the same critical section as the subscription: the first
+        // snapshot cannot be applied before the listener is there.
+        if let Some(listener) = listener {
+            let listeners = desired.listeners.entry(key.clone()).or_default();
+            // Cloned only when a message is being applied meanwhile (rare).
+            Arc::make_mut(listeners).push(listener);
+        }
         if let Some(existing) = desired.subscriptions.get(key) {
             return existing.subscribe();
         }
@@ -333,22 +344,18 @@ impl RegistrySession {
     }
 
     /// Like [`RegistrySession::subscribe`], and `on_change` is called with
-    /// the list each time a pushed snapshot or delta changed it, as Dubbo
-    /// tells its `NotifyListener`. It runs on the session's task, before the
-    /// next message is read: it must be quick and must not block. It is
-    /// called as long as the list is subscribed, i.e. while some receiver of
-    /// it is held.
+    /// the list each time a pushed snapshot or delta has been applied to it
+    /// (the first snapshot included), as Dubbo tells its `NotifyListener`.
+    /// It runs on the session's task, before the next message is read, while
+    /// the list's `watch` is read-locked: it must be quick, must not block
+    /// and must not panic. It is called as long as the list is subscribed,
+    /// i.e. while some receiver of it is held.
     pub fn subscribe_with(
         &self,
         key: &ServiceKey,
         on_change: impl Fn(&ProviderList) + Send + Sync + 'static,
     ) -> watch::Receiver<Arc<ProviderList>> {
-        let rx = self.subscribe(key);
-        let mut desired = self.desired();
-        let listeners = desired.listeners.entry(key.clone()).or_default();
-        // Cloned only when a message is being applied meanwhile (rare).
-        Arc::make_mut(listeners).push(Listener(Arc::new(on_change)));
-        rx
+        self.subscribe_telling(key, Some(Listener(Arc::new(on_change))))
     }
 
     /// The governance rules of `key` as last pushed (empty until the first
