@@ -1251,9 +1251,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_flusher_writes_a_delta_to_an_up_to_date_session_and_leaves_the_rest_to_its_task() {
-        let registry = registry();
+    /// A provider session, and a subscriber of `key()` whose push queue is
+    /// attached to an open [`Recorder`].
+    fn subscriber_with_transport(registry: &Registry) -> (SessionId, Arc<PushQueue>, Arc<Recorder>) {
         let (provider, _) = registry.open_session(NodeInfo::default());
         let (consumer, push) = registry.open_session(NodeInfo::default());
         let transport = Arc::new(Recorder::default());
@@ -1261,6 +1261,13 @@ mod tests {
         let direct: Weak<dyn Deliver> = Arc::downgrade(&transport) as Weak<Recorder>;
         push.attach(direct);
         registry.subscribe(consumer, key(), None).unwrap();
+        (provider, push, transport)
+    }
+
+    #[test]
+    fn the_flusher_writes_a_delta_to_an_up_to_date_session_and_leaves_the_rest_to_its_task() {
+        let registry = registry();
+        let (provider, push, transport) = subscriber_with_transport(&registry);
 
         // The snapshot is still due: the flusher must not write ahead of it.
         registry.register(provider, key(), instance(1)).unwrap();
@@ -1311,13 +1318,7 @@ mod tests {
     #[test]
     fn the_flusher_leaves_a_service_to_the_session_task_that_is_sending_it() {
         let registry = registry();
-        let (provider, _) = registry.open_session(NodeInfo::default());
-        let (consumer, push) = registry.open_session(NodeInfo::default());
-        let transport = Arc::new(Recorder::default());
-        transport.open.store(true, Ordering::Relaxed);
-        let direct: Weak<dyn Deliver> = Arc::downgrade(&transport) as Weak<Recorder>;
-        push.attach(direct);
-        registry.subscribe(consumer, key(), None).unwrap();
+        let (provider, push, transport) = subscriber_with_transport(&registry);
         let due = next_due(&push);
         let (_, revision) = registry.catch_up(&key(), due[0].sent);
         push.sent(&due[0], revision);
