@@ -32,10 +32,6 @@ use crate::outgoing::{Deliver, Outgoing, PushedDelta};
 /// Bytes waiting beyond which the outbox takes no more for now.
 pub const PENDING_LIMIT: usize = 64 * 1024;
 
-/// An empty outbox whose buffer grew past this lets it go (a large
-/// snapshot must not stay resident in every session that once sent one).
-const KEEP_BUFFER: usize = 4 * 1024;
-
 /// Why a send was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -120,7 +116,9 @@ impl Outbox {
                 Err(e) => return self.fail(state, e),
             }
         }
-        if state.buf.capacity() > KEEP_BUFFER {
+        // A large snapshot's buffer does not stay resident in every
+        // session that once sent one.
+        if state.buf.capacity() > framing::KEEP_WRITE_BUFFER {
             state.buf = BytesMut::new();
         }
         true

@@ -707,7 +707,7 @@ impl Registry {
         }
         let before = self
             .outstanding
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(pushes.min(n)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(pushes)));
         if matches!(before, Ok(n) if n > 0 && n <= pushes) {
             self.drained.notify_one();
         }
@@ -1178,14 +1178,21 @@ mod tests {
         })
     }
 
-    #[test]
-    fn subscriber_gets_snapshot_then_one_delta_per_flush() {
-        let registry = registry();
+    /// A provider session with `instance(1)` of `key()` flushed, and a
+    /// session that then subscribed to `key()`.
+    fn subscribed_after_one_flush(registry: &Registry) -> (SessionId, SessionId, Arc<PushQueue>) {
         let (provider, _) = registry.open_session(NodeInfo::default());
         let (consumer, push) = registry.open_session(NodeInfo::default());
         registry.register(provider, key(), instance(1)).unwrap();
         registry.flush();
         registry.subscribe(consumer, key(), None).unwrap();
+        (provider, consumer, push)
+    }
+
+    #[test]
+    fn subscriber_gets_snapshot_then_one_delta_per_flush() {
+        let registry = registry();
+        let (provider, _, push) = subscribed_after_one_flush(&registry);
         let (messages, rev) = decoded_catch_up(&registry, &key(), None);
         assert_eq!(snapshot_of(&messages).unwrap().providers.len(), 1);
         assert_eq!(rev, 1);
@@ -1391,11 +1398,7 @@ mod tests {
     #[test]
     fn a_recreated_service_never_resumes_a_revision_of_the_removed_one() {
         let registry = registry();
-        let (provider, _) = registry.open_session(NodeInfo::default());
-        let (consumer, push) = registry.open_session(NodeInfo::default());
-        registry.register(provider, key(), instance(1)).unwrap();
-        registry.flush();
-        registry.subscribe(consumer, key(), None).unwrap();
+        let (provider, consumer, push) = subscribed_after_one_flush(&registry);
         let (_, held) = registry.catch_up(&key(), None);
 
         // Everyone leaves: the service is gone. Then it comes back.

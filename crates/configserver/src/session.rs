@@ -206,20 +206,21 @@ impl Tx {
 
     /// Sends `message` if there is room now.
     fn try_send(&self, message: Outgoing) {
-        let _ = match self {
-            Tx::Queue(tx) => tx.try_send(message).map_err(|_| Gone),
-            Tx::Native(outbox) => outbox.try_send(&message).map_err(|_| Gone),
-        };
+        match self {
+            Tx::Queue(tx) => {
+                let _ = tx.try_send(message);
+            }
+            Tx::Native(outbox) => {
+                let _ = outbox.try_send(&message);
+            }
+        }
     }
 
     /// The transport, if the flusher can hand it deltas itself.
     fn direct(&self) -> Option<Weak<dyn Deliver>> {
         match self {
             Tx::Queue(_) => None,
-            Tx::Native(outbox) => {
-                let direct: Weak<dyn Deliver> = Arc::downgrade(outbox) as Weak<Outbox>;
-                Some(direct)
-            }
+            Tx::Native(outbox) => Some(Arc::downgrade(outbox) as Weak<dyn Deliver>),
         }
     }
 }

@@ -61,7 +61,7 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// After a batch, a write buffer larger than this is let go rather than
 /// kept for the next (a large snapshot must not stay resident in every
 /// stream that once carried one).
-const KEEP_WRITE_BUFFER: usize = 4 * 1024;
+pub const KEEP_WRITE_BUFFER: usize = 4 * 1024;
 
 /// The messages of a natively framed stream, each decoded as `M` (`what`
 /// names it in errors), or why the stream broke. `capacity` is the read
