@@ -26,10 +26,33 @@ pub fn instance_addr(instance: &pb::Instance) -> String {
 }
 
 /// `host:port`, with brackets around an IPv6 host.
+///
+/// Built without `format!`: a subscriber makes one for every instance a
+/// delta adds, and a storm's delta adds hundreds.
 pub fn addr_of(host: &str, port: u32) -> String {
+    let mut digits = itoa::Buffer::new();
+    let port = digits.format(port);
+    let mut addr = String::with_capacity(host.len() + port.len() + 3);
     if host.contains(':') {
-        format!("[{host}]:{port}")
+        addr.push('[');
+        addr.push_str(host);
+        addr.push(']');
     } else {
-        format!("{host}:{port}")
+        addr.push_str(host);
+    }
+    addr.push(':');
+    addr.push_str(port);
+    addr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::addr_of;
+
+    #[test]
+    fn addresses_bracket_ipv6_hosts_only() {
+        assert_eq!(addr_of("10.0.0.7", 20880), "10.0.0.7:20880");
+        assert_eq!(addr_of("provider.local", 0), "provider.local:0");
+        assert_eq!(addr_of("::1", 4_294_967_295), "[::1]:4294967295");
     }
 }
