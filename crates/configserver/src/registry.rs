@@ -370,6 +370,8 @@ struct State {
     rules: HashMap<ServiceKey, Arc<RuleSet>>,
     sessions: HashMap<SessionId, SessionEntry>,
     dirty: BTreeSet<ServiceKey>,
+    /// When the oldest change in `dirty` was made.
+    pending_since: Option<Instant>,
     next_session: SessionId,
     /// Where a (re)created service's revisions start: above every revision
     /// of every service removed so far. A node may still hold a revision of
@@ -379,6 +381,12 @@ struct State {
 }
 
 impl State {
+    /// Notes a change of `key` for the next flush.
+    fn mark_dirty(&mut self, key: &ServiceKey) {
+        self.dirty.insert(key.clone());
+        self.pending_since.get_or_insert_with(Instant::now);
+    }
+
     /// The entry of `key`, created (its revisions above the floor) if absent.
     fn service(&mut self, key: &ServiceKey) -> &mut ServiceEntry {
         let floor = self.revision_floor;
@@ -568,7 +576,7 @@ impl Registry {
             || entry.pending.removed.contains(&addr);
         entry.pending.add(&addr, instance.clone(), existed_at_flush);
         entry.providers.insert(addr.clone(), (instance, id));
-        state.dirty.insert(key.clone());
+        state.mark_dirty(&key);
         if let Some(session) = state.sessions.get_mut(&id) {
             session.registered.insert((key.clone(), addr.clone()));
         }
@@ -666,6 +674,7 @@ impl Registry {
     pub fn take_flush(&self) -> Pushes {
         let mut state = self.lock();
         let dirty = std::mem::take(&mut state.dirty);
+        state.pending_since = None;
         let mut flushed = Vec::new();
         for key in dirty {
             flushed.extend(self.flush_service(&mut state, &key));
@@ -744,6 +753,11 @@ impl Registry {
                 .fetch_add(delivered * delta.encoded.len() as u64, Ordering::Relaxed);
         }
         marked
+    }
+
+    /// When the oldest change waiting for the next flush was made, if one is.
+    pub fn pending_since(&self) -> Option<Instant> {
+        self.lock().pending_since
     }
 
     /// Whether the pushes of the last flush are all sent.
@@ -1027,7 +1041,7 @@ fn remove_provider(state: &mut State, key: &ServiceKey, addr: &str, owner: Sessi
     }
     entry.providers.remove(addr);
     entry.pending.remove(addr);
-    state.dirty.insert(key.clone());
+    state.mark_dirty(key);
     true
 }
 

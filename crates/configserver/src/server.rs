@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -239,13 +239,16 @@ impl Drop for ConfigServer {
 /// The store used when none is configured: rules live as long as the server.
 pub const IN_MEMORY_STORE: &str = "sqlite::memory:";
 
-/// Flushes a change at once when the registry is idle; after a flush,
-/// holds further changes until that flush's pushes are out and then for
-/// [`HOLD_PER_ROUND`] times as long as they took, but never past the
-/// coalescing window. An isolated change waits for nothing (a push round to
-/// a few subscribers takes well under a millisecond), while a burst goes out
-/// as one delta per service per hold: push rounds then take at most about a
-/// fifth of the time, and the registrations of a storm keep the rest.
+/// Flushes a change at once when the registry is idle. After a flush,
+/// waits until its pushes are out; if changes came in meanwhile (a burst),
+/// holds them for [`HOLD_PER_ROUND`] times as long as the pushes took, but
+/// never past the coalescing window, and they go out as one delta per
+/// service. A change that finds the last flush's pushes out and nothing
+/// else waiting is not part of a burst, and waits for nothing, however
+/// long that push round was: a push round to a thousand subscribers takes
+/// milliseconds, and holding the next lone change for it would add them to
+/// every push. In a burst, push rounds take at most about a fifth of the
+/// time, and the registrations of a storm keep the rest.
 async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: CancellationToken) {
     loop {
         tokio::select! {
@@ -253,7 +256,8 @@ async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: Cancellati
             _ = shutdown.cancelled() => return,
         }
         let flushed_at = tokio::time::Instant::now();
-        if push(&registry, registry.take_flush()).await == 0 {
+        let (pushed, written) = push(&registry, registry.take_flush()).await;
+        if pushed == 0 {
             continue;
         }
         // Changes made meanwhile leave a stored wake-up: the next turn
@@ -263,13 +267,10 @@ async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: Cancellati
             tokio::select! {
                 _ = tokio::time::sleep_until(window_ends) => break,
                 _ = registry.drained.notified() => if registry.is_drained() {
-                    let round = flushed_at.elapsed();
-                    let hold = round * HOLD_PER_ROUND;
-                    // Timers tick in milliseconds: a shorter hold would
-                    // round up to one, for a round too cheap to matter.
-                    if hold >= MIN_HOLD {
+                    let burst = registry.pending_since().is_some_and(|at| at <= written);
+                    if let Some(hold) = hold(flushed_at.elapsed(), burst) {
                         tokio::select! {
-                            _ = tokio::time::sleep_until((flushed_at + round + hold).min(window_ends)) => {}
+                            _ = tokio::time::sleep_until((tokio::time::Instant::now() + hold).min(window_ends)) => {}
                             _ = shutdown.cancelled() => return,
                         }
                     }
@@ -281,14 +282,24 @@ async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: Cancellati
     }
 }
 
-/// Makes the pushes of a flush; how many were made. Many are shared out
-/// over the runtime's worker threads: each write to a subscriber's socket
-/// also wakes the thread that reads it, and those wake-ups, made one after
-/// another from a single thread, would be the round's critical path.
-async fn push(registry: &Arc<Registry>, pushes: Pushes) -> usize {
+/// How long changes are held once the pushes of a flush are out, after a
+/// push round of `round`: only in a burst (`burst`: changes came in while
+/// the pushes went out), and not for a round too cheap to matter (timers
+/// tick in milliseconds: a shorter hold would round up to one).
+fn hold(round: Duration, burst: bool) -> Option<Duration> {
+    let hold = round * HOLD_PER_ROUND;
+    (burst && hold >= MIN_HOLD).then_some(hold)
+}
+
+/// Makes the pushes of a flush: how many were made, and when the last of
+/// them was written. Many are shared out over the runtime's worker
+/// threads: each write to a subscriber's socket also wakes the thread that
+/// reads it, and those wake-ups, made one after another from a single
+/// thread, would be the round's critical path.
+async fn push(registry: &Arc<Registry>, pushes: Pushes) -> (usize, Instant) {
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     if pushes.len() < PARALLEL_PUSH_MIN || workers < 2 {
-        return registry.push(pushes);
+        return (registry.push(pushes), Instant::now());
     }
     // Every part in a task of its own (none run here): a task spawned
     // last sits in this worker's next-task slot, which others cannot steal
@@ -296,25 +307,51 @@ async fn push(registry: &Arc<Registry>, pushes: Pushes) -> usize {
     let mut parts = JoinSet::new();
     for part in pushes.split(workers) {
         let registry = registry.clone();
-        parts.spawn(async move { registry.push(part) });
+        parts.spawn(async move { (registry.push(part), Instant::now()) });
     }
-    let mut pushed = 0;
+    let (mut pushed, mut written) = (0, None);
     while let Some(part) = parts.join_next().await {
         match part {
-            Ok(made) => pushed += made,
+            Ok((made, at)) => {
+                pushed += made;
+                // When the last part finished, not when this task saw it.
+                written = written.max(Some(at));
+            }
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => {} // aborted: only when this future is dropped
         }
     }
-    pushed
+    (pushed, written.unwrap_or_else(Instant::now))
 }
 
 /// Fewer pushes than this are made by the flusher alone.
 const PARALLEL_PUSH_MIN: usize = 256;
 
-/// After a push round, the flusher holds changes this many times as long
-/// as the round took (within the coalescing window).
+/// After a push round during which changes came in, the flusher holds
+/// them this many times as long as the round took (within the coalescing
+/// window).
 const HOLD_PER_ROUND: u32 = 4;
 
 /// A shorter hold is skipped.
 const MIN_HOLD: Duration = Duration::from_millis(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_burst_is_held_and_for_a_multiple_of_its_push_round() {
+        let round = Duration::from_millis(3);
+        assert_eq!(
+            hold(round, false),
+            None,
+            "a lone change after a long round waits for nothing"
+        );
+        assert_eq!(hold(round, true), Some(round * HOLD_PER_ROUND));
+        assert_eq!(
+            hold(Duration::from_micros(100), true),
+            None,
+            "a round too cheap to matter"
+        );
+    }
+}

@@ -10,6 +10,13 @@ impl From<&pb::ServiceKey> for ServiceKey {
     }
 }
 
+/// Takes the parts over (a pushed message's key, looked up once and then dropped).
+impl From<pb::ServiceKey> for ServiceKey {
+    fn from(key: pb::ServiceKey) -> ServiceKey {
+        ServiceKey::new(key.interface, key.version, key.group)
+    }
+}
+
 impl From<&ServiceKey> for pb::ServiceKey {
     fn from(key: &ServiceKey) -> pb::ServiceKey {
         pb::ServiceKey {

@@ -794,7 +794,7 @@ impl SessionTask {
         }
     }
 
-    fn subscription(&self, key: Option<&pb::ServiceKey>) -> Option<Subscription> {
+    fn subscription(&self, key: Option<pb::ServiceKey>) -> Option<Subscription> {
         let key = ServiceKey::from(key?);
         let desired = self.desired.lock().expect("registry desired lock");
         let tx = desired.subscriptions.get(&key)?.clone();
@@ -809,8 +809,8 @@ impl SessionTask {
         }
     }
 
-    fn apply_snapshot(&self, snapshot: Snapshot) {
-        let Some(Subscription { key, tx, listeners }) = self.subscription(snapshot.service.as_ref()) else {
+    fn apply_snapshot(&self, mut snapshot: Snapshot) {
+        let Some(Subscription { key, tx, listeners }) = self.subscription(snapshot.service.take()) else {
             return;
         };
         let partial = snapshot.partial;
@@ -833,8 +833,8 @@ impl SessionTask {
         self.mark_cache_dirty();
     }
 
-    fn apply_delta(&self, delta: Delta, epoch: &str) -> Option<node_message::Body> {
-        let Subscription { key, tx, listeners } = self.subscription(delta.service.as_ref())?;
+    fn apply_delta(&self, mut delta: Delta, epoch: &str) -> Option<node_message::Body> {
+        let Subscription { key, tx, listeners } = self.subscription(delta.service.take())?;
         let (held_epoch, held) = {
             let current = tx.borrow();
             (current.epoch == epoch, current.revision)
