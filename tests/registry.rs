@@ -195,7 +195,13 @@ impl RawSession {
 
 /// Server messages of a natively framed stream.
 fn native_inbound(read: impl AsyncRead + Send + 'static) -> impl Stream<Item = Result<ServerMessage, String>> + Send {
-    framing::read_messages(read, framing::MAX_SERVER_FRAME, 8 * 1024, "ServerMessage")
+    framing::read_messages(
+        read,
+        framing::MAX_SERVER_FRAME,
+        8 * 1024,
+        "ServerMessage",
+        framing::decode_server_message,
+    )
 }
 
 fn greeter_key() -> pb::ServiceKey {

@@ -98,11 +98,12 @@ pub(crate) async fn serve(service: &RegistryService, socket: TcpStream, peer: So
         Ok(Err(e)) => return debug!(%peer, error = %e, "closed inside the preface"),
         Err(_) => return debug!(%peer, ?timeout, "no preface; closing"),
     }
-    let inbound = pin!(framing::read_messages::<NodeMessage>(
+    let inbound = pin!(framing::read_messages(
         read,
         max_message_bytes,
         READ_BUFFER,
-        "NodeMessage"
+        "NodeMessage",
+        <NodeMessage as prost::Message>::decode
     ));
     let outbox = Arc::new(Outbox::new(write));
     let session = service.run(inbound, Tx::Native(outbox.clone()), Some(peer));

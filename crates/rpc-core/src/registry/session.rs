@@ -535,8 +535,14 @@ impl SessionTask {
                     .map_err(|e| format!("{CONNECT_FAILED}{e}"))?;
                 let _ = socket.set_nodelay(true);
                 let (read, write) = socket.into_split();
-                let inbound = framing::read_messages(read, framing::MAX_SERVER_FRAME, READ_BUFFER, "ServerMessage")
-                    .map(|message| message.map_err(|e| format!("stream error: {e}")));
+                let inbound = framing::read_messages(
+                    read,
+                    framing::MAX_SERVER_FRAME,
+                    READ_BUFFER,
+                    "ServerMessage",
+                    framing::decode_server_message,
+                )
+                .map(|message| message.map_err(|e| format!("stream error: {e}")));
                 let mut preface = BytesMut::with_capacity(512);
                 preface.put_slice(&framing::PREFACE);
                 let writer = framing::write_frames(out_rx, write, preface, |m, buf| framing::put_frame(buf, m));
