@@ -370,8 +370,9 @@ struct State {
     rules: HashMap<ServiceKey, Arc<RuleSet>>,
     sessions: HashMap<SessionId, SessionEntry>,
     dirty: BTreeSet<ServiceKey>,
-    /// When the oldest change in `dirty` was made.
-    pending_since: Option<Instant>,
+    /// Changes made since the last flush (one per registration, removal or
+    /// instance of a closed session).
+    pending_changes: usize,
     next_session: SessionId,
     /// Where a (re)created service's revisions start: above every revision
     /// of every service removed so far. A node may still hold a revision of
@@ -384,7 +385,7 @@ impl State {
     /// Notes a change of `key` for the next flush.
     fn mark_dirty(&mut self, key: &ServiceKey) {
         self.dirty.insert(key.clone());
-        self.pending_since.get_or_insert_with(Instant::now);
+        self.pending_changes += 1;
     }
 
     /// The entry of `key`, created (its revisions above the floor) if absent.
@@ -674,14 +675,14 @@ impl Registry {
     pub fn take_flush(&self) -> Pushes {
         let mut state = self.lock();
         let dirty = std::mem::take(&mut state.dirty);
-        state.pending_since = None;
+        let changes = std::mem::take(&mut state.pending_changes);
         let mut flushed = Vec::new();
         for key in dirty {
             flushed.extend(self.flush_service(&mut state, &key));
             remove_if_unused(&mut state, &key);
         }
         drop(state);
-        let pushes = Pushes { flushed };
+        let pushes = Pushes { flushed, changes };
         // Counted before the marks wake anyone: a session may report its
         // push before `push` returns.
         let marking = pushes.len();
@@ -753,11 +754,6 @@ impl Registry {
                 .fetch_add(delivered * delta.encoded.len() as u64, Ordering::Relaxed);
         }
         marked
-    }
-
-    /// When the oldest change waiting for the next flush was made, if one is.
-    pub fn pending_since(&self) -> Option<Instant> {
-        self.lock().pending_since
     }
 
     /// Whether the pushes of the last flush are all sent.
@@ -1058,9 +1054,16 @@ struct Flushed {
 #[derive(Debug, Default)]
 pub struct Pushes {
     flushed: Vec<Flushed>,
+    /// The changes this flush turned into deltas.
+    changes: usize,
 }
 
 impl Pushes {
+    /// The changes this flush turned into deltas (0 in a part of a split).
+    pub fn changes(&self) -> usize {
+        self.changes
+    }
+
     /// Subscribers to push to, over all services.
     pub fn len(&self) -> usize {
         self.flushed.iter().map(|f| f.subscribers.len()).sum()

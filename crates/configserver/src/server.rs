@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -240,24 +240,29 @@ impl Drop for ConfigServer {
 pub const IN_MEMORY_STORE: &str = "sqlite::memory:";
 
 /// Flushes a change at once when the registry is idle. After a flush,
-/// waits until its pushes are out; if changes came in meanwhile (a burst),
-/// holds them for [`HOLD_PER_ROUND`] times as long as the pushes took, but
-/// never past the coalescing window, and they go out as one delta per
-/// service. A change that finds the last flush's pushes out and nothing
-/// else waiting is not part of a burst, and waits for nothing, however
-/// long that push round was: a push round to a thousand subscribers takes
-/// milliseconds, and holding the next lone change for it would add them to
-/// every push. In a burst, push rounds take at most about a fifth of the
-/// time, and the registrations of a storm keep the rest.
+/// waits until its pushes are out; then, while changes come often enough
+/// that holding them merges some (a burst), holds them for
+/// [`HOLD_PER_ROUND`] times as long as the pushes took, never past the
+/// coalescing window, and they go out as one delta per service. In a
+/// burst, push rounds take at most about a fifth of the time, and the
+/// registrations of a storm keep the rest. A lone change waits for
+/// nothing, however long the last push round was: a round to a thousand
+/// subscribers takes milliseconds, and holding each of a series of
+/// changes a few milliseconds apart for it would merge none of them, only
+/// add the hold to every push.
 async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: CancellationToken) {
+    let mut last_flush: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = registry.changed.notified() => {}
             _ = shutdown.cancelled() => return,
         }
         let flushed_at = tokio::time::Instant::now();
-        let (pushed, written) = push(&registry, registry.take_flush()).await;
-        if pushed == 0 {
+        let since_last = last_flush.map(|at| flushed_at - at);
+        last_flush = Some(flushed_at);
+        let pushes = registry.take_flush();
+        let changes = pushes.changes();
+        if push(&registry, pushes).await == 0 {
             continue;
         }
         // Changes made meanwhile leave a stored wake-up: the next turn
@@ -267,10 +272,11 @@ async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: Cancellati
             tokio::select! {
                 _ = tokio::time::sleep_until(window_ends) => break,
                 _ = registry.drained.notified() => if registry.is_drained() {
-                    let burst = registry.pending_since().is_some_and(|at| at <= written);
-                    if let Some(hold) = hold(flushed_at.elapsed(), burst) {
+                    let now = tokio::time::Instant::now();
+                    let pace = Pace { round: now - flushed_at, window_left: window_ends - now, changes, since_last };
+                    if let Some(hold) = pace.hold() {
                         tokio::select! {
-                            _ = tokio::time::sleep_until((tokio::time::Instant::now() + hold).min(window_ends)) => {}
+                            _ = tokio::time::sleep(hold) => {}
                             _ = shutdown.cancelled() => return,
                         }
                     }
@@ -282,24 +288,42 @@ async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: Cancellati
     }
 }
 
-/// How long changes are held once the pushes of a flush are out, after a
-/// push round of `round`: only in a burst (`burst`: changes came in while
-/// the pushes went out), and not for a round too cheap to matter (timers
-/// tick in milliseconds: a shorter hold would round up to one).
-fn hold(round: Duration, burst: bool) -> Option<Duration> {
-    let hold = round * HOLD_PER_ROUND;
-    (burst && hold >= MIN_HOLD).then_some(hold)
+/// What the flusher knows when a flush's pushes are out.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// How long the pushes took.
+    round: Duration,
+    /// Until the coalescing window of the flush ends.
+    window_left: Duration,
+    /// The changes the flush carried.
+    changes: usize,
+    /// Since the flush before it, if there was one.
+    since_last: Option<Duration>,
 }
 
-/// Makes the pushes of a flush: how many were made, and when the last of
-/// them was written. Many are shared out over the runtime's worker
-/// threads: each write to a subscriber's socket also wakes the thread that
-/// reads it, and those wake-ups, made one after another from a single
-/// thread, would be the round's critical path.
-async fn push(registry: &Arc<Registry>, pushes: Pushes) -> (usize, Instant) {
+impl Pace {
+    /// How long to hold further changes: [`HOLD_PER_ROUND`] times the
+    /// round, within the window, if at the pace of the last flush (its
+    /// changes over the time since the one before) at least one more
+    /// change would come in meanwhile. Not for a round too cheap to
+    /// matter (timers tick in milliseconds: a shorter hold would round up
+    /// to one).
+    fn hold(self) -> Option<Duration> {
+        let hold = (self.round * HOLD_PER_ROUND).min(self.window_left);
+        let since_last = self.since_last?;
+        let merges = hold.as_secs_f64() * self.changes as f64 >= since_last.as_secs_f64();
+        (hold >= MIN_HOLD && merges).then_some(hold)
+    }
+}
+
+/// Makes the pushes of a flush; how many were made. Many are shared out
+/// over the runtime's worker threads: each write to a subscriber's socket
+/// also wakes the thread that reads it, and those wake-ups, made one after
+/// another from a single thread, would be the round's critical path.
+async fn push(registry: &Arc<Registry>, pushes: Pushes) -> usize {
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     if pushes.len() < PARALLEL_PUSH_MIN || workers < 2 {
-        return (registry.push(pushes), Instant::now());
+        return registry.push(pushes);
     }
     // Every part in a task of its own (none run here): a task spawned
     // last sits in this worker's next-task slot, which others cannot steal
@@ -307,21 +331,17 @@ async fn push(registry: &Arc<Registry>, pushes: Pushes) -> (usize, Instant) {
     let mut parts = JoinSet::new();
     for part in pushes.split(workers) {
         let registry = registry.clone();
-        parts.spawn(async move { (registry.push(part), Instant::now()) });
+        parts.spawn(async move { registry.push(part) });
     }
-    let (mut pushed, mut written) = (0, None);
+    let mut pushed = 0;
     while let Some(part) = parts.join_next().await {
         match part {
-            Ok((made, at)) => {
-                pushed += made;
-                // When the last part finished, not when this task saw it.
-                written = written.max(Some(at));
-            }
+            Ok(made) => pushed += made,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => {} // aborted: only when this future is dropped
         }
     }
-    (pushed, written.unwrap_or_else(Instant::now))
+    pushed
 }
 
 /// Fewer pushes than this are made by the flusher alone.
@@ -339,19 +359,27 @@ const MIN_HOLD: Duration = Duration::from_millis(1);
 mod tests {
     use super::*;
 
+    fn pace(round_ms: u64, changes: usize, since_last_ms: Option<u64>) -> Pace {
+        Pace {
+            round: Duration::from_millis(round_ms),
+            window_left: Duration::from_millis(5).saturating_sub(Duration::from_millis(round_ms)),
+            changes,
+            since_last: since_last_ms.map(Duration::from_millis),
+        }
+    }
+
     #[test]
-    fn only_a_burst_is_held_and_for_a_multiple_of_its_push_round() {
-        let round = Duration::from_millis(3);
-        assert_eq!(
-            hold(round, false),
-            None,
-            "a lone change after a long round waits for nothing"
-        );
-        assert_eq!(hold(round, true), Some(round * HOLD_PER_ROUND));
-        assert_eq!(
-            hold(Duration::from_micros(100), true),
-            None,
-            "a round too cheap to matter"
-        );
+    fn changes_are_held_only_when_holding_would_merge_some() {
+        // A storm: changes every fraction of a millisecond.
+        assert_eq!(pace(1, 3, Some(1)).hold(), Some(Duration::from_millis(4)));
+        // The window bounds the hold.
+        assert_eq!(pace(2, 40, Some(3)).hold(), Some(Duration::from_millis(3)));
+        // One change every 6 ms, each pushed to many subscribers in 3.5
+        // ms: the 1.5 ms left of the window would merge none.
+        assert_eq!(pace(3, 1, Some(6)).hold(), None);
+        // The first flush after a quiet spell.
+        assert_eq!(pace(1, 1, None).hold(), None);
+        // A round too cheap to matter.
+        assert_eq!(pace(0, 5, Some(1)).hold(), None);
     }
 }
