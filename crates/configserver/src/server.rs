@@ -273,7 +273,12 @@ async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: Cancellati
                 _ = tokio::time::sleep_until(window_ends) => break,
                 _ = registry.drained.notified() => if registry.is_drained() {
                     let now = tokio::time::Instant::now();
-                    let pace = Pace { round: now - flushed_at, window_left: window_ends - now, changes, since_last };
+                    let pace = Pace {
+                        round: now.saturating_duration_since(flushed_at),
+                        window_left: window_ends.saturating_duration_since(now),
+                        changes,
+                        since_last,
+                    };
                     if let Some(hold) = pace.hold() {
                         tokio::select! {
                             _ = tokio::time::sleep(hold) => {}
@@ -347,9 +352,8 @@ async fn push(registry: &Arc<Registry>, pushes: Pushes) -> usize {
 /// Fewer pushes than this are made by the flusher alone.
 const PARALLEL_PUSH_MIN: usize = 256;
 
-/// After a push round during which changes came in, the flusher holds
-/// them this many times as long as the round took (within the coalescing
-/// window).
+/// In a burst, after a push round, the flusher holds changes this many
+/// times as long as the round took (within the coalescing window).
 const HOLD_PER_ROUND: u32 = 4;
 
 /// A shorter hold is skipped.
@@ -374,10 +378,11 @@ mod tests {
         assert_eq!(pace(1, 3, Some(1)).hold(), Some(Duration::from_millis(4)));
         // The window bounds the hold.
         assert_eq!(pace(2, 40, Some(3)).hold(), Some(Duration::from_millis(3)));
-        // One change every 6 ms, each pushed to many subscribers in 3.5
-        // ms: the 1.5 ms left of the window would merge none.
+        // One change every 6 ms, each pushed to many subscribers in 3 ms:
+        // the 2 ms left of the window would merge none.
         assert_eq!(pace(3, 1, Some(6)).hold(), None);
-        // The first flush after a quiet spell.
+        // The first change after a quiet spell, and the very first flush.
+        assert_eq!(pace(1, 1, Some(10_000)).hold(), None);
         assert_eq!(pace(1, 1, None).hold(), None);
         // A round too cheap to matter.
         assert_eq!(pace(0, 5, Some(1)).hold(), None);

@@ -143,8 +143,9 @@ fn count_instances(frame: &[u8]) -> Option<Counted> {
                 updated += count(body, DELTA_UPDATED)?;
                 last = Some(DELTA);
             }
-            1 => {} // the request id
-            _ => last = None,
+            // Another body of the oneof (Welcome, Ack, Error, ...).
+            2..=8 => last = None,
+            _ => {} // the request id, or a field this version does not know
         }
     }
     match last? {
