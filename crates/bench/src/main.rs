@@ -65,13 +65,6 @@ enum Command {
     ServeConfigserver(Box<configserver::config::Cli>),
 }
 
-/// The allocator of the `configserver` binary, which this one also runs (as
-/// the ConfigServer child of `registry`, `rules` and `peers`); the clients
-/// of every system measured share it.
-#[cfg(not(target_env = "msvc"))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
