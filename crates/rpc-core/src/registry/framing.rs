@@ -89,44 +89,33 @@ pub fn read_messages<M>(
 /// of instances arrive. The lengths come from a scan of the frame's field
 /// headers; the capacity is only what decoding would allocate anyway.
 pub fn decode_server_message(frame: BytesMut) -> Result<ServerMessage, DecodeError> {
-    let body = match count_instances(&frame) {
-        Some(Counted::Snapshot(providers)) if providers > 0 => Some(server_message::Body::Snapshot(Snapshot {
-            providers: Vec::with_capacity(providers),
-            ..Snapshot::default()
-        })),
-        Some(Counted::Delta { added, updated }) if added + updated > 0 => Some(server_message::Body::Delta(Delta {
-            added: Vec::with_capacity(added),
-            updated: Vec::with_capacity(updated),
-            ..Delta::default()
-        })),
-        _ => None,
+    let mut message = ServerMessage {
+        request_id: 0,
+        body: presized_body(&frame),
     };
-    let mut message = ServerMessage { request_id: 0, body };
     message.merge(frame)?;
     Ok(message)
 }
 
-/// The instance lists a server message carries, by length.
-enum Counted {
-    Snapshot(usize),
-    Delta { added: usize, updated: usize },
-}
-
-/// Counts the entries of the instance lists in a `ServerMessage` frame;
-/// `None` for any other body, or bytes that do not scan (decoding then
-/// reports them).
-fn count_instances(frame: &[u8]) -> Option<Counted> {
+/// An empty body of the kind a `ServerMessage` frame carries, with its
+/// instance lists allocated at the lengths the frame gives them; `None`
+/// for any other body, or bytes that do not scan (decoding then reports
+/// them).
+fn presized_body(frame: &[u8]) -> Option<server_message::Body> {
     const SNAPSHOT: u32 = 3;
     const SNAPSHOT_PROVIDERS: u32 = 4;
     const DELTA: u32 = 4;
     const DELTA_ADDED: u32 = 5;
     const DELTA_UPDATED: u32 = 7;
-    let count = |body: &[u8], wanted: u32| -> Option<usize> {
-        let mut n = 0;
+    // How many fields of `body` have tag `a`, and how many tag `b`.
+    let count = |body: &[u8], a: u32, b: u32| -> Option<(usize, usize)> {
+        let (mut n_a, mut n_b) = (0, 0);
         for field in fields(body) {
-            n += usize::from(field?.0 == wanted);
+            let tag = field?.0;
+            n_a += usize::from(tag == a);
+            n_b += usize::from(tag == b);
         }
-        Some(n)
+        Some((n_a, n_b))
     };
     // The body that decoding keeps is the last one; a repeated occurrence
     // of the same one adds to it.
@@ -135,12 +124,12 @@ fn count_instances(frame: &[u8]) -> Option<Counted> {
         let (tag, body) = field?;
         match tag {
             SNAPSHOT => {
-                providers += count(body, SNAPSHOT_PROVIDERS)?;
+                providers += count(body, SNAPSHOT_PROVIDERS, SNAPSHOT_PROVIDERS)?.0;
                 last = Some(SNAPSHOT);
             }
             DELTA => {
-                added += count(body, DELTA_ADDED)?;
-                updated += count(body, DELTA_UPDATED)?;
+                let (a, u) = count(body, DELTA_ADDED, DELTA_UPDATED)?;
+                (added, updated) = (added + a, updated + u);
                 last = Some(DELTA);
             }
             // Another body of the oneof (Welcome, Ack, Error, ...).
@@ -148,10 +137,17 @@ fn count_instances(frame: &[u8]) -> Option<Counted> {
             _ => {} // the request id, or a field this version does not know
         }
     }
-    match last? {
-        SNAPSHOT => Some(Counted::Snapshot(providers)),
-        _ => Some(Counted::Delta { added, updated }),
-    }
+    Some(match last? {
+        SNAPSHOT => server_message::Body::Snapshot(Snapshot {
+            providers: Vec::with_capacity(providers),
+            ..Snapshot::default()
+        }),
+        _ => server_message::Body::Delta(Delta {
+            added: Vec::with_capacity(added),
+            updated: Vec::with_capacity(updated),
+            ..Delta::default()
+        }),
+    })
 }
 
 /// The fields of an encoded message, each as its tag and its
