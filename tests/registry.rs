@@ -533,7 +533,7 @@ async fn a_list_listener_is_told_each_pushed_list_in_order() {
     let consumer = RegistrySession::start(SessionConfig::new([registry.to_string()], "c", Role::Consumer));
     let (told, mut heard) = mpsc::channel(16);
     let _list = consumer.subscribe_with(&key, move |list: &ProviderList| {
-        let mut addresses: Vec<String> = list.providers.keys().cloned().collect();
+        let mut addresses: Vec<String> = list.providers.keys().map(|addr| addr.to_string()).collect();
         addresses.sort();
         let _ = told.try_send(addresses);
     });

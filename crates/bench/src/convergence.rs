@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rpc_core::registry::ProviderList;
+use rpc_core::registry::{Addr, ProviderList};
 use tokio::sync::{Notify, watch};
 
 /// Bound on any one convergence.
@@ -35,29 +35,41 @@ pub trait Addresses: Send + Sync + 'static {
     /// Exactly `want`, nothing more. It is asked after every change a
     /// subscriber applies (a dozen per subscriber in a storm), so it must
     /// not make the checker the bottleneck: see [`same_set`].
-    fn is(&self, want: &BTreeSet<String>) -> bool;
+    fn is(&self, want: &AddressSet) -> bool;
+}
+
+/// A set of addresses a view must hold exactly: sorted, in one vector, so
+/// that the checker's side of a walk costs next to nothing beside the
+/// view's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressSet(Vec<String>);
+
+impl FromIterator<String> for AddressSet {
+    fn from_iter<I: IntoIterator<Item = String>>(addresses: I) -> AddressSet {
+        let mut sorted: Vec<String> = addresses.into_iter().collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        AddressSet(sorted)
+    }
 }
 
 /// Whether the sorted `view` (of `len` addresses) is exactly `want`: the
 /// size and both ends first, which rule out a view still on its way in a
 /// few steps, then a walk of both side by side.
-fn same_set<'a>(
-    len: usize,
-    view: impl DoubleEndedIterator<Item = &'a String> + Clone,
-    want: &BTreeSet<String>,
-) -> bool {
+fn same_set<'a>(len: usize, view: impl DoubleEndedIterator<Item = &'a str> + Clone, want: &AddressSet) -> bool {
+    let want = &want.0;
     len == want.len()
-        && view.clone().next() == want.first()
-        && view.clone().next_back() == want.last()
-        && view.eq(want.iter())
+        && view.clone().next() == want.first().map(String::as_str)
+        && view.clone().next_back() == want.last().map(String::as_str)
+        && view.eq(want.iter().map(String::as_str))
 }
 
 impl Addresses for ProviderList {
     fn has(&self, address: &str) -> bool {
         self.providers.contains_key(address)
     }
-    fn is(&self, want: &BTreeSet<String>) -> bool {
-        same_set(self.providers.len(), self.providers.keys(), want)
+    fn is(&self, want: &AddressSet) -> bool {
+        same_set(self.providers.len(), self.providers.keys().map(Addr::as_str), want)
     }
 }
 
@@ -65,8 +77,8 @@ impl Addresses for BTreeSet<String> {
     fn has(&self, address: &str) -> bool {
         self.contains(address)
     }
-    fn is(&self, want: &BTreeSet<String>) -> bool {
-        same_set(self.len(), self.iter(), want)
+    fn is(&self, want: &AddressSet) -> bool {
+        same_set(self.len(), self.iter().map(String::as_str), want)
     }
 }
 

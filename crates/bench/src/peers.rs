@@ -10,9 +10,12 @@
 //!    new instance, and later removes it; each change is one sample: the time
 //!    until the *last* subscriber's view holds the change.
 //! 2. **Storm**: `--storm-providers` providers of one service, watched by
-//!    `--storm-subscribers` sessions; 10% are removed and as many new ones
-//!    added at once; `storm` is the time until every subscriber holds exactly
-//!    the new set.
+//!    `--storm-subscribers` sessions; 10% (the oldest) are removed and as
+//!    many new ones added at once; a storm's time is until every subscriber
+//!    holds exactly the new set. `--storms` storms run one after another
+//!    (each once the last has converged); `storm` is the median one, as one
+//!    storm alone is a single sample of a wide distribution for every
+//!    system. The slowest is reported beside it.
 //!
 //! How each system is used is how its registries use it:
 //!
@@ -65,7 +68,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use zookeeper_client as zk;
 
-use crate::convergence::{Arrivals, Observer};
+use crate::convergence::{AddressSet, Arrivals, Observer};
 use crate::etcd::{self, kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient};
 use crate::proc_stats;
 use crate::registry::{self, Server};
@@ -103,6 +106,10 @@ pub struct PeersArgs {
     storm_providers: usize,
     #[arg(long, default_value_t = 100)]
     storm_subscribers: usize,
+    /// Storms run one after another on the same subscribers; the ratios
+    /// compare each system's median storm.
+    #[arg(long, default_value_t = 5)]
+    storms: usize,
     /// Provider sessions the registrations are spread over.
     #[arg(long, default_value_t = 20)]
     provider_sessions: usize,
@@ -124,6 +131,9 @@ pub struct PeersArgs {
     plot: Option<PathBuf>,
 }
 
+/// The first port of the providers the storms add.
+const FRESH_PORTS: usize = 50_000;
+
 /// Failure detection of the peers' sessions (see the module docs).
 const ZK_SESSION_TIMEOUT: Duration = Duration::from_secs(4);
 const ETCD_LEASE_TTL_S: i64 = 3;
@@ -137,16 +147,51 @@ struct Report {
     push_ms: Vec<f64>,
     push_p50: f64,
     push_p99: f64,
-    /// When each storm subscriber converged, ms (sorted).
-    storm_each_ms: Vec<f64>,
-    storm_ms: f64,
-    /// Time until the server acknowledged every change of the storm, ms.
-    storm_acked_ms: f64,
+    /// The storms, in the order run.
+    storms: Vec<Storm>,
     /// Wire bytes per change per subscriber, if `ss` could count them.
     bytes_per_change: Option<f64>,
     push_cpu_s: f64,
+    /// The server's, per storm.
     storm_cpu_s: f64,
+    /// This process's (every provider's and subscriber's client), per storm.
+    storm_clients_cpu_s: f64,
     rss_kb: u64,
+}
+
+/// One storm's outcome.
+struct Storm {
+    /// When each subscriber converged, ms (sorted; the last is the storm's
+    /// convergence time).
+    each_ms: Vec<f64>,
+    /// Until the server acknowledged every change of the storm, ms.
+    acked_ms: f64,
+}
+
+impl Storm {
+    fn ms(&self) -> f64 {
+        self.each_ms.last().copied().unwrap_or_default()
+    }
+}
+
+impl Report {
+    /// The storms sorted by convergence time.
+    fn storms_by_time(&self) -> Vec<&Storm> {
+        let mut storms: Vec<&Storm> = self.storms.iter().collect();
+        storms.sort_by(|a, b| a.ms().total_cmp(&b.ms()));
+        storms
+    }
+
+    /// The median storm (the lower middle one of an even count): the one
+    /// the ratios compare.
+    fn median_storm(&self) -> &Storm {
+        let storms = self.storms_by_time();
+        storms[(storms.len() - 1) / 2]
+    }
+
+    fn storm_ms(&self) -> f64 {
+        self.median_storm().ms()
+    }
 }
 
 pub async fn run(args: PeersArgs) -> anyhow::Result<()> {
@@ -189,8 +234,8 @@ pub async fn run(args: PeersArgs) -> anyhow::Result<()> {
         "RESULT peers push_p99_vs_zk={} push_p99_vs_etcd={} storm_vs_zk={} storm_vs_etcd={}",
         ratio(|r| r.push_p99, System::Zookeeper),
         ratio(|r| r.push_p99, System::Etcd),
-        ratio(|r| r.storm_ms, System::Zookeeper),
-        ratio(|r| r.storm_ms, System::Etcd),
+        ratio(Report::storm_ms, System::Zookeeper),
+        ratio(Report::storm_ms, System::Etcd),
     );
     Ok(())
 }
@@ -725,7 +770,7 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
     register_all(&providers, probe, &base).await?;
 
     // 1. Push.
-    let base_set: Arc<BTreeSet<String>> = Arc::new(base.iter().map(|&p| address(p)).collect());
+    let base_set: Arc<AddressSet> = Arc::new(base.iter().map(|&p| address(p)).collect());
     let mut arrivals = Arrivals::new(move |goal, view| {
         // Goal 1: the base list; then 2 x port + 1 when a probe joined, 2 x port when it left.
         if goal == 1 {
@@ -777,41 +822,69 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
     let push_p50 = latency.value_at_quantile(0.5) as f64 / 1e3;
     let push_p99 = latency.value_at_quantile(0.99) as f64 / 1e3;
 
-    // 2. Storm.
+    // 2. Storms, one after another: each replaces the oldest tenth of the
+    // current set with new providers.
+    let replaced = args.storm_providers / 10;
+    anyhow::ensure!(
+        replaced > 0 && args.storms > 0,
+        "--storm-providers must be at least 10 and --storms at least 1"
+    );
+    anyhow::ensure!(
+        args.storm_providers <= 20_000 && FRESH_PORTS + args.storms * replaced <= usize::from(u16::MAX),
+        "{} storms of {replaced} new providers need ports {FRESH_PORTS}-{}: more than there are",
+        args.storms,
+        FRESH_PORTS + args.storms * replaced
+    );
     let initial: Vec<u16> = (0..args.storm_providers).map(|k| 20_000 + k as u16).collect();
     register_all(&providers, storm, &initial).await?;
-    let replaced = args.storm_providers / 10;
-    let fresh: Vec<u16> = (0..replaced).map(|k| 50_000 + k as u16).collect();
-    let initial_set: Arc<BTreeSet<String>> = Arc::new(initial.iter().map(|&p| address(p)).collect());
-    let expected: Arc<BTreeSet<String>> =
-        Arc::new(initial[replaced..].iter().chain(&fresh).map(|&p| address(p)).collect());
-    let mut arrivals = Arrivals::new(move |goal, view| view.is(if goal == 1 { &initial_set } else { &expected }));
+    // The set each storm leaves (index 0: before the first).
+    let mut sets = vec![initial.clone()];
+    for s in 0..args.storms {
+        let current = &sets[s];
+        let fresh = (0..replaced).map(|k| (FRESH_PORTS + s * replaced + k) as u16);
+        sets.push(current[replaced..].iter().copied().chain(fresh).collect());
+    }
+    let goals: Arc<Vec<AddressSet>> = Arc::new(
+        sets.iter()
+            .map(|set| set.iter().map(|&p| address(p)).collect())
+            .collect(),
+    );
+    // Goal g (from 1): holding exactly sets[g - 1].
+    let expected = goals.clone();
+    let mut arrivals = Arrivals::new(move |goal, view| view.is(&expected[goal as usize - 1]));
     let subscribers = target.subscribers(storm, args.storm_subscribers, &mut arrivals).await?;
     subscribers.time(&arrivals, 1, async { Ok(()) }).await?;
-    let cpu_before = proc_stats::cpu_seconds(pid)?;
-    let mut storm_acked = Duration::ZERO;
-    let each = subscribers
-        .time_each(&arrivals, 2, async {
-            let start = std::time::Instant::now();
-            let (gone, fresh) = (&initial[..replaced], &fresh);
-            tokio::try_join!(
-                change_all(&providers, storm, gone, false),
-                change_all(&providers, storm, fresh, true)
-            )?;
-            storm_acked = start.elapsed();
-            Ok(())
-        })
-        .await
-        .context("storm")?;
-    let storm_cpu_s = proc_stats::cpu_seconds(pid)? - cpu_before;
-    let storm_each_ms: Vec<f64> = each.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    let storm_ms = storm_each_ms.last().copied().unwrap_or_default();
+    let cpu_before = proc_stats::thread_cpu_seconds(pid)?;
+    let clients_before = proc_stats::thread_cpu_seconds(std::process::id())?;
+    let mut storms = Vec::with_capacity(args.storms);
+    for s in 0..args.storms {
+        let (gone, fresh) = (&sets[s][..replaced], &sets[s + 1][args.storm_providers - replaced..]);
+        let mut acked = Duration::ZERO;
+        let each = subscribers
+            .time_each(&arrivals, s as u64 + 2, async {
+                let start = std::time::Instant::now();
+                tokio::try_join!(
+                    change_all(&providers, storm, gone, false),
+                    change_all(&providers, storm, fresh, true)
+                )?;
+                acked = start.elapsed();
+                Ok(())
+            })
+            .await
+            .with_context(|| format!("storm {}", s + 1))?;
+        storms.push(Storm {
+            each_ms: each.iter().map(|d| d.as_secs_f64() * 1e3).collect(),
+            acked_ms: acked.as_secs_f64() * 1e3,
+        });
+    }
+    let storm_cpu_s = (proc_stats::thread_cpu_seconds(pid)? - cpu_before) / args.storms as f64;
+    let storm_clients_cpu_s =
+        (proc_stats::thread_cpu_seconds(std::process::id())? - clients_before) / args.storms as f64;
     drop(subscribers);
     drop(arrivals);
 
     // Leave the peer as it was found, for the next run.
-    let all_storm: Vec<u16> = initial[replaced..].iter().chain(&fresh).copied().collect();
-    change_all(&providers, storm, &all_storm, false).await?;
+    change_all(&providers, storm, &sets[args.storms], false).await?;
     change_all(&providers, probe, &base, false).await?;
 
     Ok(Report {
@@ -819,9 +892,8 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
         push_ms,
         push_p50,
         push_p99,
-        storm_each_ms,
-        storm_ms,
-        storm_acked_ms: storm_acked.as_secs_f64() * 1e3,
+        storms,
+        storm_clients_cpu_s,
         bytes_per_change,
         push_cpu_s,
         storm_cpu_s,
@@ -832,36 +904,42 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
 fn print_table(reports: &[Report]) {
     println!();
     println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>13} {:>11} {:>12} {:>8}",
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>15} {:>11} {:>12} {:>10} {:>13} {:>13} {:>8}",
         "system",
         "push p50",
         "push p99",
         "push max",
         "storm",
+        "storm min-max",
         "storm acked",
         "bytes/change",
         "push cpu s",
-        "storm cpu s",
+        "storm cpu ms",
+        "clients cpu ms",
         "rss MiB"
     );
     for r in reports {
         let max = r.push_ms.iter().copied().fold(0.0, f64::max);
+        let storms = r.storms_by_time();
+        let range = format!("{:.1}-{:.1}ms", storms[0].ms(), storms[storms.len() - 1].ms());
         println!(
-            "{:<10} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>9.1}ms {:>13} {:>11.2} {:>12.2} {:>8.1}",
+            "{:<10} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>15} {:>9.1}ms {:>12} {:>10.2} {:>13.1} {:>13.1} {:>8.1}",
             r.system.name(),
             r.push_p50,
             r.push_p99,
             max,
-            r.storm_ms,
-            r.storm_acked_ms,
+            r.storm_ms(),
+            range,
+            r.median_storm().acked_ms,
             r.bytes_per_change.map_or("n/a".into(), |b| format!("{b:.0}")),
             r.push_cpu_s,
-            r.storm_cpu_s,
+            r.storm_cpu_s * 1e3,
+            r.storm_clients_cpu_s * 1e3,
             r.rss_kb as f64 / 1024.0,
         );
     }
     println!(
-        "(push: a change -> the last subscriber holds it; storm: 10% replaced -> every subscriber holds the new set; storm acked: until the server acknowledged every storm write; bytes/change: TCP payload both ways over all the server's connections during the push phase, per change per subscriber; cpu s: the server process's CPU seconds in each phase; rss: the server's resident memory with every push subscriber connected)"
+        "(push: a change -> the last subscriber holds it; storm: 10% replaced -> every subscriber holds the new set, the median storm (min-max: the fastest and slowest); storm acked: until the server acknowledged every write of the median storm; bytes/change: TCP payload both ways over all the server's connections during the push phase, per change per subscriber; push cpu s: the server process's CPU seconds over the push phase; storm cpu ms: the server's CPU per storm; clients cpu ms: this process's (every provider's and subscriber's client, and the checks) per storm; rss: the server's resident memory with every push subscriber connected)"
     );
     println!();
 }
@@ -876,7 +954,7 @@ fn write_plots(dir: &Path, reports: &[Report]) -> anyhow::Result<()> {
         ),
         (
             "peers_storm_convergence.png",
-            "Storm: 10% of providers replaced -> subscribers holding the new set",
+            "Storm (the median one): 10% of providers replaced -> subscribers holding the new set",
             "ms since the storm began (log scale)",
         ),
     ];
@@ -887,7 +965,7 @@ fn write_plots(dir: &Path, reports: &[Report]) -> anyhow::Result<()> {
                 let samples = if file == "peers_push_latency.png" {
                     &r.push_ms
                 } else {
-                    &r.storm_each_ms
+                    &r.median_storm().each_ms
                 };
                 (r.system.name().to_owned(), samples.clone())
             })

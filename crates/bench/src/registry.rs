@@ -22,7 +22,7 @@
 //! Last line:
 //! `RESULT registry push_p99_ms=<n> storm_converge_ms=<n> bytes_per_change=<n> rss_kb_per_session=<n> registrations_per_s=<n>`
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -36,7 +36,7 @@ use rpc_core::ServiceKey;
 use rpc_core::registry::{RegistrySession, Role, SessionConfig};
 use tern_proto::registry::Instance;
 
-use crate::convergence::Arrivals;
+use crate::convergence::{AddressSet, Arrivals};
 use tokio::task::JoinSet;
 
 #[derive(Debug, clap::Args)]
@@ -299,14 +299,14 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
         .collect();
     connected(&watchers_sessions).await?;
     let replaced = args.storm_providers / 10;
-    let expected: Arc<BTreeSet<String>> = Arc::new(
+    let expected: Arc<AddressSet> = Arc::new(
         (replaced..args.storm_providers)
             .map(|k| 20_000 + k as u32)
             .chain((0..replaced).map(|k| 40_000 + k as u32))
             .map(|port| format!("127.0.0.1:{port}"))
             .collect(),
     );
-    let initial_set: Arc<BTreeSet<String>> = Arc::new(
+    let initial_set: Arc<AddressSet> = Arc::new(
         (0..args.storm_providers)
             .map(|k| format!("127.0.0.1:{}", 20_000 + k as u32))
             .collect(),

@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use rpc_core::ServiceKey;
 use rpc_core::governance::RuleSet;
-use rpc_core::registry::convert::{addr_of, instance_addr};
+use rpc_core::registry::Addr;
+use rpc_core::registry::convert::instance_addr;
 use tern_proto::registry::{self as pb, Delta, Instance, ServerMessage, Snapshot, server_message};
 use tokio::sync::Notify;
 use tracing::{debug, info};
@@ -317,14 +318,14 @@ impl PushQueue {
 #[derive(Debug)]
 struct SessionEntry {
     node: NodeInfo,
-    registered: BTreeSet<(ServiceKey, String)>,
+    registered: BTreeSet<(ServiceKey, Addr)>,
     subscribed: BTreeSet<ServiceKey>,
     push: Arc<PushQueue>,
 }
 
 #[derive(Debug, Default)]
 struct ServiceEntry {
-    providers: BTreeMap<String, (Instance, SessionId)>,
+    providers: BTreeMap<Addr, (Instance, SessionId)>,
     consumers: BTreeMap<SessionId, NodeInfo>,
     subscribers: BTreeSet<SessionId>,
     revision: u64,
@@ -335,9 +336,9 @@ struct ServiceEntry {
 /// Net change since the last flush.
 #[derive(Debug, Default)]
 struct Pending {
-    added: BTreeMap<String, Instance>,
-    updated: BTreeMap<String, Instance>,
-    removed: BTreeSet<String>,
+    added: BTreeMap<Addr, Instance>,
+    updated: BTreeMap<Addr, Instance>,
+    removed: BTreeSet<Addr>,
 }
 
 impl Pending {
@@ -348,9 +349,9 @@ impl Pending {
     fn add(&mut self, addr: &str, instance: Instance, existed_at_flush: bool) {
         self.removed.remove(addr);
         if existed_at_flush {
-            self.updated.insert(addr.to_owned(), instance);
+            self.updated.insert(addr.into(), instance);
         } else {
-            self.added.insert(addr.to_owned(), instance);
+            self.added.insert(addr.into(), instance);
         }
     }
 
@@ -358,7 +359,7 @@ impl Pending {
         self.updated.remove(addr);
         // Added and removed within one window: the subscribers never hear of it.
         if self.added.remove(addr).is_none() {
-            self.removed.insert(addr.to_owned());
+            self.removed.insert(addr.into());
         }
     }
 }
@@ -592,7 +593,7 @@ impl Registry {
     ///
     /// [`RegistryError::NotFound`] if this session does not hold that instance.
     pub fn unregister(&self, id: SessionId, key: &ServiceKey, host: &str, port: u32) -> Result<(), RegistryError> {
-        let addr = addr_of(host, port);
+        let addr = Addr::new(host, port);
         let mut state = self.lock();
         let held = state
             .sessions
@@ -776,7 +777,7 @@ impl Registry {
             from_revision: entry.revision,
             to_revision: entry.revision + 1,
             added: pending.added.into_values().collect(),
-            removed: pending.removed.into_iter().collect(),
+            removed: pending.removed.into_iter().map(String::from).collect(),
             updated: pending.updated.into_values().collect(),
         };
         // Encoded once here; every subscriber is sent these bytes.
@@ -1696,7 +1697,7 @@ mod tests {
         #[derive(Default)]
         struct Subscriber {
             revision: Option<u64>,
-            providers: BTreeMap<String, u32>,
+            providers: BTreeMap<Addr, u32>,
         }
 
         impl Subscriber {
@@ -1730,7 +1731,7 @@ mod tests {
                         Some(server_message::Body::Delta(d)) => {
                             assert_eq!(Some(d.from_revision), self.revision, "deltas arrive in order");
                             for addr in &d.removed {
-                                self.providers.remove(addr);
+                                self.providers.remove(addr.as_str());
                             }
                             for i in d.added.iter().chain(&d.updated) {
                                 self.providers.insert(instance_addr(i), i.weight);
@@ -1793,10 +1794,10 @@ mod tests {
                 registry.flush();
                 subscriber.apply(&registry);
                 pushed.push(&registry, &push, &rt);
-                let held: BTreeSet<String> = registry.detail(&key()).map(|(_, p, _)| p.iter().map(instance_addr).collect()).unwrap_or_default();
-                let seen: BTreeSet<String> = subscriber.providers.keys().cloned().collect();
+                let held: BTreeSet<Addr> = registry.detail(&key()).map(|(_, p, _)| p.iter().map(instance_addr).collect()).unwrap_or_default();
+                let seen: BTreeSet<Addr> = subscriber.providers.keys().cloned().collect();
                 prop_assert_eq!(seen, held);
-                let weights: BTreeMap<String, u32> = registry.detail(&key()).map(|(_, p, _)| p.iter().map(|i| (instance_addr(i), i.weight)).collect()).unwrap_or_default();
+                let weights: BTreeMap<Addr, u32> = registry.detail(&key()).map(|(_, p, _)| p.iter().map(|i| (instance_addr(i), i.weight)).collect()).unwrap_or_default();
                 prop_assert_eq!(&subscriber.providers, &weights);
                 prop_assert_eq!(&pushed.providers, &weights, "through the push queue");
             }

@@ -2,6 +2,7 @@
 
 use tern_proto::registry as pb;
 
+use super::Addr;
 use crate::ServiceKey;
 
 impl From<&pb::ServiceKey> for ServiceKey {
@@ -28,38 +29,6 @@ impl From<&ServiceKey> for pb::ServiceKey {
 }
 
 /// `host:port` of an instance: its identity within a service.
-pub fn instance_addr(instance: &pb::Instance) -> String {
-    addr_of(&instance.host, instance.port)
-}
-
-/// `host:port`, with brackets around an IPv6 host.
-///
-/// Built without `format!`: a subscriber makes one for every instance a
-/// delta adds, and a storm's delta adds hundreds.
-pub fn addr_of(host: &str, port: u32) -> String {
-    let mut digits = itoa::Buffer::new();
-    let port = digits.format(port);
-    let mut addr = String::with_capacity(host.len() + port.len() + 3);
-    if host.contains(':') {
-        addr.push('[');
-        addr.push_str(host);
-        addr.push(']');
-    } else {
-        addr.push_str(host);
-    }
-    addr.push(':');
-    addr.push_str(port);
-    addr
-}
-
-#[cfg(test)]
-mod tests {
-    use super::addr_of;
-
-    #[test]
-    fn addresses_bracket_ipv6_hosts_only() {
-        assert_eq!(addr_of("10.0.0.7", 20880), "10.0.0.7:20880");
-        assert_eq!(addr_of("provider.local", 0), "provider.local:0");
-        assert_eq!(addr_of("::1", 4_294_967_295), "[::1]:4294967295");
-    }
+pub fn instance_addr(instance: &pb::Instance) -> Addr {
+    Addr::new(&instance.host, instance.port)
 }

@@ -93,7 +93,9 @@ pub fn decode_server_message(frame: BytesMut) -> Result<ServerMessage, DecodeErr
         request_id: 0,
         body: presized_body(&frame),
     };
-    message.merge(frame)?;
+    // From a slice: prost's reads from a `BytesMut` update its whole
+    // cursor at every step.
+    message.merge(&frame[..])?;
     Ok(message)
 }
 

@@ -11,8 +11,10 @@
 //! - Lists can be saved to a file ([`SessionConfig::cache_file`]) so a node
 //!   restarted while the ConfigServer is down still finds its providers.
 
+mod addr;
 pub mod convert;
 pub mod framing;
 mod session;
 
+pub use addr::Addr;
 pub use session::{ProviderList, RegistryError, RegistrySession, Role, SessionConfig, Transport};

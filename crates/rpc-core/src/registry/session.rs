@@ -22,7 +22,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
-use super::convert::{addr_of, instance_addr};
+use super::Addr;
+use super::convert::instance_addr;
 use super::framing;
 use crate::governance::{Rule, RuleSet};
 use crate::{Backoff, ServiceKey};
@@ -135,9 +136,10 @@ pub struct ProviderList {
     /// Epoch of the ConfigServer the list came from ("" = none yet).
     pub epoch: String,
     pub revision: u64,
-    /// By `host:port`. Instances are shared between successive lists, so an
-    /// update costs the changed entries, not a copy of every instance.
-    pub providers: BTreeMap<String, Arc<Instance>>,
+    /// By `host:port` (look up with a `&str`). Instances are shared between
+    /// successive lists, so an update costs the changed entries, not a copy
+    /// of every instance.
+    pub providers: BTreeMap<Addr, Arc<Instance>>,
     /// False while the list rests on a partial snapshot (a restarted server
     /// still hearing from providers): it is then never resumed by revision,
     /// only replaced by the next complete snapshot.
@@ -178,7 +180,7 @@ impl std::fmt::Debug for Listener {
 /// What this node wants the registry to hold.
 #[derive(Debug, Default)]
 struct Desired {
-    registrations: BTreeMap<(ServiceKey, String), Instance>,
+    registrations: BTreeMap<(ServiceKey, Addr), Instance>,
     subscriptions: HashMap<ServiceKey, watch::Sender<Arc<ProviderList>>>,
     /// Called on the session task after each change of a list.
     listeners: HashMap<ServiceKey, Arc<Vec<Listener>>>,
@@ -292,7 +294,9 @@ impl RegistrySession {
     pub async fn unregister(&self, key: &ServiceKey, host: &str, port: u16) -> Result<(), RegistryError> {
         let connected = {
             let mut desired = self.desired();
-            desired.registrations.remove(&(key.clone(), addr_of(host, port.into())));
+            desired
+                .registrations
+                .remove(&(key.clone(), Addr::new(host, port.into())));
             desired.connected
         };
         let message = node_message::Body::Unregister(pb::Unregister {
@@ -855,7 +859,7 @@ impl SessionTask {
         tx.send_modify(|list| {
             let list = Arc::make_mut(list);
             for addr in &delta.removed {
-                list.providers.remove(addr);
+                list.providers.remove(addr.as_str());
             }
             for instance in delta.added.into_iter().chain(delta.updated) {
                 list.providers.insert(instance_addr(&instance), Arc::new(instance));
