@@ -1,5 +1,6 @@
 //! Compiles the .proto files with protox (pure Rust): no protoc on the machine.
-//! The registry service gets tonic client and server code.
+//! The registry service gets tonic client and server code. `Instance` is
+//! the one message not generated (see `src/instance.rs`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["rpc.proto", "registry.proto"];
@@ -7,6 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let fds = protox::compile(protos, ["."])?;
-    tonic_prost_build::configure().bytes(".tern.rpc").compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .bytes(".tern.rpc")
+        // Written out by hand, with its text held inline: see src/instance.rs.
+        .extern_path(".tern.registry.Instance", "crate::instance::Instance")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -10,7 +10,11 @@ pub mod rpc {
     include!(concat!(env!("OUT_DIR"), "/tern.rpc.rs"));
 }
 
+mod instance;
+
 /// The control plane.
 pub mod registry {
+    pub use crate::instance::{CompactString, Instance};
+
     include!(concat!(env!("OUT_DIR"), "/tern.registry.rs"));
 }

@@ -60,7 +60,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use rpc_core::ServiceKey;
-use rpc_core::registry::{ProviderList, RegistrySession, Role};
+use rpc_core::registry::{Addr, ProviderList, RegistrySession, Role};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt as _;
@@ -777,7 +777,8 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
             return view.is(&base_set);
         }
         let port = (goal / 2) as u16;
-        view.has(&address(port)) == (goal % 2 == 1)
+        // Built inline: this runs for every subscriber after every change.
+        view.has(&Addr::new("127.0.0.1", port.into())) == (goal % 2 == 1)
     });
     let subscribers = target.subscribers(probe, args.subscribers, &mut arrivals).await?;
     subscribers.time(&arrivals, 1, async { Ok(()) }).await?;

@@ -513,7 +513,7 @@ impl Registry {
         key.validate().map_err(|e| RegistryError::Invalid(e.to_string()))?;
         self.validate_instance(&key, &instance)?;
         if instance.protocol.is_empty() {
-            instance.protocol = "tern".to_owned();
+            instance.protocol = "tern".into();
         }
         let addr = instance_addr(&instance);
         let mut state = self.lock();
@@ -522,7 +522,7 @@ impl Registry {
             .get(&id)
             .ok_or_else(|| RegistryError::NotFound(format!("session {id}")))?;
         if instance.app.is_empty() {
-            instance.app = session.node.app.clone();
+            instance.app = session.node.app.as_str().into();
         }
         if session.registered.len() >= self.config.max_per_session
             && !session.registered.contains(&(key.clone(), addr.clone()))

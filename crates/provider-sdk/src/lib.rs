@@ -255,12 +255,12 @@ impl ProviderBuilder {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
             let instance = Instance {
-                host: provider.host.clone(),
+                host: provider.host.as_str().into(),
                 port: local_addr.port().into(),
                 weight: self.weight,
-                zone: self.zone.clone(),
-                app: self.app.clone(),
-                protocol: "tern".to_owned(),
+                zone: self.zone.as_str().into(),
+                app: self.app.as_str().into(),
+                protocol: "tern".into(),
                 start_time_ms: started_ms,
                 metadata: self.metadata.clone(),
             };
