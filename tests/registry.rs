@@ -557,6 +557,35 @@ async fn a_list_listener_is_told_each_pushed_list_in_order() {
     assert_eq!(told_next(&mut heard).await, ["127.0.0.1:4102"]);
 }
 
+/// The session's task keeps the subscription the last push was for; a
+/// listener added after that must still be told the next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_added_to_a_list_already_pushed_is_told_the_next_change() {
+    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let key = rpc_core::ServiceKey::new("demo.Listened", "1.0.0", "");
+    let provider = RegistrySession::start(SessionConfig::new([registry.to_string()], "p", Role::Provider));
+    let consumer = RegistrySession::start(SessionConfig::new([registry.to_string()], "c", Role::Consumer));
+    let instance = |port| pb::Instance {
+        host: "127.0.0.1".into(),
+        port,
+        weight: 100,
+        ..Default::default()
+    };
+    let mut list = consumer.subscribe(&key);
+    provider.register(&key, instance(4201)).await.unwrap();
+    tokio::time::timeout(LIMIT, list.wait_for(|l| l.providers.contains_key("127.0.0.1:4201")))
+        .await
+        .expect("the first provider pushed within the limit")
+        .expect("the list is kept");
+
+    let (told, mut heard) = mpsc::channel(16);
+    let _listened = consumer.subscribe_with(&key, move |list: &ProviderList| {
+        let _ = told.try_send(list.providers.keys().map(|addr| addr.to_string()).collect());
+    });
+    provider.register(&key, instance(4202)).await.unwrap();
+    assert_eq!(told_next(&mut heard).await, ["127.0.0.1:4201", "127.0.0.1:4202"]);
+}
+
 async fn told_next(heard: &mut mpsc::Receiver<Vec<String>>) -> Vec<String> {
     tokio::time::timeout(LIMIT, heard.recv())
         .await

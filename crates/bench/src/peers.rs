@@ -152,6 +152,8 @@ struct Report {
     /// Wire bytes per change per subscriber, if `ss` could count them.
     bytes_per_change: Option<f64>,
     push_cpu_s: f64,
+    /// This process's over the push phase (every client, and the checks).
+    push_clients_cpu_s: f64,
     /// The server's, per storm.
     storm_cpu_s: f64,
     /// This process's (every provider's and subscriber's client), per storm.
@@ -786,6 +788,7 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
 
     let bytes_before = wire::server_bytes(target.port());
     let cpu_before = proc_stats::cpu_seconds(pid)?;
+    let clients_before = proc_stats::thread_cpu_seconds(std::process::id())?;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut push_ms = Vec::new();
     for p in 0..args.probes {
@@ -808,6 +811,7 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
         }
     }
     let push_cpu_s = proc_stats::cpu_seconds(pid)? - cpu_before;
+    let push_clients_cpu_s = proc_stats::thread_cpu_seconds(std::process::id())? - clients_before;
     let bytes_per_change = match (bytes_before, wire::server_bytes(target.port())) {
         (Ok(before), Ok(after)) => {
             let changes = (2 * args.probes * subscribers.len()).max(1) as f64;
@@ -897,6 +901,7 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
         storm_clients_cpu_s,
         bytes_per_change,
         push_cpu_s,
+        push_clients_cpu_s,
         storm_cpu_s,
         rss_kb,
     })
@@ -905,7 +910,7 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
 fn print_table(reports: &[Report]) {
     println!();
     println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>15} {:>11} {:>12} {:>10} {:>13} {:>13} {:>8}",
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>15} {:>11} {:>12} {:>10} {:>14} {:>13} {:>14} {:>8}",
         "system",
         "push p50",
         "push p99",
@@ -915,6 +920,7 @@ fn print_table(reports: &[Report]) {
         "storm acked",
         "bytes/change",
         "push cpu s",
+        "clients cpu s",
         "storm cpu ms",
         "clients cpu ms",
         "rss MiB"
@@ -924,7 +930,7 @@ fn print_table(reports: &[Report]) {
         let storms = r.storms_by_time();
         let range = format!("{:.1}-{:.1}ms", storms[0].ms(), storms[storms.len() - 1].ms());
         println!(
-            "{:<10} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>15} {:>9.1}ms {:>12} {:>10.2} {:>13.1} {:>13.1} {:>8.1}",
+            "{:<10} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>15} {:>9.1}ms {:>12} {:>10.2} {:>14.2} {:>13.1} {:>14.1} {:>8.1}",
             r.system.name(),
             r.push_p50,
             r.push_p99,
@@ -934,13 +940,14 @@ fn print_table(reports: &[Report]) {
             r.median_storm().acked_ms,
             r.bytes_per_change.map_or("n/a".into(), |b| format!("{b:.0}")),
             r.push_cpu_s,
+            r.push_clients_cpu_s,
             r.storm_cpu_s * 1e3,
             r.storm_clients_cpu_s * 1e3,
             r.rss_kb as f64 / 1024.0,
         );
     }
     println!(
-        "(push: a change -> the last subscriber holds it; storm: 10% replaced -> every subscriber holds the new set, the median storm (min-max: the fastest and slowest); storm acked: until the server acknowledged every write of the median storm; bytes/change: TCP payload both ways over all the server's connections during the push phase, per change per subscriber; push cpu s: the server process's CPU seconds over the push phase; storm cpu ms: the server's CPU per storm; clients cpu ms: this process's (every provider's and subscriber's client, and the checks) per storm; rss: the server's resident memory with every push subscriber connected)"
+        "(push: a change -> the last subscriber holds it; storm: 10% replaced -> every subscriber holds the new set, the median storm (min-max: the fastest and slowest); storm acked: until the server acknowledged every write of the median storm; bytes/change: TCP payload both ways over all the server's connections during the push phase, per change per subscriber; push cpu s: the server process's CPU seconds over the push phase; clients cpu s: this process's over it (every subscriber's and provider's client, and the checks); storm cpu ms: the server's CPU per storm; clients cpu ms: this process's (every provider's and subscriber's client, and the checks) per storm; rss: the server's resident memory with every push subscriber connected)"
     );
     println!();
 }

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -159,6 +160,10 @@ struct Inner {
     config: SessionConfig,
     commands: mpsc::Sender<Command>,
     desired: Arc<Mutex<Desired>>,
+    /// Bumped, under the `desired` lock, whenever a subscription or a
+    /// listener is added or removed: the session's task keeps the last
+    /// subscription a message was for while this stays the same.
+    lists_changed: Arc<AtomicU64>,
     /// Why the last server refused the session, if it did (cleared on connect).
     refusal: Arc<Mutex<Option<String>>>,
     connected: watch::Receiver<Option<String>>,
@@ -222,10 +227,12 @@ impl RegistrySession {
                 .collect();
         }
         let desired = Arc::new(Mutex::new(desired));
+        let lists_changed = Arc::new(AtomicU64::new(0));
         let refusal = Arc::new(Mutex::new(None));
         let task = SessionTask {
             config: config.clone(),
             desired: desired.clone(),
+            lists_changed: lists_changed.clone(),
             refusal: refusal.clone(),
             connected: connected_tx,
             stop: stop.clone(),
@@ -237,6 +244,7 @@ impl RegistrySession {
                 config,
                 commands,
                 desired,
+                lists_changed,
                 refusal,
                 connected,
                 _stop_guard: stop.clone().drop_guard(),
@@ -326,6 +334,7 @@ impl RegistrySession {
             let listeners = desired.listeners.entry(key.clone()).or_default();
             // Cloned only when a message is being applied meanwhile (rare).
             Arc::make_mut(listeners).push(listener);
+            self.inner.lists_changed.fetch_add(1, Ordering::AcqRel);
         }
         if let Some(existing) = desired.subscriptions.get(key) {
             return existing.subscribe();
@@ -334,6 +343,7 @@ impl RegistrySession {
         let known = resume_point(&initial);
         let (tx, rx) = watch::channel(Arc::new(initial));
         desired.subscriptions.insert(key.clone(), tx);
+        self.inner.lists_changed.fetch_add(1, Ordering::AcqRel);
         // Sent now if connected; otherwise by the replay on connect.
         if desired.connected {
             let command = Command {
@@ -450,6 +460,8 @@ struct Stream {
 struct SessionTask {
     config: SessionConfig,
     desired: Arc<Mutex<Desired>>,
+    /// See [`Inner`]'s.
+    lists_changed: Arc<AtomicU64>,
     refusal: Arc<Mutex<Option<String>>>,
     connected: watch::Sender<Option<String>>,
     stop: CancellationToken,
@@ -464,6 +476,8 @@ struct Subscription {
     key: ServiceKey,
     tx: watch::Sender<Arc<ProviderList>>,
     listeners: Option<Arc<Vec<Listener>>>,
+    /// `lists_changed` when it was looked up.
+    looked_up: u64,
 }
 
 /// Tells each listener the list `tx` now holds.
@@ -638,6 +652,9 @@ impl SessionTask {
         self.connected.send_replace(Some(welcome.epoch.clone()));
 
         let mut pending: HashMap<u64, oneshot::Sender<Result<(), RegistryError>>> = HashMap::new();
+        // The subscription the last pushed list was for: a push is most
+        // often for the same service as the one before.
+        let mut last = None;
         let mut next_request = 1u64;
         // Jittered, so that nodes that (re)connected together do not beat
         // together: a ConfigServer's load stays level instead of a burst of
@@ -664,7 +681,7 @@ impl SessionTask {
                     Some(Err(e)) => break e,
                     Some(Ok(message)) => {
                         heard = Instant::now();
-                        if let Some(resync) = self.on_message(message, &welcome.epoch, &mut pending) {
+                        if let Some(resync) = self.on_message(message, &welcome.epoch, &mut pending, &mut last) {
                             let _ = out.send(NodeMessage { request_id: 0, body: Some(resync) }).await;
                         }
                     }
@@ -720,6 +737,7 @@ impl SessionTask {
             .map(|key| {
                 desired.subscriptions.remove(&key);
                 desired.listeners.remove(&key);
+                self.lists_changed.fetch_add(1, Ordering::AcqRel);
                 debug!(service = %key, "no one watches the list any more; unsubscribing");
                 node_message::Body::Unsubscribe(pb::Unsubscribe {
                     service: Some((&key).into()),
@@ -769,6 +787,7 @@ impl SessionTask {
         message: ServerMessage,
         epoch: &str,
         pending: &mut HashMap<u64, oneshot::Sender<Result<(), RegistryError>>>,
+        last: &mut Option<Subscription>,
     ) -> Option<node_message::Body> {
         let request_id = message.request_id;
         let mut answer = |result| {
@@ -777,11 +796,16 @@ impl SessionTask {
             }
         };
         match message.body {
-            Some(server_message::Body::Snapshot(snapshot)) => {
-                self.apply_snapshot(snapshot);
+            Some(server_message::Body::Snapshot(mut snapshot)) => {
+                if let Some(subscription) = self.subscription(snapshot.service.take(), last) {
+                    self.apply_snapshot(subscription, snapshot);
+                }
                 None
             }
-            Some(server_message::Body::Delta(delta)) => self.apply_delta(delta, epoch),
+            Some(server_message::Body::Delta(mut delta)) => {
+                let subscription = self.subscription(delta.service.take(), last)?;
+                self.apply_delta(subscription, delta, epoch)
+            }
             Some(server_message::Body::Rules(rules)) => {
                 self.apply_rules(rules);
                 None
@@ -804,12 +828,35 @@ impl SessionTask {
         }
     }
 
-    fn subscription(&self, key: Option<pb::ServiceKey>) -> Option<Subscription> {
-        let key = ServiceKey::from(key?);
-        let desired = self.desired.lock().expect("registry desired lock");
-        let tx = desired.subscriptions.get(&key)?.clone();
-        let listeners = desired.listeners.get(&key).cloned();
-        Some(Subscription { key, tx, listeners })
+    /// The subscription of a pushed message's `key`: `last`, if it is for
+    /// that key and no subscription or listener changed since it was looked
+    /// up (no lock, no hashing, no copies), else looked up into `last`.
+    fn subscription<'a>(
+        &self,
+        key: Option<pb::ServiceKey>,
+        last: &'a mut Option<Subscription>,
+    ) -> Option<&'a Subscription> {
+        let key = key?;
+        let changed = self.lists_changed.load(Ordering::Acquire);
+        let same = |s: &Subscription| {
+            s.looked_up == changed
+                && s.key.interface == key.interface
+                && s.key.version == key.version
+                && s.key.group == key.group
+        };
+        if !last.as_ref().is_some_and(same) {
+            let key = ServiceKey::from(key);
+            let desired = self.desired.lock().expect("registry desired lock");
+            // Read again under the lock: what is read below is as of it.
+            let looked_up = self.lists_changed.load(Ordering::Acquire);
+            *last = desired.subscriptions.get(&key).map(|tx| Subscription {
+                tx: tx.clone(),
+                listeners: desired.listeners.get(&key).cloned(),
+                key,
+                looked_up,
+            });
+        }
+        last.as_ref()
     }
 
     /// Notes that a list changed since the cache file was written.
@@ -819,10 +866,8 @@ impl SessionTask {
         }
     }
 
-    fn apply_snapshot(&self, mut snapshot: Snapshot) {
-        let Some(Subscription { key, tx, listeners }) = self.subscription(snapshot.service.take()) else {
-            return;
-        };
+    fn apply_snapshot(&self, subscription: &Subscription, snapshot: Snapshot) {
+        let Subscription { key, tx, listeners, .. } = subscription;
         let partial = snapshot.partial;
         tx.send_modify(|list| {
             let list = Arc::make_mut(list);
@@ -839,12 +884,12 @@ impl SessionTask {
             }
             debug!(service = %key, revision = list.revision, providers = list.providers.len(), partial, "snapshot");
         });
-        tell(listeners.as_deref(), &tx);
+        tell(listeners.as_deref(), tx);
         self.mark_cache_dirty();
     }
 
-    fn apply_delta(&self, mut delta: Delta, epoch: &str) -> Option<node_message::Body> {
-        let Subscription { key, tx, listeners } = self.subscription(delta.service.take())?;
+    fn apply_delta(&self, subscription: &Subscription, delta: Delta, epoch: &str) -> Option<node_message::Body> {
+        let Subscription { key, tx, listeners, .. } = subscription;
         let (held_epoch, held) = {
             let current = tx.borrow();
             (current.epoch == epoch, current.revision)
@@ -854,7 +899,7 @@ impl SessionTask {
                 return None; // already have it
             }
             warn!(service = %key, held, from = delta.from_revision, "delta out of step; asking for a snapshot");
-            return Some(subscribe_message(&key, None));
+            return Some(subscribe_message(key, None));
         }
         tx.send_modify(|list| {
             let list = Arc::make_mut(list);
@@ -867,7 +912,7 @@ impl SessionTask {
             list.revision = delta.to_revision;
             debug!(service = %key, revision = list.revision, providers = list.providers.len(), "delta");
         });
-        tell(listeners.as_deref(), &tx);
+        tell(listeners.as_deref(), tx);
         self.mark_cache_dirty();
         None
     }
