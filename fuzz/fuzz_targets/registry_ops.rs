@@ -12,6 +12,7 @@ use configserver::outgoing::Outgoing;
 use configserver::registry::{NodeInfo, Registry, RegistryConfig};
 use libfuzzer_sys::fuzz_target;
 use rpc_core::ServiceKey;
+use rpc_core::registry::Addr;
 use rpc_core::registry::convert::instance_addr;
 use tern_proto::registry::{Instance, server_message};
 
@@ -31,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let mut sessions: Vec<u64> = (0..3).map(|i| registry.open_session(node(i)).0).collect();
     let (subscriber, _) = registry.open_session(node(9));
     registry.subscribe(subscriber, key.clone(), None).unwrap();
-    let mut held: BTreeSet<String> = BTreeSet::new();
+    let mut held: BTreeSet<Addr> = BTreeSet::new();
     let mut revision = None;
 
     for op in data.chunks(4) {
@@ -84,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
                         }
                         Some(server_message::Body::Delta(d)) => {
                             for addr in &d.removed {
-                                held.remove(addr);
+                                held.remove(addr.as_str());
                             }
                             held.extend(d.added.iter().chain(&d.updated).map(instance_addr));
                         }
@@ -102,14 +103,14 @@ fuzz_target!(|data: &[u8]| {
             Some(server_message::Body::Snapshot(s)) => held = s.providers.iter().map(instance_addr).collect(),
             Some(server_message::Body::Delta(d)) => {
                 for addr in &d.removed {
-                    held.remove(addr);
+                    held.remove(addr.as_str());
                 }
                 held.extend(d.added.iter().chain(&d.updated).map(instance_addr));
             }
             _ => {}
         }
     }
-    let truth: BTreeSet<String> = registry
+    let truth: BTreeSet<Addr> = registry
         .detail(&key)
         .map(|(_, p, _)| p.iter().map(instance_addr).collect())
         .unwrap_or_default();

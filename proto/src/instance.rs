@@ -18,8 +18,8 @@ use bytes::{Buf, BufMut};
 pub use compact_str::CompactString;
 use prost::DecodeError;
 use prost::encoding::{
-    DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, hash_map, int64, key_len, skip_field,
-    string, uint32,
+    DecodeContext, WireType, check_wire_type, encode_key, encode_varint, encoded_len_varint, hash_map, int64, key_len,
+    skip_field, string, uint32,
 };
 
 /// One provider of one service.
@@ -85,7 +85,10 @@ impl prost::Message for Instance {
             5 => merge_str(&mut self.app, wire_type, buf, ctx).map_err(field("app")),
             6 => merge_str(&mut self.protocol, wire_type, buf, ctx).map_err(field("protocol")),
             7 => int64::merge(wire_type, &mut self.start_time_ms, buf, ctx).map_err(field("start_time_ms")),
-            8 => hash_map::merge(string::merge, string::merge, &mut self.metadata, buf, ctx).map_err(field("metadata")),
+            // The wire type checked first, as prost's generated code does.
+            8 => check_wire_type(WireType::LengthDelimited, wire_type)
+                .and_then(|()| hash_map::merge(string::merge, string::merge, &mut self.metadata, buf, ctx))
+                .map_err(field("metadata")),
             _ => skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -155,8 +158,10 @@ fn merge_str(
 ) -> Result<(), DecodeError> {
     SCRATCH.with_borrow_mut(|scratch| {
         let read = string::merge(wire_type, scratch, buf, ctx);
-        if read.is_ok() {
-            *value = CompactString::new(scratch.as_str());
+        // As prost leaves a generated message's string: cleared on an error.
+        match read {
+            Ok(()) => *value = CompactString::new(scratch.as_str()),
+            Err(_) => value.clear(),
         }
         if scratch.capacity() > KEEP_SCRATCH {
             *scratch = String::new();
@@ -227,6 +232,47 @@ mod tests {
             )
     }
 
+    /// The fields `registry.proto` gives `Instance` are the ones encoded and
+    /// decoded here (and mirrored by `Generated`): a field added there
+    /// fails this test until it is added to both.
+    #[test]
+    fn has_the_fields_of_the_proto() {
+        use prost_types::field_descriptor_proto::{Label, Type};
+        let files = protox::compile(["registry.proto"], ["."]).expect("registry.proto compiles");
+        let instance = files
+            .file
+            .iter()
+            .flat_map(|file| &file.message_type)
+            .find(|message| message.name() == "Instance")
+            .expect("registry.proto has Instance");
+        let fields: Vec<(&str, i32, Type, Label)> = instance
+            .field
+            .iter()
+            .map(|f| (f.name(), f.number(), f.r#type(), f.label()))
+            .collect();
+        let one = Label::Optional;
+        assert_eq!(
+            fields,
+            [
+                ("host", 1, Type::String, one),
+                ("port", 2, Type::Uint32, one),
+                ("weight", 3, Type::Uint32, one),
+                ("zone", 4, Type::String, one),
+                ("app", 5, Type::String, one),
+                ("protocol", 6, Type::String, one),
+                ("start_time_ms", 7, Type::Int64, one),
+                ("metadata", 8, Type::Message, Label::Repeated),
+            ]
+        );
+        let entry = instance
+            .nested_type
+            .iter()
+            .find(|m| m.name() == "MetadataEntry")
+            .expect("metadata is a map");
+        let kinds: Vec<Type> = entry.field.iter().map(|f| f.r#type()).collect();
+        assert_eq!(kinds, [Type::String, Type::String], "map<string, string>");
+    }
+
     #[test]
     fn short_text_is_held_inline() {
         let instance = Instance {
@@ -259,13 +305,17 @@ mod tests {
         }
 
         /// Any bytes: both decode them, to the same values, or both refuse
-        /// them. Unknown fields are skipped alike.
+        /// them with the same error. Unknown fields are skipped alike.
         #[test]
         fn decodes_any_bytes_as_the_generated_message(bytes in proptest::collection::vec(any::<u8>(), 0..64), valid in generated()) {
             for input in [bytes.clone(), [valid.encode_to_vec(), bytes].concat()] {
                 match (Instance::decode(&input[..]), Generated::decode(&input[..])) {
                     (Ok(ours), Ok(generated)) => prop_assert!(same(&ours, &generated), "{ours:?} vs {generated:?}"),
-                    (Err(_), Err(_)) => {}
+                    // The same error, at the same field.
+                    (Err(ours), Err(generated)) => prop_assert_eq!(
+                        ours.to_string(),
+                        generated.to_string().replace("Generated.", "Instance.")
+                    ),
                     (ours, generated) => prop_assert!(false, "{input:?}: ours {ours:?}, generated {generated:?}"),
                 }
             }

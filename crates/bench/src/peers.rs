@@ -70,7 +70,7 @@ use zookeeper_client as zk;
 
 use crate::convergence::{AddressSet, Arrivals, Observer};
 use crate::etcd::{self, kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient};
-use crate::proc_stats;
+use crate::proc_stats::{self, CpuClock};
 use crate::registry::{self, Server};
 use crate::{plot, wire};
 
@@ -131,8 +131,29 @@ pub struct PeersArgs {
     plot: Option<PathBuf>,
 }
 
-/// The first port of the providers the storms add.
+/// The ports of the providers: the storm service's from 20,000, the
+/// probes' from 40,000, those the storms add from 50,000.
 const FRESH_PORTS: usize = 50_000;
+
+/// Whether the flags leave every provider its own port.
+fn check_ports(args: &PeersArgs) -> anyhow::Result<()> {
+    let replaced = args.storm_providers / 10;
+    anyhow::ensure!(
+        replaced > 0 && args.storms > 0,
+        "--storm-providers must be at least 10 and --storms at least 1"
+    );
+    anyhow::ensure!(
+        args.storm_providers <= 20_000 && args.base_providers <= 20_000 && args.probes <= 10_000,
+        "at most 20,000 storm providers, 20,000 base providers and 10,000 probes"
+    );
+    let last = FRESH_PORTS + args.storms * replaced - 1;
+    anyhow::ensure!(
+        last <= usize::from(u16::MAX),
+        "{} storms of {replaced} new providers need ports {FRESH_PORTS}-{last}: more than there are",
+        args.storms
+    );
+    Ok(())
+}
 
 /// Failure detection of the peers' sessions (see the module docs).
 const ZK_SESSION_TIMEOUT: Duration = Duration::from_secs(4);
@@ -208,6 +229,7 @@ pub async fn run(args: PeersArgs) -> anyhow::Result<()> {
         args.coalesce_ms
             .map_or("default (5 ms)".into(), |ms| format!("{ms} ms")),
     );
+    check_ports(&args)?;
     // Fail before measuring anything if a peer is missing.
     let mut targets = Vec::new();
     for &system in &args.systems {
@@ -484,10 +506,13 @@ async fn change_all(
     register: bool,
 ) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
-    for (i, &port) in ports.iter().enumerate() {
+    for &port in ports {
         let (sessions, service) = (sessions.clone(), service.to_owned());
         tasks.spawn(async move {
-            let session = &sessions[i % sessions.len()];
+            // By port: a provider leaves through the session it joined on
+            // (this framework's ConfigServer lets only that session remove
+            // it).
+            let session = &sessions[usize::from(port) % sessions.len()];
             if register {
                 session.register(&service, port).await
             } else {
@@ -787,8 +812,8 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
     let rss_kb = proc_stats::rss_kb(pid)?;
 
     let bytes_before = wire::server_bytes(target.port());
-    let cpu_before = proc_stats::cpu_seconds(pid)?;
-    let clients_before = proc_stats::thread_cpu_seconds(std::process::id())?;
+    let cpu_before = CpuClock::read(pid)?;
+    let clients_before = CpuClock::read(std::process::id())?;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut push_ms = Vec::new();
     for p in 0..args.probes {
@@ -810,8 +835,8 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
             push_ms.push(took.as_secs_f64() * 1e3);
         }
     }
-    let push_cpu_s = proc_stats::cpu_seconds(pid)? - cpu_before;
-    let push_clients_cpu_s = proc_stats::thread_cpu_seconds(std::process::id())? - clients_before;
+    let push_cpu_s = CpuClock::read(pid)?.since(&cpu_before);
+    let push_clients_cpu_s = CpuClock::read(std::process::id())?.since(&clients_before);
     let bytes_per_change = match (bytes_before, wire::server_bytes(target.port())) {
         (Ok(before), Ok(after)) => {
             let changes = (2 * args.probes * subscribers.len()).max(1) as f64;
@@ -830,16 +855,6 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
     // 2. Storms, one after another: each replaces the oldest tenth of the
     // current set with new providers.
     let replaced = args.storm_providers / 10;
-    anyhow::ensure!(
-        replaced > 0 && args.storms > 0,
-        "--storm-providers must be at least 10 and --storms at least 1"
-    );
-    anyhow::ensure!(
-        args.storm_providers <= 20_000 && FRESH_PORTS + args.storms * replaced <= usize::from(u16::MAX),
-        "{} storms of {replaced} new providers need ports {FRESH_PORTS}-{}: more than there are",
-        args.storms,
-        FRESH_PORTS + args.storms * replaced
-    );
     let initial: Vec<u16> = (0..args.storm_providers).map(|k| 20_000 + k as u16).collect();
     register_all(&providers, storm, &initial).await?;
     // The set each storm leaves (index 0: before the first).
@@ -859,8 +874,8 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
     let mut arrivals = Arrivals::new(move |goal, view| view.is(&expected[goal as usize - 1]));
     let subscribers = target.subscribers(storm, args.storm_subscribers, &mut arrivals).await?;
     subscribers.time(&arrivals, 1, async { Ok(()) }).await?;
-    let cpu_before = proc_stats::thread_cpu_seconds(pid)?;
-    let clients_before = proc_stats::thread_cpu_seconds(std::process::id())?;
+    let cpu_before = CpuClock::read(pid)?;
+    let clients_before = CpuClock::read(std::process::id())?;
     let mut storms = Vec::with_capacity(args.storms);
     for s in 0..args.storms {
         let (gone, fresh) = (&sets[s][..replaced], &sets[s + 1][args.storm_providers - replaced..]);
@@ -882,9 +897,8 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
             acked_ms: acked.as_secs_f64() * 1e3,
         });
     }
-    let storm_cpu_s = (proc_stats::thread_cpu_seconds(pid)? - cpu_before) / args.storms as f64;
-    let storm_clients_cpu_s =
-        (proc_stats::thread_cpu_seconds(std::process::id())? - clients_before) / args.storms as f64;
+    let storm_cpu_s = CpuClock::read(pid)?.since(&cpu_before) / args.storms as f64;
+    let storm_clients_cpu_s = CpuClock::read(std::process::id())?.since(&clients_before) / args.storms as f64;
     drop(subscribers);
     drop(arrivals);
 

@@ -1,5 +1,6 @@
 //! CPU time and memory of a process, from `/proc`.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// Clock ticks per second of `utime`/`stime` (USER_HZ, 100 on Linux).
@@ -20,24 +21,62 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((utime + stime) / TICKS_PER_SEC)
 }
 
-/// CPU seconds used so far by the live threads of `pid`, to the
-/// nanosecond (`/proc/<pid>/task/*/schedstat`; `/proc/<pid>/stat` counts in
-/// 10 ms ticks). For phases of tens of milliseconds, over which no thread
-/// ends: an ended thread's time leaves the sum.
-pub fn thread_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let mut ns = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let path = task?.path().join("schedstat");
-        // A thread that ended since the listing is no longer there.
-        let Ok(stat) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let on_cpu = stat.split_whitespace().next().unwrap_or_default();
-        ns += on_cpu
-            .parse::<u64>()
-            .map_err(|e| anyhow::anyhow!("unexpected {}: {stat:?} ({e})", path.display()))?;
+/// A process's CPU time at one moment, per thread to the nanosecond
+/// (`/proc/<pid>/task/*/schedstat`) and in all in 10 ms ticks
+/// (`/proc/<pid>/stat`, which keeps the time of threads that ended).
+#[derive(Debug, Clone)]
+pub struct CpuClock {
+    pid: u32,
+    ticks_s: f64,
+    threads_ns: BTreeMap<u32, u64>,
+}
+
+impl CpuClock {
+    pub fn read(pid: u32) -> anyhow::Result<CpuClock> {
+        let mut threads_ns = BTreeMap::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let task = task?;
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let path = task.path().join("schedstat");
+            // A thread that ended since the listing is no longer there.
+            let Ok(stat) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let on_cpu = stat.split_whitespace().next().unwrap_or_default();
+            let ns = on_cpu
+                .parse()
+                .map_err(|e| anyhow::anyhow!("unexpected {}: {stat:?} ({e})", path.display()))?;
+            threads_ns.insert(tid, ns);
+        }
+        anyhow::ensure!(
+            !threads_ns.is_empty(),
+            "no thread of pid {pid} has a readable schedstat"
+        );
+        Ok(CpuClock {
+            pid,
+            ticks_s: cpu_seconds(pid)?,
+            threads_ns,
+        })
     }
-    Ok(ns as f64 / 1e9)
+
+    /// CPU seconds used since `before`: to the nanosecond when every
+    /// thread of then is still there (a thread started since counts whole),
+    /// otherwise in ticks (an ended thread's time is only there).
+    pub fn since(&self, before: &CpuClock) -> f64 {
+        debug_assert_eq!(self.pid, before.pid);
+        let all_there = before.threads_ns.keys().all(|tid| self.threads_ns.contains_key(tid));
+        if !all_there {
+            return self.ticks_s - before.ticks_s;
+        }
+        let ns: u64 = self
+            .threads_ns
+            .iter()
+            .map(|(tid, &now)| now.saturating_sub(before.threads_ns.get(tid).copied().unwrap_or(0)))
+            .sum();
+        ns as f64 / 1e9
+    }
 }
 
 /// Measures CPU use of a set of processes over an interval.

@@ -29,8 +29,11 @@ impl Addr {
     pub fn new(host: &str, port: u32) -> Addr {
         let mut digits = itoa::Buffer::new();
         let port = digits.format(port);
-        let mut addr = CompactString::with_capacity(host.len() + port.len() + 3);
-        if host.contains(':') {
+        let ipv6 = host.contains(':');
+        // Exactly: a capacity over 24 bytes would put it on the heap.
+        let len = host.len() + 1 + port.len() + if ipv6 { 2 } else { 0 };
+        let mut addr = CompactString::with_capacity(len);
+        if ipv6 {
             addr.push('[');
             addr.push_str(host);
             addr.push(']');
@@ -179,6 +182,9 @@ mod tests {
         assert_eq!(Addr::new("::1", 4_294_967_295), "[::1]:4294967295");
         let long = "a-provider-host-name-longer-than-any-inline-string.example";
         assert_eq!(Addr::new(long, 1), format!("{long}:1"));
+        // 24 bytes: still inline.
+        assert!(!Addr::new("100.100.100.100", 65535).0.is_heap_allocated());
+        assert!(!Addr::new("provider-117.local", 20880).0.is_heap_allocated());
     }
 
     proptest! {

@@ -332,7 +332,8 @@ impl RegistrySession {
         // snapshot cannot be applied before the listener is there.
         if let Some(listener) = listener {
             let listeners = desired.listeners.entry(key.clone()).or_default();
-            // Cloned only when a message is being applied meanwhile (rare).
+            // Copied when the session's task holds the vector (it keeps the
+            // last pushed list's): listeners come with subscriptions, rarely.
             Arc::make_mut(listeners).push(listener);
             self.inner.lists_changed.fetch_add(1, Ordering::AcqRel);
         }
@@ -705,7 +706,12 @@ impl SessionTask {
                     if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(beat) {
                         break "stream closed".to_owned();
                     }
-                    for body in self.take_unsent().into_iter().chain(self.take_abandoned()) {
+                    let abandoned = self.take_abandoned();
+                    if !abandoned.is_empty() {
+                        // An unsubscribed list is not kept alive here either.
+                        last = None;
+                    }
+                    for body in self.take_unsent().into_iter().chain(abandoned) {
                         if out.send(NodeMessage { request_id: 0, body: Some(body) }).await.is_err() {
                             break;
                         }
