@@ -864,14 +864,12 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
         let fresh = (0..replaced).map(|k| (FRESH_PORTS + s * replaced + k) as u16);
         sets.push(current[replaced..].iter().copied().chain(fresh).collect());
     }
-    let goals: Arc<Vec<AddressSet>> = Arc::new(
-        sets.iter()
-            .map(|set| set.iter().map(|&p| address(p)).collect())
-            .collect(),
-    );
+    let goals: Vec<AddressSet> = sets
+        .iter()
+        .map(|set| set.iter().map(|&p| address(p)).collect())
+        .collect();
     // Goal g (from 1): holding exactly sets[g - 1].
-    let expected = goals.clone();
-    let mut arrivals = Arrivals::new(move |goal, view| view.is(&expected[goal as usize - 1]));
+    let mut arrivals = Arrivals::new(move |goal, view| view.is(&goals[goal as usize - 1]));
     let subscribers = target.subscribers(storm, args.storm_subscribers, &mut arrivals).await?;
     subscribers.time(&arrivals, 1, async { Ok(()) }).await?;
     let cpu_before = CpuClock::read(pid)?;

@@ -346,20 +346,20 @@ impl Pending {
         self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty()
     }
 
-    fn add(&mut self, addr: &str, instance: Instance, existed_at_flush: bool) {
+    fn add(&mut self, addr: &Addr, instance: Instance, existed_at_flush: bool) {
         self.removed.remove(addr);
         if existed_at_flush {
-            self.updated.insert(addr.into(), instance);
+            self.updated.insert(addr.clone(), instance);
         } else {
-            self.added.insert(addr.into(), instance);
+            self.added.insert(addr.clone(), instance);
         }
     }
 
-    fn remove(&mut self, addr: &str) {
+    fn remove(&mut self, addr: &Addr) {
         self.updated.remove(addr);
         // Added and removed within one window: the subscribers never hear of it.
         if self.added.remove(addr).is_none() {
-            self.removed.insert(addr.into());
+            self.removed.insert(addr.clone());
         }
     }
 }
@@ -1028,7 +1028,7 @@ fn remove_if_unused(state: &mut State, key: &ServiceKey) {
 }
 
 /// Removes `addr` from `key` if `owner` holds it; true if something changed.
-fn remove_provider(state: &mut State, key: &ServiceKey, addr: &str, owner: SessionId) -> bool {
+fn remove_provider(state: &mut State, key: &ServiceKey, addr: &Addr, owner: SessionId) -> bool {
     let Some(entry) = state.services.get_mut(key) else {
         return false;
     };
