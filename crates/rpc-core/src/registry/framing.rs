@@ -204,6 +204,11 @@ pub async fn write_frames<T>(
 ) {
     while let Some(message) = messages.recv().await {
         put(&message, &mut buf);
+        // Let the tasks that are ready queue their frames first, so one
+        // write carries them all: a node registering many instances at
+        // once would otherwise hand each to the writer alone (the woken
+        // writer runs next on this thread) and pay a syscall per frame.
+        tokio::task::yield_now().await;
         while buf.len() < WRITE_BATCH {
             let Ok(message) = messages.try_recv() else { break };
             put(&message, &mut buf);
@@ -280,6 +285,8 @@ impl Decoder for FrameDecoder {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tern_proto::registry::{Heartbeat, NodeMessage, node_message};
 
     use super::*;
@@ -308,6 +315,82 @@ mod tests {
             }
         }
         assert_eq!(got, (1..=3).map(heartbeat).collect::<Vec<_>>());
+    }
+
+    /// Records each write it is given.
+    #[derive(Default)]
+    struct Writes(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    // One worker: a task woken there runs next (tokio's LIFO slot), so a
+    // writer woken by each send would write each frame alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn frames_sent_by_tasks_ready_together_go_out_in_one_write() {
+        let writes = Writes::default();
+        let seen = writes.0.clone();
+        let (tx, rx) = mpsc::channel(64);
+        let writer = tokio::spawn(write_frames(rx, writes, BytesMut::new(), |m, buf| put_frame(buf, m)));
+        // A first frame, written alone: the writer then waits for the next.
+        tx.send(heartbeat(0)).await.unwrap();
+        let first_written = async {
+            while seen.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), first_written)
+            .await
+            .unwrap();
+        // Spawned from a worker, so all ten are queued there before any runs.
+        tokio::spawn(async move {
+            let senders: Vec<_> = (1..=10)
+                .map(|seq| {
+                    let tx = tx.clone();
+                    tokio::spawn(async move { tx.send(heartbeat(seq)).await.unwrap() })
+                })
+                .collect();
+            for sender in senders {
+                sender.await.unwrap();
+            }
+        })
+        .await
+        .unwrap();
+        writer.await.unwrap();
+        let writes = seen.lock().unwrap();
+        let mut wire = BytesMut::from(&writes.concat()[..]);
+        let mut decoder = FrameDecoder::new(1024);
+        let mut seqs = Vec::new();
+        while let Some(frame) = decoder.decode(&mut wire).unwrap() {
+            seqs.push(NodeMessage::decode(frame).unwrap().request_id);
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..=10).collect::<Vec<_>>(), "every frame written once");
+        assert!(
+            writes.len() <= 2,
+            "{} writes for 11 frames: the first alone, then the ten together",
+            writes.len()
+        );
     }
 
     #[test]
