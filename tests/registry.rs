@@ -592,3 +592,42 @@ async fn told_next(heard: &mut mpsc::Receiver<Vec<String>>) -> Vec<String> {
         .expect("the listener is told within the limit")
         .expect("the listener is kept")
 }
+
+/// An established session polls no stop token on its wake-ups: `shutdown`
+/// wakes it through its command queue. The ConfigServer must see the
+/// stream end at once (not at a heartbeat timeout) and drop the
+/// provider, and requests after it are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_an_established_session_at_once() {
+    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let key = rpc_core::ServiceKey::new("demo.Stopped", "1.0.0", "");
+    let provider = RegistrySession::start(SessionConfig::new([registry.to_string()], "p", Role::Provider));
+    let consumer = RegistrySession::start(SessionConfig::new([registry.to_string()], "c", Role::Consumer));
+    let mut list = consumer.subscribe(&key);
+    let instance = pb::Instance {
+        host: "127.0.0.1".into(),
+        port: 4301,
+        weight: 100,
+        ..Default::default()
+    };
+    provider.register(&key, instance.clone()).await.unwrap();
+    tokio::time::timeout(LIMIT, list.wait_for(|l| l.providers.contains_key("127.0.0.1:4301")))
+        .await
+        .expect("the provider pushed within the limit")
+        .expect("the list is kept");
+
+    let stopped_at = Instant::now();
+    provider.shutdown();
+    tokio::time::timeout(LIMIT, list.wait_for(|l| l.providers.is_empty()))
+        .await
+        .expect("the provider removed within the limit")
+        .expect("the list is kept");
+    let took = stopped_at.elapsed();
+    // The heartbeat timeout is 3 s: a removal well before it came from the
+    // stream's end.
+    assert!(took < Duration::from_secs(2), "removed {took:?} after shutdown");
+    assert_eq!(
+        provider.register(&key, instance).await,
+        Err(rpc_core::registry::RegistryError::Stopped)
+    );
+}

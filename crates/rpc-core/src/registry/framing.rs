@@ -23,7 +23,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use prost::encoding::WireType;
 use prost::{DecodeError, Message};
 use tern_proto::registry::{Delta, ServerMessage, Snapshot, server_message};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::codec::{Decoder, FramedRead};
@@ -89,15 +89,81 @@ pub fn read_messages<M>(
 /// of instances arrive. The lengths come from a scan of the frame's field
 /// headers; the capacity is only what decoding would allocate anyway.
 pub fn decode_server_message(frame: BytesMut) -> Result<ServerMessage, DecodeError> {
+    decode_server_frame(&frame)
+}
+
+/// [`decode_server_message`] of a frame body in place.
+pub fn decode_server_frame(frame: &[u8]) -> Result<ServerMessage, DecodeError> {
     let mut message = ServerMessage {
         request_id: 0,
-        body: presized_body(&frame),
+        body: presized_body(frame),
     };
     // From a slice: prost's reads from a `BytesMut` update its whole
     // cursor at every step.
-    message.merge(&frame[..])?;
+    message.merge(frame)?;
     Ok(message)
 }
+
+/// The messages of a natively framed stream, read and decoded in place:
+/// each frame is decoded straight from the read buffer, which is then
+/// advanced past it (no frame is split off into a buffer of its own, as
+/// [`read_messages`] does for the server). What a node reads its server's
+/// pushes with.
+#[derive(Debug)]
+pub struct MessageReader<R> {
+    read: R,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+    what: &'static str,
+}
+
+impl<R: AsyncRead + Unpin> MessageReader<R> {
+    /// `capacity`: the read buffer to start with; it grows for larger
+    /// frames. `what` names the message in errors.
+    pub fn new(read: R, max_frame: usize, capacity: usize, what: &'static str) -> MessageReader<R> {
+        MessageReader {
+            read,
+            buf: BytesMut::with_capacity(capacity),
+            decoder: FrameDecoder::new(max_frame),
+            what,
+        }
+    }
+
+    /// The next message, decoded by `decode`; `None` at a clean end of the
+    /// stream; why the stream broke otherwise (it must not be read again).
+    /// Cancel-safe: bytes read stay in the buffer for the next call.
+    pub async fn next<M>(&mut self, decode: fn(&[u8]) -> Result<M, DecodeError>) -> Option<Result<M, String>> {
+        loop {
+            match self.decoder.complete_frame(&mut self.buf) {
+                Err(e) => return Some(Err(e.to_string())),
+                Ok(Some(len)) => {
+                    let message = decode(&self.buf[LEN_BYTES..LEN_BYTES + len]);
+                    self.buf.advance(LEN_BYTES + len);
+                    self.decoder.let_go_of_large(&mut self.buf);
+                    return Some(message.map_err(|e| format!("malformed {}: {e}", self.what)));
+                }
+                Ok(None) => {}
+            }
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(READ_MORE);
+            }
+            match self.read.read_buf(&mut self.buf).await {
+                Ok(0) if self.buf.is_empty() => return None,
+                Ok(0) => {
+                    return Some(Err(format!(
+                        "connection closed inside a control frame ({} bytes of it received)",
+                        self.buf.len()
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => return Some(Err(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Room a reader with a full buffer makes before reading again.
+const READ_MORE: usize = 4 * 1024;
 
 /// An empty body of the kind a `ServerMessage` frame carries, with its
 /// instance lists allocated at the lengths the frame gives them; `None`
@@ -236,13 +302,10 @@ impl FrameDecoder {
     pub fn new(max_frame: usize) -> FrameDecoder {
         FrameDecoder { max_frame }
     }
-}
 
-impl Decoder for FrameDecoder {
-    type Item = BytesMut;
-    type Error = std::io::Error;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
+    /// The body length of the frame at the front of `src` if all of it has
+    /// arrived; if not, room is reserved for more of it.
+    fn complete_frame(&self, src: &mut BytesMut) -> Result<Option<usize>, std::io::Error> {
         if src.len() < LEN_BYTES {
             return Ok(None);
         }
@@ -259,12 +322,29 @@ impl Decoder for FrameDecoder {
             src.reserve((LEN_BYTES + len - src.len()).min(RESERVE_STEP));
             return Ok(None);
         }
-        src.advance(LEN_BYTES);
-        let frame = src.split_to(len);
+        Ok(Some(len))
+    }
+
+    /// Once a large frame has been taken, its buffer is not kept resident
+    /// for the rest of the stream.
+    fn let_go_of_large(&self, src: &mut BytesMut) {
         if src.is_empty() && src.capacity() > RESERVE_STEP {
-            // A large frame is not kept resident for the rest of the stream.
             *src = BytesMut::with_capacity(512);
         }
+    }
+}
+
+impl Decoder for FrameDecoder {
+    type Item = BytesMut;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
+        let Some(len) = self.complete_frame(src)? else {
+            return Ok(None);
+        };
+        src.advance(LEN_BYTES);
+        let frame = src.split_to(len);
+        self.let_go_of_large(src);
         Ok(Some(frame))
     }
 

@@ -205,7 +205,8 @@ struct Desired {
 
 #[derive(Debug)]
 struct Command {
-    message: node_message::Body,
+    /// `None`: only wakes the task to notice that the session was stopped.
+    message: Option<node_message::Body>,
     reply: Option<oneshot::Sender<Result<(), RegistryError>>>,
 }
 
@@ -348,7 +349,7 @@ impl RegistrySession {
         // Sent now if connected; otherwise by the replay on connect.
         if desired.connected {
             let command = Command {
-                message: subscribe_message(key, known),
+                message: Some(subscribe_message(key, known)),
                 reply: None,
             };
             if self.inner.commands.try_send(command).is_err() {
@@ -389,6 +390,12 @@ impl RegistrySession {
     /// subscriptions at once.
     pub fn shutdown(&self) {
         self.inner.stop.cancel();
+        // Wakes the task, which looks for the stop at every command; if the
+        // queue is full, the commands in it wake it.
+        let _ = self.inner.commands.try_send(Command {
+            message: None,
+            reply: None,
+        });
     }
 
     fn desired(&self) -> std::sync::MutexGuard<'_, Desired> {
@@ -408,7 +415,7 @@ impl RegistrySession {
             self.inner
                 .commands
                 .send(Command {
-                    message,
+                    message: Some(message),
                     reply: Some(reply),
                 })
                 .await
@@ -441,6 +448,11 @@ fn subscribe_message(key: &ServiceKey, known: Option<(String, u64)>) -> node_mes
 /// Read buffer a natively framed stream starts with (tokio-util's default).
 const READ_BUFFER: usize = 8 * 1024;
 
+/// A node reads at most this many messages in a row before it looks at
+/// its commands and timer (a server that never stops sending must not
+/// starve its heartbeats).
+const READS_IN_A_ROW: u32 = 64;
+
 /// Heartbeats come every `interval` less up to this share of it.
 const HEARTBEAT_JITTER: f64 = 0.2;
 
@@ -453,9 +465,29 @@ fn jittered(interval: Duration, share: f64, rng: &mut SmallRng) -> Duration {
 struct Stream {
     /// Messages to the server, in order.
     out: mpsc::Sender<NodeMessage>,
-    inbound: Pin<Box<dyn tokio_stream::Stream<Item = Result<ServerMessage, String>> + Send>>,
+    inbound: Inbound,
     /// Writes `out` to the socket (native framing; gRPC has its own task).
     _writer: Option<AbortOnDropHandle<()>>,
+}
+
+/// The server's messages on a stream.
+enum Inbound {
+    Native(framing::MessageReader<tokio::net::tcp::OwnedReadHalf>),
+    Grpc(Pin<Box<dyn tokio_stream::Stream<Item = Result<ServerMessage, String>> + Send>>),
+}
+
+impl Inbound {
+    /// The next message; `None` when the server closed the stream.
+    /// Cancel-safe.
+    async fn next(&mut self) -> Option<Result<ServerMessage, String>> {
+        match self {
+            Inbound::Native(reader) => reader
+                .next(framing::decode_server_frame)
+                .await
+                .map(|message| message.map_err(|e| format!("stream error: {e}"))),
+            Inbound::Grpc(messages) => messages.next().await,
+        }
+    }
 }
 
 struct SessionTask {
@@ -504,9 +536,16 @@ impl SessionTask {
             let server = self.config.servers[next % self.config.servers.len()].clone();
             next += 1;
             let stop = self.stop.clone();
-            let result = tokio::select! {
+            let connected = tokio::select! {
                 _ = stop.cancelled() => return,
-                result = self.stream(&server, &mut commands) => result,
+                connected = self.connect(&server) => connected,
+            };
+            let result = match connected {
+                Ok((stream, welcome)) => match self.serve(&server, stream, welcome, &mut commands).await {
+                    Some(ended) => Ok(ended),
+                    None => Err("stopped".to_owned()),
+                },
+                Err(reason) => Err(reason),
             };
             self.connected.send_replace(None);
             if self.stop.is_cancelled() || commands.is_closed() {
@@ -554,20 +593,14 @@ impl SessionTask {
                     .map_err(|e| format!("{CONNECT_FAILED}{e}"))?;
                 let _ = socket.set_nodelay(true);
                 let (read, write) = socket.into_split();
-                let inbound = framing::read_messages(
-                    read,
-                    framing::MAX_SERVER_FRAME,
-                    READ_BUFFER,
-                    "ServerMessage",
-                    framing::decode_server_message,
-                )
-                .map(|message| message.map_err(|e| format!("stream error: {e}")));
+                let inbound =
+                    framing::MessageReader::new(read, framing::MAX_SERVER_FRAME, READ_BUFFER, "ServerMessage");
                 let mut preface = BytesMut::with_capacity(512);
                 preface.put_slice(&framing::PREFACE);
                 let writer = framing::write_frames(out_rx, write, preface, |m, buf| framing::put_frame(buf, m));
                 Ok(Stream {
                     out,
-                    inbound: Box::pin(inbound),
+                    inbound: Inbound::Native(inbound),
                     _writer: Some(AbortOnDropHandle::new(tokio::spawn(writer))),
                 })
             }
@@ -590,16 +623,16 @@ impl SessionTask {
                     .map(|message| message.map_err(|status| format!("stream error: {status}")));
                 Ok(Stream {
                     out,
-                    inbound: Box::pin(inbound),
+                    inbound: Inbound::Grpc(Box::pin(inbound)),
                     _writer: None,
                 })
             }
         }
     }
 
-    /// One stream: connect, Hello/Welcome, replay, then serve until it ends.
-    /// `Err` if it never got as far as Welcome.
-    async fn stream(&self, server: &str, commands: &mut mpsc::Receiver<Command>) -> Result<Ended, String> {
+    /// Connects to `server` and waits for its Welcome. `Err` if it never
+    /// got as far as that.
+    async fn connect(&self, server: &str) -> Result<(Stream, pb::Welcome), String> {
         let hello = Hello {
             app: self.config.app.clone(),
             role: self.config.role.to_pb(),
@@ -612,12 +645,8 @@ impl SessionTask {
             request_id: 0,
             body: Some(node_message::Body::Hello(hello)),
         };
-        let Stream {
-            out,
-            mut inbound,
-            _writer,
-        } = self.open(server, hello).await?;
-        let welcome = match tokio::time::timeout(self.config.connect_timeout, inbound.next()).await {
+        let mut stream = self.open(server, hello).await?;
+        let welcome = match tokio::time::timeout(self.config.connect_timeout, stream.inbound.next()).await {
             Ok(Some(Ok(ServerMessage {
                 body: Some(server_message::Body::Welcome(welcome)),
                 ..
@@ -631,6 +660,29 @@ impl SessionTask {
             Ok(Some(Err(e))) => return Err(format!("before Welcome: {e}")),
             Ok(Some(Ok(other))) => return Err(format!("expected Welcome, got {other:?}")),
         };
+        Ok((stream, welcome))
+    }
+
+    /// A welcomed stream: replay, then serve until it ends, or until the
+    /// session is stopped (`None`).
+    ///
+    /// The loop reads first: a push is what wakes a node most often, and
+    /// its task then polls nothing before the socket. The session's stop
+    /// is not polled on every wake either: [`RegistrySession::shutdown`]
+    /// wakes the task with an empty command, and every command received
+    /// checks for it.
+    async fn serve(
+        &self,
+        server: &str,
+        stream: Stream,
+        welcome: pb::Welcome,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Option<Ended> {
+        let Stream {
+            out,
+            mut inbound,
+            _writer,
+        } = stream;
         let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100).into());
         let timeout = Duration::from_millis(welcome.heartbeat_timeout_ms.max(300).into());
         info!(%server, session = %welcome.session_id, epoch = %welcome.epoch, "registry session established");
@@ -646,7 +698,7 @@ impl SessionTask {
                 .await
                 .is_err()
             {
-                return Ok("stream closed during replay".into());
+                return Some("stream closed during replay".into());
             }
         }
         self.refusal.lock().expect("refusal lock").take();
@@ -661,72 +713,100 @@ impl SessionTask {
         // together: a ConfigServer's load stays level instead of a burst of
         // every node's heartbeat once per interval.
         let mut rng = SmallRng::from_os_rng();
-        let heartbeat = tokio::time::sleep(jittered(interval, 0.9, &mut rng));
-        tokio::pin!(heartbeat);
+        let mut next_beat = Instant::now() + jittered(interval, 0.9, &mut rng);
         let mut seq = 0u64;
-        // Armed once and moved only when it fires: resetting a timer for
-        // every message would cost a timer-wheel update per push.
+        // One timer for both the next heartbeat and the silence check,
+        // moved only when it fires: resetting a timer for every message
+        // would cost a timer-wheel update per push.
         let mut heard = Instant::now();
-        let silence = tokio::time::sleep(timeout);
-        tokio::pin!(silence);
+        let timer = tokio::time::sleep_until(next_beat.min(heard + timeout));
+        tokio::pin!(timer);
+        // Messages read in a row: past a bound, commands and the timer are
+        // looked at before the socket is read again.
+        let mut streak = 0u32;
+        let mut stopped = false;
         let ended = loop {
             tokio::select! {
-                _ = &mut silence => {
-                    if heard.elapsed() >= timeout {
-                        break format!("configserver silent for {timeout:?}");
-                    }
-                    silence.as_mut().reset(heard + timeout);
-                }
-                message = inbound.next() => match message {
-                    None => break "closed by configserver".to_owned(),
-                    Some(Err(e)) => break e,
-                    Some(Ok(message)) => {
-                        heard = Instant::now();
-                        if let Some(resync) = self.on_message(message, &welcome.epoch, &mut pending, &mut last) {
-                            let _ = out.send(NodeMessage { request_id: 0, body: Some(resync) }).await;
+                biased;
+                message = inbound.next(), if streak < READS_IN_A_ROW => {
+                    streak += 1;
+                    match message {
+                        None => break "closed by configserver".to_owned(),
+                        Some(Err(e)) => break e,
+                        Some(Ok(message)) => {
+                            heard = Instant::now();
+                            if let Some(resync) = self.on_message(message, &welcome.epoch, &mut pending, &mut last) {
+                                let _ = out.send(NodeMessage { request_id: 0, body: Some(resync) }).await;
+                            }
                         }
                     }
-                },
+                }
                 command = commands.recv() => {
+                    streak = 0;
                     let Some(command) = command else { break "session handle dropped".to_owned() };
+                    if self.stop.is_cancelled() {
+                        stopped = true;
+                        break "stopped".to_owned();
+                    }
+                    let Some(message) = command.message else { continue };
                     let request_id = if command.reply.is_some() { next_request += 1; next_request } else { 0 };
                     if let Some(reply) = command.reply {
                         pending.insert(request_id, reply);
                     }
-                    if out.send(NodeMessage { request_id, body: Some(command.message) }).await.is_err() {
+                    if out.send(NodeMessage { request_id, body: Some(message) }).await.is_err() {
                         break "stream closed".to_owned();
                     }
                 }
-                _ = &mut heartbeat => {
-                    heartbeat.as_mut().reset(Instant::now() + jittered(interval, HEARTBEAT_JITTER, &mut rng));
-                    seq += 1;
-                    let beat = NodeMessage { request_id: 0, body: Some(node_message::Body::Heartbeat(pb::Heartbeat { seq })) };
-                    // A full queue means the server is not reading; the
-                    // silence timer ends the stream if it stays that way.
-                    if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(beat) {
-                        break "stream closed".to_owned();
+                _ = &mut timer => {
+                    streak = 0;
+                    if self.stop.is_cancelled() {
+                        // Its wake-up was lost to a full queue that has
+                        // since drained (each command looks for it too).
+                        stopped = true;
+                        break "stopped".to_owned();
                     }
-                    let abandoned = self.take_abandoned();
-                    if !abandoned.is_empty() {
-                        // An unsubscribed list is not kept alive here either.
-                        last = None;
+                    let now = Instant::now();
+                    if now.saturating_duration_since(heard) >= timeout {
+                        break format!("configserver silent for {timeout:?}");
                     }
-                    for body in self.take_unsent().into_iter().chain(abandoned) {
-                        if out.send(NodeMessage { request_id: 0, body: Some(body) }).await.is_err() {
-                            break;
+                    if now >= next_beat {
+                        next_beat = now + jittered(interval, HEARTBEAT_JITTER, &mut rng);
+                        seq += 1;
+                        let beat = NodeMessage { request_id: 0, body: Some(node_message::Body::Heartbeat(pb::Heartbeat { seq })) };
+                        // A full queue means the server is not reading; the
+                        // silence check ends the stream if it stays that way.
+                        if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(beat) {
+                            break "stream closed".to_owned();
                         }
+                        let abandoned = self.take_abandoned();
+                        if !abandoned.is_empty() {
+                            // An unsubscribed list is not kept alive here either.
+                            last = None;
+                        }
+                        for body in self.take_unsent().into_iter().chain(abandoned) {
+                            if out.send(NodeMessage { request_id: 0, body: Some(body) }).await.is_err() {
+                                break;
+                            }
+                        }
+                        self.save_cache().await;
                     }
-                    self.save_cache().await;
+                    timer.as_mut().reset(next_beat.min(heard + timeout));
                 }
+                // Reached only when the socket was skipped and nothing else
+                // is ready: read it again.
+                _ = std::future::ready(()), if streak >= READS_IN_A_ROW => streak = 0,
             }
         };
         self.desired.lock().expect("registry desired lock").connected = false;
         self.save_cache().await;
+        if stopped {
+            return None; // requests in flight get `Stopped` as their replies drop
+        }
         // Requests in flight will be sent again by the next replay.
         for (_, reply) in pending {
             let _ = reply.send(Ok(()));
         }
-        Ok(ended)
+        Some(ended)
     }
 
     /// Subscriptions nobody watches any more, as Unsubscribe messages.
