@@ -397,6 +397,36 @@ mod tests {
         assert_eq!(got, (1..=3).map(heartbeat).collect::<Vec<_>>());
     }
 
+    /// Gives `wire` back in reads of at most `split` bytes.
+    struct Reads {
+        chunks: std::collections::VecDeque<Vec<u8>>,
+    }
+
+    impl Reads {
+        fn new(wire: &[u8], split: usize) -> Reads {
+            Reads {
+                chunks: wire.chunks(split).map(<[u8]>::to_vec).collect(),
+            }
+        }
+    }
+
+    impl AsyncRead for Reads {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if let Some(mut chunk) = self.chunks.pop_front() {
+                let n = chunk.len().min(buf.remaining());
+                buf.put_slice(&chunk[..n]);
+                if n < chunk.len() {
+                    self.chunks.push_front(chunk.split_off(n));
+                }
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
     /// Records each write it is given.
     #[derive(Default)]
     struct Writes(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
@@ -584,6 +614,51 @@ mod tests {
             let ours = decode_server_message(BytesMut::from(&bytes[..]));
             let prost = ServerMessage::decode(&bytes[..]);
             proptest::prop_assert_eq!(ours.ok(), prost.ok());
+        }
+
+        /// On any stream of bytes (real frames, garbage, a frame cut short)
+        /// delivered in reads of any size, the in-place reader yields what
+        /// the framed reader does: the same messages, then the same error
+        /// or the same end.
+        #[test]
+        fn the_in_place_reader_reads_what_the_framed_reader_reads(
+            frames in proptest::collection::vec(0u32..6, 0..6),
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48),
+            cut in 0usize..8,
+            split in 1usize..40,
+        ) {
+            let mut wire = BytesMut::new();
+            for added in frames {
+                let delta = Delta { added: (0..added).map(instance).collect(), ..Delta::default() };
+                put_frame(&mut wire, &ServerMessage { request_id: 1, body: Some(server_message::Body::Delta(delta)) });
+            }
+            wire.extend_from_slice(&garbage);
+            let wire = wire[..wire.len().saturating_sub(cut)].to_vec();
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (ours, theirs) = runtime.block_on(async {
+                const MAX: usize = 4096;
+                let mut reader = MessageReader::new(Reads::new(&wire, split), MAX, 16, "ServerMessage");
+                let mut ours = Vec::new();
+                while let Some(item) = reader.next(decode_server_frame).await {
+                    let failed = item.is_err();
+                    ours.push(item);
+                    if failed {
+                        break;
+                    }
+                }
+                let framed = read_messages(Reads::new(&wire, split), MAX, 16, "ServerMessage", decode_server_message);
+                tokio::pin!(framed);
+                let mut theirs = Vec::new();
+                while let Some(item) = framed.next().await {
+                    let failed = item.is_err();
+                    theirs.push(item);
+                    if failed {
+                        break;
+                    }
+                }
+                (ours, theirs)
+            });
+            proptest::prop_assert_eq!(ours, theirs);
         }
 
         /// Whatever the bytes and however they are split into reads, the
