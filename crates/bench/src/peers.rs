@@ -8,7 +8,8 @@
 //! 1. **Push**: `--subscribers` sessions watch a probe service holding
 //!    `--base-providers` providers. `--probes` times, a provider registers a
 //!    new instance, and later removes it; each change is one sample: the time
-//!    until the *last* subscriber's view holds the change.
+//!    until the *last* subscriber's view holds the change. `--warmup-probes`
+//!    probes before them are not measured.
 //! 2. **Storm**: `--storm-providers` providers of one service, watched by
 //!    `--storm-subscribers` sessions; 10% (the oldest) are removed and as
 //!    many new ones added at once; a storm's time is until every subscriber
@@ -34,7 +35,9 @@
 //!
 //! Every subscriber's view is observed on the task that applied the change
 //! (see `convergence.rs`): no task of the bench's own sits between a
-//! system's client and the clock.
+//! system's client and the clock. The subscribers' clients run on the
+//! bench's runtime, the providers' on a runtime of their own (one thread),
+//! as they would in processes of their own.
 //!
 //! Provider sessions (`--provider-sessions`) carry many registrations each,
 //! and failure detection is set alike (about 3-4 s): tern's heartbeat
@@ -61,6 +64,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use rpc_core::ServiceKey;
 use rpc_core::registry::{Addr, ProviderList, RegistrySession, Role};
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt as _;
@@ -102,6 +106,11 @@ pub struct PeersArgs {
     /// Probe providers: each registers, then leaves (two changes).
     #[arg(long, default_value_t = 100)]
     probes: usize,
+    /// Probes made before the measured ones, not counted in any column:
+    /// the first changes after a thousand sessions opened find every
+    /// process's caches and buffers cold.
+    #[arg(long, default_value_t = 5)]
+    warmup_probes: usize,
     #[arg(long, default_value_t = 2000)]
     storm_providers: usize,
     #[arg(long, default_value_t = 100)]
@@ -143,8 +152,8 @@ fn check_ports(args: &PeersArgs) -> anyhow::Result<()> {
         "--storm-providers must be at least 10 and --storms at least 1"
     );
     anyhow::ensure!(
-        args.storm_providers <= 20_000 && args.base_providers <= 20_000 && args.probes <= 10_000,
-        "at most 20,000 storm providers, 20,000 base providers and 10,000 probes"
+        args.storm_providers <= 20_000 && args.base_providers <= 20_000 && args.warmup_probes + args.probes <= 10_000,
+        "at most 20,000 storm providers, 20,000 base providers and 10,000 probes (with the warm-up ones)"
     );
     let last = FRESH_PORTS + args.storms * replaced - 1;
     anyhow::ensure!(
@@ -219,10 +228,11 @@ impl Report {
 
 pub async fn run(args: PeersArgs) -> anyhow::Result<()> {
     println!(
-        "peers benchmark: {} subscribers of a service with {} providers, {} probes (join + leave); storm of {} providers / {} subscribers; {} provider sessions; configserver coalescing {}",
+        "peers benchmark: {} subscribers of a service with {} providers, {} probes (join + leave) after {} not measured; storm of {} providers / {} subscribers; {} provider sessions; configserver coalescing {}",
         args.subscribers,
         args.base_providers,
         args.probes,
+        args.warmup_probes,
         args.storm_providers,
         args.storm_subscribers,
         args.provider_sessions,
@@ -235,10 +245,11 @@ pub async fn run(args: PeersArgs) -> anyhow::Result<()> {
     for &system in &args.systems {
         targets.push((system, Target::prepare(system, &args).await?));
     }
+    let providers_runtime = ProvidersRuntime::start()?;
     let mut reports = Vec::new();
     for (system, target) in targets {
         eprintln!("measuring {} ...", system.name());
-        let report = measure(system, &target, &args)
+        let report = measure(system, &target, &args, providers_runtime.handle())
             .await
             .with_context(|| format!("measuring {}", system.name()))?;
         reports.push(report);
@@ -323,24 +334,32 @@ impl Target {
         }
     }
 
-    async fn provider(&self, i: usize) -> anyhow::Result<ProviderSession> {
-        Ok(match self {
-            Target::Tern(server) => {
-                let session = registry::session(server.addr, &format!("provider-{i}"), Role::Provider);
-                registry::connected(std::slice::from_ref(&session)).await?;
-                ProviderSession::Tern(session)
-            }
-            Target::Zookeeper { addr, .. } => ProviderSession::Zookeeper(zk_connect(*addr).await?),
-            Target::Etcd { addr, .. } => ProviderSession::Etcd(EtcdProvider::start(*addr).await?),
-        })
-    }
-
-    async fn providers(&self, n: usize) -> anyhow::Result<Vec<ProviderSession>> {
+    /// `n` provider sessions, opened on (and run by) `runtime`.
+    async fn providers(&self, n: usize, runtime: &Handle) -> anyhow::Result<Providers> {
+        let (system, addr) = match self {
+            Target::Tern(server) => (System::Tern, server.addr),
+            Target::Zookeeper { addr, .. } => (System::Zookeeper, *addr),
+            Target::Etcd { addr, .. } => (System::Etcd, *addr),
+        };
         let mut sessions = Vec::new();
         for i in 0..n.max(1) {
-            sessions.push(self.provider(i).await?);
+            let session = runtime.spawn(async move {
+                anyhow::Ok(match system {
+                    System::Tern => {
+                        let session = registry::session(addr, &format!("provider-{i}"), Role::Provider);
+                        registry::connected(std::slice::from_ref(&session)).await?;
+                        ProviderSession::Tern(session)
+                    }
+                    System::Zookeeper => ProviderSession::Zookeeper(zk_connect(addr).await?),
+                    System::Etcd => ProviderSession::Etcd(EtcdProvider::start(addr).await?),
+                })
+            });
+            sessions.push(session.await??);
         }
-        Ok(sessions)
+        Ok(Providers {
+            sessions: Arc::new(sessions),
+            runtime: runtime.clone(),
+        })
     }
 
     /// `n` subscribers of `service`, each with its own connection and an
@@ -494,31 +513,77 @@ impl ProviderSession {
     }
 }
 
-/// Registers `ports` of `service` over `sessions`, all at once.
-async fn register_all(sessions: &Arc<Vec<ProviderSession>>, service: &str, ports: &[u16]) -> anyhow::Result<()> {
-    change_all(sessions, service, ports, true).await
+/// The runtime the providers' clients run on, one thread of its own, as
+/// they would run in processes of their own: on the subscribers' runtime, a
+/// storm's requests (and their acks) waited behind a hundred subscribers'
+/// tasks applying its first changes, and the last of them reached the
+/// server up to ~15 ms after the first. Every system's providers run here.
+struct ProvidersRuntime(Option<tokio::runtime::Runtime>);
+
+impl ProvidersRuntime {
+    fn start() -> anyhow::Result<ProvidersRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("providers")
+            .enable_all()
+            .build()
+            .context("starting the providers' runtime")?;
+        Ok(ProvidersRuntime(Some(runtime)))
+    }
+
+    fn handle(&self) -> &Handle {
+        self.0.as_ref().expect("running until dropped").handle()
+    }
 }
 
-async fn change_all(
-    sessions: &Arc<Vec<ProviderSession>>,
-    service: &str,
-    ports: &[u16],
-    register: bool,
-) -> anyhow::Result<()> {
+impl Drop for ProvidersRuntime {
+    fn drop(&mut self) {
+        // Dropped inside the bench's own runtime, where a runtime may not
+        // wait for its tasks.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// One system's provider sessions, run by the providers' runtime.
+struct Providers {
+    sessions: Arc<Vec<ProviderSession>>,
+    runtime: Handle,
+}
+
+impl Providers {
+    /// The session probe `p` registers through.
+    fn for_probe(&self, p: usize) -> &ProviderSession {
+        &self.sessions[p % self.sessions.len()]
+    }
+}
+
+/// Registers `ports` of `service` over the providers' sessions, all at once.
+async fn register_all(providers: &Providers, service: &str, ports: &[u16]) -> anyhow::Result<()> {
+    change_all(providers, service, ports, true).await
+}
+
+/// Registers (or removes) a provider on each of `ports` at once, each from a
+/// task of its own on the providers' runtime.
+async fn change_all(providers: &Providers, service: &str, ports: &[u16], register: bool) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     for &port in ports {
-        let (sessions, service) = (sessions.clone(), service.to_owned());
-        tasks.spawn(async move {
-            // By port: a provider leaves through the session it joined on
-            // (this framework's ConfigServer lets only that session remove
-            // it).
-            let session = &sessions[usize::from(port) % sessions.len()];
-            if register {
-                session.register(&service, port).await
-            } else {
-                session.unregister(&service, port).await
-            }
-        });
+        let (sessions, service) = (providers.sessions.clone(), service.to_owned());
+        tasks.spawn_on(
+            async move {
+                // By port: a provider leaves through the session it joined on
+                // (this framework's ConfigServer lets only that session remove
+                // it).
+                let session = &sessions[usize::from(port) % sessions.len()];
+                if register {
+                    session.register(&service, port).await
+                } else {
+                    session.unregister(&service, port).await
+                }
+            },
+            &providers.runtime,
+        );
     }
     while let Some(result) = tasks.join_next().await {
         result??;
@@ -784,7 +849,12 @@ async fn etcd_watch(
 
 // === the workload ===
 
-async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::Result<Report> {
+async fn measure(
+    system: System,
+    target: &Target,
+    args: &PeersArgs,
+    providers_runtime: &Handle,
+) -> anyhow::Result<Report> {
     let pid = target.pid();
     let probe = "bench.Probe";
     let storm = "bench.Storm";
@@ -792,16 +862,16 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
         zk_prepare(*addr, probe).await?;
         zk_prepare(*addr, storm).await?;
     }
-    let providers = Arc::new(target.providers(args.provider_sessions).await?);
+    let providers = target.providers(args.provider_sessions, providers_runtime).await?;
     let base: Vec<u16> = (0..args.base_providers).map(|k| 20_000 + k as u16).collect();
     register_all(&providers, probe, &base).await?;
 
     // 1. Push.
     let base_set: Arc<AddressSet> = Arc::new(base.iter().map(|&p| address(p)).collect());
-    let mut arrivals = Arrivals::new(move |goal, view| {
+    let mut arrivals = Arrivals::new(move |goal, view, look| {
         // Goal 1: the base list; then 2 x port + 1 when a probe joined, 2 x port when it left.
         if goal == 1 {
-            return view.is(&base_set);
+            return base_set.seen_in(view, look);
         }
         let port = (goal / 2) as u16;
         // Built inline: this runs for every subscriber after every change.
@@ -811,26 +881,40 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
     subscribers.time(&arrivals, 1, async { Ok(()) }).await?;
     let rss_kb = proc_stats::rss_kb(pid)?;
 
+    // Probe `p` joins, then leaves: how long each change took to reach every subscriber.
+    let probe_once = |p: usize| {
+        let (subscribers, arrivals) = (&subscribers, &arrivals);
+        let port = 40_000 + p as u16;
+        let session = providers.for_probe(p);
+        async move {
+            let mut took = [Duration::ZERO; 2];
+            for (joined, took) in [true, false].into_iter().zip(&mut took) {
+                let goal = 2 * u64::from(port) + u64::from(joined);
+                *took = subscribers
+                    .time(arrivals, goal, async {
+                        if joined {
+                            session.register(probe, port).await
+                        } else {
+                            session.unregister(probe, port).await
+                        }
+                    })
+                    .await
+                    .with_context(|| format!("probe {p} ({})", if joined { "join" } else { "leave" }))?;
+            }
+            anyhow::Ok(took)
+        }
+    };
+    for p in 0..args.warmup_probes {
+        probe_once(args.probes + p).await?;
+    }
+
     let bytes_before = wire::server_bytes(target.port());
     let cpu_before = CpuClock::read(pid)?;
     let clients_before = CpuClock::read(std::process::id())?;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     let mut push_ms = Vec::new();
     for p in 0..args.probes {
-        let port = 40_000 + p as u16;
-        let session = &providers[p % providers.len()];
-        for joined in [true, false] {
-            let goal = 2 * u64::from(port) + u64::from(joined);
-            let took = subscribers
-                .time(&arrivals, goal, async {
-                    if joined {
-                        session.register(probe, port).await
-                    } else {
-                        session.unregister(probe, port).await
-                    }
-                })
-                .await
-                .with_context(|| format!("probe {p} ({})", if joined { "join" } else { "leave" }))?;
+        for took in probe_once(p).await? {
             latency.record(took.as_micros().max(1) as u64)?;
             push_ms.push(took.as_secs_f64() * 1e3);
         }
@@ -869,7 +953,7 @@ async fn measure(system: System, target: &Target, args: &PeersArgs) -> anyhow::R
         .map(|set| set.iter().map(|&p| address(p)).collect())
         .collect();
     // Goal g (from 1): holding exactly sets[g - 1].
-    let mut arrivals = Arrivals::new(move |goal, view| view.is(&goals[goal as usize - 1]));
+    let mut arrivals = Arrivals::new(move |goal, view, look| goals[goal as usize - 1].seen_in(view, look));
     let subscribers = target.subscribers(storm, args.storm_subscribers, &mut arrivals).await?;
     subscribers.time(&arrivals, 1, async { Ok(()) }).await?;
     let cpu_before = CpuClock::read(pid)?;

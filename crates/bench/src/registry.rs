@@ -212,7 +212,7 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
     let mut receivers = Vec::new();
     // Held to the end: a list nobody watches is unsubscribed at the next heartbeat.
     let mut others = Vec::new();
-    let mut arrivals = Arrivals::new(|port, list| list.has(&format!("127.0.0.1:{port}")));
+    let mut arrivals = Arrivals::new(|port, list, _| list.has(&format!("127.0.0.1:{port}")));
     for (i, s) in subscribers.iter().enumerate() {
         let observer = arrivals.observer();
         receivers.push(s.subscribe_with(&probe, move |list| observer.saw(list)));
@@ -312,9 +312,9 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
             .collect(),
     );
     let (initial_check, expected_check) = (initial_set.clone(), expected.clone());
-    let mut arrivals = Arrivals::new(move |goal, list| {
+    let mut arrivals = Arrivals::new(move |goal, list, look| {
         let want = if goal == 1 { &initial_check } else { &expected_check };
-        list.is(want)
+        want.seen_in(list, look)
     });
     let receivers: Vec<_> = watchers_sessions
         .iter()
