@@ -298,6 +298,8 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
         .map(|i| session(server.addr, &format!("storm-consumer-{i}"), Role::Consumer))
         .collect();
     connected(&watchers_sessions).await?;
+    // The lowest ports go and the new come above every other: what the
+    // quick look at a view relies on (see `Look::Quick`).
     let replaced = args.storm_providers / 10;
     let expected: Arc<AddressSet> = Arc::new(
         (replaced..args.storm_providers)
