@@ -631,3 +631,52 @@ async fn shutdown_ends_an_established_session_at_once() {
         Err(rpc_core::registry::RegistryError::Stopped)
     );
 }
+
+/// The registry port holds `--max-connections` at once: one more is closed
+/// as soon as it is accepted, and counted; a node gets in once a place is
+/// free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_the_limit_is_closed_at_once_and_a_node_gets_in_when_a_place_frees() {
+    let (_cs, registry, admin) =
+        Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0", "--max-connections", "2"]);
+    let session = |name: &str| RegistrySession::start(SessionConfig::new([registry.to_string()], name, Role::Consumer));
+    // A gRPC node's connection, held by the gRPC server, counts as well.
+    let grpc_session = |name: &str| {
+        let mut config = SessionConfig::new([registry.to_string()], name, Role::Consumer);
+        config.transport = Transport::Grpc;
+        RegistrySession::start(config)
+    };
+    let connected = |s: &RegistrySession| {
+        let mut connected = s.connected();
+        async move {
+            tokio::time::timeout(LIMIT, connected.wait_for(Option::is_some))
+                .await
+                .expect("connected within the limit")
+                .expect("the session runs");
+        }
+    };
+    let (first, second) = (session("c1"), grpc_session("c2"));
+    connected(&first).await;
+    connected(&second).await;
+
+    // A third: closed at once, not after the heartbeat timeout (3 s) that
+    // ends a connection which sends nothing.
+    let mut third = TcpStream::connect(registry).await.unwrap();
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(LIMIT, third.read(&mut byte))
+        .await
+        .expect("closed within the limit");
+    assert!(matches!(read, Ok(0) | Err(_)), "the third connection got {read:?}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "closed {took:?} after connecting");
+    let page = http_get(admin, "/metrics").await.unwrap();
+    assert_eq!(metric(&page, "configserver_connections"), 2);
+    assert!(metric(&page, "configserver_connections_refused_total") >= 1);
+
+    // A place frees: the next node gets in (retrying until it does).
+    first.shutdown();
+    let fourth = session("c4");
+    connected(&fourth).await;
+    drop(second);
+}

@@ -19,6 +19,7 @@
 //! - `GET /metrics`: Prometheus text format
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{FromRef, Path, Query, State};
@@ -255,5 +256,10 @@ async fn metrics(State(registry): State<Arc<Registry>>) -> String {
             providers as u64,
         ),
         ("configserver_subscriptions", "Live subscriptions", subscriptions as u64),
+        (
+            "configserver_connections",
+            "Connections open on the registry port",
+            registry.metrics.connections_open.load(Ordering::Relaxed),
+        ),
     ])
 }

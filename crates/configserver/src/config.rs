@@ -80,6 +80,10 @@ pub struct Settings {
     /// Largest provider instance accepted, in bytes [default: 16384].
     #[arg(long, env = "CONFIGSERVER_MAX_INSTANCE_BYTES")]
     pub max_instance_bytes: Option<usize>,
+    /// Connections the registry port holds at once; one more is closed as
+    /// soon as it is accepted [default: 100000].
+    #[arg(long, env = "CONFIGSERVER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Where the default SQLite rule store lives [default: ./configserver-data].
     #[arg(long, env = "CONFIGSERVER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -118,6 +122,7 @@ impl Settings {
             startup_grace_ms: self.startup_grace_ms.or(fallback.startup_grace_ms),
             max_message_bytes: self.max_message_bytes.or(fallback.max_message_bytes),
             max_instance_bytes: self.max_instance_bytes.or(fallback.max_instance_bytes),
+            max_connections: self.max_connections.or(fallback.max_connections),
             data_dir: self.data_dir.or(fallback.data_dir),
             store: self.store.or(fallback.store),
             rules_poll_ms: self.rules_poll_ms.or(fallback.rules_poll_ms),
@@ -156,6 +161,9 @@ impl Settings {
         }
         if let Some(v) = self.max_instance_bytes {
             config.registry.max_instance_bytes = v;
+        }
+        if let Some(v) = self.max_connections {
+            config.max_connections = v;
         }
         if let Some(v) = self.rules_poll_ms {
             config.rules_poll = ms(v.max(10));

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub pushed_direct: AtomicU64,
     pub pushed_rules: AtomicU64,
     pub rule_changes: AtomicU64,
+    /// Connections open on the registry port (a gauge).
+    pub connections_open: AtomicU64,
+    pub connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -37,6 +40,11 @@ impl Metrics {
                 "configserver_sessions_opened_total",
                 "Sessions opened",
                 &self.sessions_opened,
+            ),
+            (
+                "configserver_connections_refused_total",
+                "Connections to the registry port closed at once: as many as --max-connections were open",
+                &self.connections_refused,
             ),
             (
                 "configserver_sessions_closed_total",

@@ -6,22 +6,31 @@
 //! server. A natively framed session costs one task, a read buffer that
 //! starts at a few hundred bytes, and an outbox (`outbox.rs`) whose buffer
 //! is empty while the socket keeps up.
+//!
+//! At most [`ConnectionLimit`] connections are open on the port at once;
+//! one past it is closed as soon as it is accepted (and counted), so that
+//! a flood of nodes costs neither file descriptors nor memory beyond the
+//! bound, and a node that is turned away tries its next ConfigServer.
 
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use rpc_core::registry::framing;
 use tern_proto::registry::NodeMessage;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, warn};
 
 use crate::outbox::Outbox;
+use crate::registry::Registry;
 use crate::session::{RegistryService, Tx};
 
 /// Connections accepted but not yet taken by the gRPC server; at the bound
@@ -31,17 +40,113 @@ pub const GRPC_HANDOFF: usize = 128;
 /// Read buffer a native session starts with; it grows for larger frames.
 const READ_BUFFER: usize = 256;
 
+/// How many connections the registry port holds at once.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+    registry: Arc<Registry>,
+}
+
+impl ConnectionLimit {
+    /// At most `max` at once; counted in `registry`'s metrics.
+    pub fn new(max: usize, registry: Arc<Registry>) -> ConnectionLimit {
+        ConnectionLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            registry,
+        }
+    }
+
+    /// A slot for one more connection, if one is free.
+    fn take(&self) -> Option<Slot> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        self.registry.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        Some(Slot {
+            _permit: permit,
+            registry: self.registry.clone(),
+        })
+    }
+}
+
+/// One connection's place under the [`ConnectionLimit`], given back when
+/// the connection ends.
+#[derive(Debug)]
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    registry: Arc<Registry>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.registry.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection handed to the gRPC server, holding its slot for as long
+/// as the server keeps it.
+#[derive(Debug)]
+pub struct Held {
+    stream: TcpStream,
+    _slot: Slot,
+}
+
+impl AsyncRead for Held {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Held {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Held {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+/// How often a port at its limit says so in the log.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
+
 /// Accepts connections on the registry port until `shutdown`, serving
-/// native sessions and passing the rest to `grpc`. Every connection's task
-/// is in `tracker`.
+/// native sessions and passing the rest to `grpc`, at most `limit` at once.
+/// Every connection's task is in `tracker`.
 pub async fn accept(
     listener: TcpListener,
     service: RegistryService,
     max_message_bytes: usize,
-    grpc: mpsc::Sender<std::io::Result<TcpStream>>,
+    limit: ConnectionLimit,
+    grpc: mpsc::Sender<std::io::Result<Held>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let mut warned_full: Option<Instant> = None;
     loop {
         let (socket, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -58,6 +163,19 @@ pub async fn accept(
                 }
             },
         };
+        let Some(slot) = limit.take() else {
+            limit
+                .registry
+                .metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            if warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
+                warned_full = Some(Instant::now());
+                warn!(%peer, max = limit.max, "registry port: closing a new connection: {} are open, the most --max-connections allows", limit.max);
+            }
+            drop(socket);
+            continue;
+        };
         let _ = socket.set_nodelay(true);
         let (service, grpc, shutdown) = (service.clone(), grpc.clone(), shutdown.clone());
         tracker.spawn(async move {
@@ -70,9 +188,15 @@ pub async fn accept(
             match peeked {
                 Ok(Ok(1)) if first[0] == framing::PREFACE[0] => {
                     service.native_session(socket, peer, max_message_bytes).await;
+                    drop(slot);
                 }
                 Ok(Ok(1)) => {
-                    let _ = grpc.send(Ok(socket)).await;
+                    let _ = grpc
+                        .send(Ok(Held {
+                            stream: socket,
+                            _slot: slot,
+                        }))
+                        .await;
                 }
                 Ok(Ok(_)) => debug!(%peer, "registry port: closed before sending anything"),
                 Ok(Err(e)) => debug!(%peer, error = %e, "registry port: read failed"),

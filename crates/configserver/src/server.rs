@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub coalesce: Duration,
     /// Largest control message accepted.
     pub max_message_bytes: usize,
+    /// Connections the registry port holds at once (at least 1).
+    pub max_connections: usize,
     pub registry: RegistryConfig,
     /// Rule store URL (`sqlite://...`, `postgres://...`, `mysql://...`);
     /// `None`: an in-memory SQLite database (rules last until the server stops).
@@ -57,6 +59,7 @@ impl Default for ServerConfig {
             heartbeat_timeout: Duration::from_secs(3),
             coalesce: Duration::from_millis(5),
             max_message_bytes: 1024 * 1024,
+            max_connections: 100_000,
             registry: RegistryConfig::default(),
             store: None,
             rules_poll: Duration::from_secs(1),
@@ -73,6 +76,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("heartbeat timeout {timeout:?} must be longer than the interval {interval:?}")]
     Heartbeats { interval: Duration, timeout: Duration },
+    #[error("max connections {0} must be at least 1")]
+    MaxConnections(usize),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -93,13 +98,17 @@ impl ConfigServer {
     ///
     /// # Errors
     ///
-    /// An address that cannot be bound, or inconsistent heartbeat settings.
+    /// An address that cannot be bound, inconsistent heartbeat settings, or
+    /// a limit of no connections.
     pub async fn start(config: ServerConfig) -> Result<ConfigServer, StartError> {
         if config.heartbeat_timeout <= config.heartbeat_interval {
             return Err(StartError::Heartbeats {
                 interval: config.heartbeat_interval,
                 timeout: config.heartbeat_timeout,
             });
+        }
+        if config.max_connections == 0 {
+            return Err(StartError::MaxConnections(config.max_connections));
         }
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -144,6 +153,7 @@ impl ConfigServer {
             registry_port,
             service.clone(),
             config.max_message_bytes,
+            crate::native::ConnectionLimit::new(config.max_connections, registry.clone()),
             to_grpc,
             shutdown.clone(),
             tracker.clone(),
