@@ -633,8 +633,8 @@ async fn shutdown_ends_an_established_session_at_once() {
 }
 
 /// The registry port holds `--max-connections` at once: one more is closed
-/// as soon as it is accepted, and counted; a node gets in once a place is
-/// free.
+/// as soon as it is accepted, and counted; a node turned away gets in once
+/// a place is free; a gRPC connection gives its place back when it ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_past_the_limit_is_closed_at_once_and_a_node_gets_in_when_a_place_frees() {
     let (_cs, registry, admin) =
@@ -655,9 +655,24 @@ async fn a_connection_past_the_limit_is_closed_at_once_and_a_node_gets_in_when_a
                 .expect("the session runs");
         }
     };
+    let read_metric = |name: &'static str| async move { metric(&http_get(admin, "/metrics").await.unwrap(), name) };
+    // Polls the server's metric until `ok` (its counters are what tells
+    // that a connection was turned away or given back).
+    let metric_until = |name: &'static str, ok: fn(u64) -> bool| async move {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let value = read_metric(name).await;
+            if ok(value) {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "{name} still {value} after {LIMIT:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
     let (first, second) = (session("c1"), grpc_session("c2"));
     connected(&first).await;
     connected(&second).await;
+    assert_eq!(read_metric("configserver_connections").await, 2);
 
     // A third: closed at once, not after the heartbeat timeout (3 s) that
     // ends a connection which sends nothing.
@@ -670,13 +685,56 @@ async fn a_connection_past_the_limit_is_closed_at_once_and_a_node_gets_in_when_a
     assert!(matches!(read, Ok(0) | Err(_)), "the third connection got {read:?}");
     let took = started.elapsed();
     assert!(took < Duration::from_secs(1), "closed {took:?} after connecting");
-    let page = http_get(admin, "/metrics").await.unwrap();
-    assert_eq!(metric(&page, "configserver_connections"), 2);
-    assert!(metric(&page, "configserver_connections_refused_total") >= 1);
+    assert_eq!(read_metric("configserver_connections_refused_total").await, 1);
 
-    // A place frees: the next node gets in (retrying until it does).
-    first.shutdown();
+    // A node trying while the server is full is turned away, and keeps
+    // trying: it gets in once a place frees.
     let fourth = session("c4");
+    metric_until("configserver_connections_refused_total", |n| n >= 2).await;
+    assert!(fourth.connected().borrow().is_none(), "connected past the limit");
+    first.shutdown();
     connected(&fourth).await;
-    drop(second);
+
+    // The gRPC connection's place comes back when its session ends.
+    second.shutdown();
+    metric_until("configserver_connections", |n| n == 1).await;
+}
+
+/// A connection handed to the gRPC server that then goes quiet (here, one
+/// byte of an HTTP/2 preface that never finishes) is closed once the
+/// heartbeat timeout passes, and its place under the connection limit
+/// comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_connection_that_goes_quiet_is_closed_after_the_heartbeat_timeout() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &FAST_HEARTBEAT);
+    let timeout = Duration::from_millis(1500);
+    let mut quiet = TcpStream::connect(registry).await.unwrap();
+    // Not the native preface: the server hands the connection to gRPC.
+    quiet.write_all(b"P").await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(LIMIT, quiet.read(&mut buf))
+            .await
+            .expect("closed within the limit")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {} // what the server sent first (its settings)
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= timeout - Duration::from_millis(100),
+        "closed after {took:?}, before the timeout"
+    );
+    // The place is given back as the connection is dropped, just after
+    // its socket closes.
+    let deadline = Instant::now() + LIMIT;
+    while metric(&http_get(admin, "/metrics").await.unwrap(), "configserver_connections") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the connection's place not given back within {LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -81,7 +81,8 @@ pub struct Settings {
     #[arg(long, env = "CONFIGSERVER_MAX_INSTANCE_BYTES")]
     pub max_instance_bytes: Option<usize>,
     /// Connections the registry port holds at once; one more is closed as
-    /// soon as it is accepted [default: 100000].
+    /// soon as it is accepted [default: as many as the open-file limit
+    /// leaves room for, at most 100000].
     #[arg(long, env = "CONFIGSERVER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
     /// Where the default SQLite rule store lives [default: ./configserver-data].
@@ -163,7 +164,7 @@ impl Settings {
             config.registry.max_instance_bytes = v;
         }
         if let Some(v) = self.max_connections {
-            config.max_connections = v;
+            config.max_connections = Some(v);
         }
         if let Some(v) = self.rules_poll_ms {
             config.rules_poll = ms(v.max(10));
@@ -215,8 +216,10 @@ impl Cli {
 /// Bad configuration, or an address that cannot be bound.
 pub fn main() -> anyhow::Result<()> {
     use clap::Parser;
+    // Logs to stderr: stdout carries the ready line alone.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
         .init();
     run(Cli::parse())
 }

@@ -9,9 +9,14 @@
 //!
 //! At most [`ConnectionLimit`] connections are open on the port at once;
 //! one past it is closed as soon as it is accepted (and counted), so that
-//! a flood of nodes costs neither file descriptors nor memory beyond the
-//! bound, and a node that is turned away tries its next ConfigServer.
+//! a flood of nodes costs no file descriptors beyond the bound, and a node
+//! that is turned away tries its next ConfigServer at once rather than
+//! waiting in the listen backlog. Every connection holding a place is
+//! bounded in time: a native one by its session's heartbeats, a gRPC one
+//! by [`Held`]'s read deadline; and a gRPC connection carries at most
+//! [`GRPC_STREAMS`] sessions.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -39,6 +44,10 @@ pub const GRPC_HANDOFF: usize = 128;
 
 /// Read buffer a native session starts with; it grows for larger frames.
 const READ_BUFFER: usize = 256;
+
+/// Streams (sessions) one gRPC connection may carry at once. The SDKs open
+/// one per connection; a few allow one that is ending beside its successor.
+pub const GRPC_STREAMS: u32 = 4;
 
 /// How many connections the registry port holds at once.
 #[derive(Debug, Clone)]
@@ -84,16 +93,51 @@ impl Drop for Slot {
 }
 
 /// A connection handed to the gRPC server, holding its slot for as long
-/// as the server keeps it.
+/// as the server keeps it. Its reads fail once nothing has come for the
+/// heartbeat timeout: a live session heartbeats well within it, and hyper
+/// would keep an idle HTTP/2 connection (or one that never finished its
+/// handshake) open, and its place taken, for as long as the peer does.
 #[derive(Debug)]
 pub struct Held {
     stream: TcpStream,
     _slot: Slot,
+    idle_limit: Duration,
+    /// When reads fail unless bytes come first.
+    silent_until: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Held {
+    fn new(stream: TcpStream, slot: Slot, idle_limit: Duration) -> Held {
+        Held {
+            stream,
+            _slot: slot,
+            idle_limit,
+            silent_until: Box::pin(tokio::time::sleep(idle_limit)),
+        }
+    }
 }
 
 impl AsyncRead for Held {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    let next = tokio::time::Instant::now() + this.idle_limit;
+                    this.silent_until.as_mut().reset(next);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match this.silent_until.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("nothing received for {:?}", this.idle_limit),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            failed => failed,
+        }
     }
 }
 
@@ -131,8 +175,29 @@ impl Connected for Held {
     }
 }
 
-/// How often a port at its limit says so in the log.
-const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
+/// How often a port at its limit, or out of file descriptors, says so in
+/// the log.
+const WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// A warning given at most every [`WARNING_EVERY`], with how many times
+/// it was due since the last.
+#[derive(Debug, Default)]
+struct Warning {
+    last: Option<Instant>,
+    due: u64,
+}
+
+impl Warning {
+    /// Counts one more; the count since the last warning, if one is due now.
+    fn due(&mut self) -> Option<u64> {
+        self.due += 1;
+        if self.last.is_some_and(|at| at.elapsed() < WARNING_EVERY) {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.due))
+    }
+}
 
 /// Accepts connections on the registry port until `shutdown`, serving
 /// native sessions and passing the rest to `grpc`, at most `limit` at once.
@@ -146,7 +211,7 @@ pub async fn accept(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut warned_full: Option<Instant> = None;
+    let (mut full, mut failing) = (Warning::default(), Warning::default());
     loop {
         let (socket, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -154,7 +219,9 @@ pub async fn accept(
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, usually: pause instead of spinning.
-                    warn!(error = %e, "registry port: accept failed");
+                    if let Some(times) = failing.due() {
+                        warn!(error = %e, times, "registry port: accept failed (out of file descriptors? the open-file limit is logged at start)");
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -169,9 +236,8 @@ pub async fn accept(
                 .metrics
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
-            if warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
-                warned_full = Some(Instant::now());
-                warn!(%peer, max = limit.max, "registry port: closing a new connection: {} are open, the most --max-connections allows", limit.max);
+            if let Some(refused) = full.due() {
+                warn!(%peer, refused, "registry port: {} connections open, the most --max-connections allows: closing new ones at once", limit.max);
             }
             drop(socket);
             continue;
@@ -191,12 +257,7 @@ pub async fn accept(
                     drop(slot);
                 }
                 Ok(Ok(1)) => {
-                    let _ = grpc
-                        .send(Ok(Held {
-                            stream: socket,
-                            _slot: slot,
-                        }))
-                        .await;
+                    let _ = grpc.send(Ok(Held::new(socket, slot, timeout))).await;
                 }
                 Ok(Ok(_)) => debug!(%peer, "registry port: closed before sending anything"),
                 Ok(Err(e)) => debug!(%peer, error = %e, "registry port: read failed"),

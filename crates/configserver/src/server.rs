@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::AdminState;
 use crate::auth::Credentials;
@@ -38,8 +38,10 @@ pub struct ServerConfig {
     pub coalesce: Duration,
     /// Largest control message accepted.
     pub max_message_bytes: usize,
-    /// Connections the registry port holds at once (at least 1).
-    pub max_connections: usize,
+    /// Connections the registry port holds at once (at least 1); `None`:
+    /// as many as the open-file limit leaves room for, at most
+    /// [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: Option<usize>,
     pub registry: RegistryConfig,
     /// Rule store URL (`sqlite://...`, `postgres://...`, `mysql://...`);
     /// `None`: an in-memory SQLite database (rules last until the server stops).
@@ -59,7 +61,7 @@ impl Default for ServerConfig {
             heartbeat_timeout: Duration::from_secs(3),
             coalesce: Duration::from_millis(5),
             max_message_bytes: 1024 * 1024,
-            max_connections: 100_000,
+            max_connections: None,
             registry: RegistryConfig::default(),
             store: None,
             rules_poll: Duration::from_secs(1),
@@ -76,7 +78,7 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("heartbeat timeout {timeout:?} must be longer than the interval {interval:?}")]
     Heartbeats { interval: Duration, timeout: Duration },
-    #[error("max connections {0} must be at least 1")]
+    #[error("max connections {0} must be between 1 and {max}", max = tokio::sync::Semaphore::MAX_PERMITS)]
     MaxConnections(usize),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -107,9 +109,7 @@ impl ConfigServer {
                 timeout: config.heartbeat_timeout,
             });
         }
-        if config.max_connections == 0 {
-            return Err(StartError::MaxConnections(config.max_connections));
-        }
+        let max_connections = connection_limit(config.max_connections)?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -153,7 +153,7 @@ impl ConfigServer {
             registry_port,
             service.clone(),
             config.max_message_bytes,
-            crate::native::ConnectionLimit::new(config.max_connections, registry.clone()),
+            crate::native::ConnectionLimit::new(max_connections, registry.clone()),
             to_grpc,
             shutdown.clone(),
             tracker.clone(),
@@ -162,6 +162,7 @@ impl ConfigServer {
         let token = shutdown.clone();
         tracker.spawn(async move {
             let served = tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(crate::native::GRPC_STREAMS))
                 .add_service(grpc_service)
                 .serve_with_incoming_shutdown(ReceiverStream::new(grpc_incoming), token.cancelled_owned())
                 .await;
@@ -244,6 +245,58 @@ impl Drop for ConfigServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Files the server keeps open besides its nodes' connections: its
+/// listeners, the rule store's, logs, and the gRPC server's handoff.
+const OTHER_FILES: u64 = 256;
+
+/// The registry port's connection limit when none is set.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+
+/// The connection limit to serve with: `configured`, or as many as the
+/// open-file limit leaves room for (at most [`DEFAULT_MAX_CONNECTIONS`]).
+/// The process's soft limit on open files is raised to its hard limit
+/// first (as Go programs do at start): the usual soft limit, 1,024, would
+/// stop accepts far below any useful number of nodes. A configured limit
+/// past what the files allow is served with a warning: past the files,
+/// accepts fail and nodes wait instead of being turned away.
+fn connection_limit(configured: Option<usize>) -> Result<usize, StartError> {
+    let room = open_files().map(|files| usize::try_from(files.saturating_sub(OTHER_FILES)).unwrap_or(usize::MAX));
+    let max = match configured {
+        Some(max) if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&max) => {
+            return Err(StartError::MaxConnections(max));
+        }
+        Some(max) => {
+            if let Some(room) = room.filter(|&room| room < max) {
+                warn!(
+                    max_connections = max,
+                    room,
+                    "the open-file limit leaves room for fewer connections than --max-connections: past them accepts fail; raise the limit (ulimit -n, LimitNOFILE=) or lower --max-connections"
+                );
+            }
+            max
+        }
+        None => room.map_or(DEFAULT_MAX_CONNECTIONS, |room| room.clamp(1, DEFAULT_MAX_CONNECTIONS)),
+    };
+    info!(max_connections = max, "registry port connection limit");
+    Ok(max)
+}
+
+/// The soft limit on open files, raised to the hard limit; `None`: none.
+fn open_files() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            warn!(error = %e, "cannot raise the open-file limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current
 }
 
 /// The store used when none is configured: rules live as long as the server.

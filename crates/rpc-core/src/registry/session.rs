@@ -566,10 +566,16 @@ impl SessionTask {
                     debug!(%server, %reason, failures, "cannot reach configserver");
                 }
                 Err(reason) => {
-                    // Something answered but never welcomed us: a server of
+                    // Something answered but never welcomed us: a server
+                    // at its connection limit (it closes at once), one of
                     // another version or transport, or not a ConfigServer.
+                    // Said at the 1st, 2nd, 4th, 8th... failure in a row.
                     failures = failures.saturating_add(1);
-                    warn!(%server, %reason, failures, transport = ?self.config.transport, "configserver did not open a session; is it a ConfigServer that speaks this transport?");
+                    if failures.is_power_of_two() {
+                        warn!(%server, %reason, failures, transport = ?self.config.transport, "configserver did not open a session: is it full (--max-connections), or not a ConfigServer that speaks this transport?");
+                    } else {
+                        debug!(%server, %reason, failures, "configserver did not open a session");
+                    }
                 }
             }
             let delay = self.config.backoff.delay(failures.saturating_sub(1), &mut self.rng);
