@@ -329,20 +329,21 @@ impl Target {
         }
     }
 
-    fn port(&self) -> u16 {
+    fn addr(&self) -> SocketAddr {
         match self {
-            Target::Tern(server) => server.addr.port(),
-            Target::Zookeeper { addr, .. } | Target::Etcd { addr, .. } => addr.port(),
+            Target::Tern(server) => server.addr,
+            Target::Zookeeper { addr, .. } | Target::Etcd { addr, .. } => *addr,
         }
     }
 
-    /// `n` provider sessions, opened on (and run by) `runtime`.
-    async fn providers(&self, n: usize, runtime: &Handle) -> anyhow::Result<Providers> {
-        let (system, addr) = match self {
-            Target::Tern(server) => (System::Tern, server.addr),
-            Target::Zookeeper { addr, .. } => (System::Zookeeper, *addr),
-            Target::Etcd { addr, .. } => (System::Etcd, *addr),
-        };
+    fn port(&self) -> u16 {
+        self.addr().port()
+    }
+
+    /// `n` provider sessions of `system` (this target's), opened on (and
+    /// run by) `runtime`.
+    async fn providers(&self, system: System, n: usize, runtime: &Handle) -> anyhow::Result<Providers> {
+        let addr = self.addr();
         let mut sessions = Vec::new();
         for i in 0..n.max(1) {
             let session = runtime.spawn(async move {
@@ -865,7 +866,9 @@ async fn measure(
         zk_prepare(*addr, probe).await?;
         zk_prepare(*addr, storm).await?;
     }
-    let providers = target.providers(args.provider_sessions, providers_runtime).await?;
+    let providers = target
+        .providers(system, args.provider_sessions, providers_runtime)
+        .await?;
     let base: Vec<u16> = (0..args.base_providers).map(|k| 20_000 + k as u16).collect();
     register_all(&providers, probe, &base).await?;
 
