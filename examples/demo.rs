@@ -9,9 +9,8 @@
 //! exits 0 only if no call of the main consumer failed.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,8 +21,9 @@ use configserver::{ConfigServer, RegistryConfig, ServerConfig};
 use rpc_core::registry::{Role, SessionConfig};
 use rpc_core::{Error, Request, Status};
 use tern::consumer::{Consumer, ConsumerConfig, Reference};
-use tern::demo::{Greeter, GreeterClient, GreeterServer, HelloReply, HelloRequest};
 use tern::provider::Provider;
+use tern_e2e::Process;
+use tern_e2e::demo::{Greeter, GreeterClient, GreeterServer, HelloReply, HelloRequest};
 
 const VERSION: &str = "1.0.0";
 
@@ -60,49 +60,34 @@ async fn run_provider(name: String, registry: String) -> anyhow::Result<()> {
 /// A provider child process, killed (hard) when dropped.
 struct ProviderProcess {
     name: String,
-    child: Child,
+    process: Process,
     addr: SocketAddr,
 }
 
 impl ProviderProcess {
     fn start(name: &str, registry: SocketAddr) -> anyhow::Result<ProviderProcess> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["provider", name, &registry.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting a provider process")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening ")
-            .with_context(|| format!("provider said {line:?}"))?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["provider", name, &registry.to_string()]);
+        let (process, words) = Process::spawn_ready(&mut command).context("starting a provider process")?;
+        let addr = match words.as_slice() {
+            [listening, addr] if listening == "listening" => addr.parse()?,
+            _ => bail!("provider said {words:?}, not `listening <addr>`"),
+        };
         Ok(ProviderProcess {
             name: name.to_owned(),
-            addr: addr.parse()?,
-            child,
+            process,
+            addr,
         })
     }
 
     fn kill_hard(&mut self) -> anyhow::Result<()> {
-        self.child.kill()?; // SIGKILL
-        self.child.wait()?;
+        self.process.kill_hard()?;
         Ok(())
     }
 
     fn stop_gracefully(mut self) -> anyhow::Result<()> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        self.child.wait()?;
+        self.process.terminate(Duration::from_secs(30))?;
         Ok(())
-    }
-}
-
-impl Drop for ProviderProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -184,7 +169,7 @@ async fn run_demo() -> anyhow::Result<()> {
     let mut providers = Vec::new();
     for name in ["provider-a", "provider-b", "provider-c"] {
         let p = ProviderProcess::start(name, registry_addr)?;
-        println!("   {name} (pid {}) serving on {}", p.child.id(), p.addr);
+        println!("   {name} (pid {}) serving on {}", p.process.pid(), p.addr);
         providers.push(p);
     }
 

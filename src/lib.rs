@@ -4,11 +4,11 @@
 //!
 //! - [`provider`] (`provider-sdk`): publish services;
 //! - [`consumer`] (`consumer-sdk`): call them;
-//! - [`core`] (`rpc-core`): the data plane both stand on.
+//! - [`core`] (`rpc-core`): the wire format, connections, balancers and the
+//!   registry session both stand on.
 //!
-//! [`demo`] holds the generated stubs of the services in `proto/demo`, used by
-//! the examples and the end-to-end tests.
-//!
+//! It depends on nothing else: the ConfigServer, the demo's stubs and the
+//! end-to-end tests live in crates of their own (`configserver`, `tern-e2e`).
 //! The README's quickstart is compiled and run as a doc test below.
 
 #[doc = include_str!("../README.md")]
@@ -18,8 +18,3 @@ pub struct ReadmeDoctests;
 pub use consumer_sdk as consumer;
 pub use provider_sdk as provider;
 pub use rpc_core as core;
-
-/// Generated stubs of `proto/demo/demo.proto`.
-pub mod demo {
-    include!(concat!(env!("OUT_DIR"), "/demo.rs"));
-}

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+#[cfg(feature = "grpc")]
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use bytes::{BufMut, BytesMut};
 use prost::Message;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+#[cfg(feature = "grpc")]
 use tern_proto::registry::registry_client::RegistryClient;
 use tern_proto::registry::{
     self as pb, Delta, Hello, Instance, NodeMessage, ProviderCache, ServerMessage, Snapshot, node_message,
@@ -18,6 +20,7 @@ use tern_proto::registry::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+#[cfg(feature = "grpc")]
 use tokio_stream::StreamExt;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::AbortOnDropHandle;
@@ -78,7 +81,9 @@ pub enum Transport {
     /// Length-prefixed messages over TCP: a few KiB per node on the server.
     #[default]
     Native,
-    /// One gRPC bidirectional stream (`tern.registry.Registry/Session`).
+    /// One gRPC bidirectional stream (`tern.registry.Registry/Session`);
+    /// needs the `grpc` feature.
+    #[cfg(feature = "grpc")]
     Grpc,
 }
 
@@ -473,6 +478,7 @@ struct Stream {
 /// The server's messages on a stream.
 enum Inbound {
     Native(framing::MessageReader<tokio::net::tcp::OwnedReadHalf>),
+    #[cfg(feature = "grpc")]
     Grpc(Pin<Box<dyn tokio_stream::Stream<Item = Result<ServerMessage, String>> + Send>>),
 }
 
@@ -485,6 +491,7 @@ impl Inbound {
                 .next(framing::decode_server_frame)
                 .await
                 .map(|message| message.map_err(|e| format!("stream error: {e}"))),
+            #[cfg(feature = "grpc")]
             Inbound::Grpc(messages) => messages.next().await,
         }
     }
@@ -610,6 +617,7 @@ impl SessionTask {
                     _writer: Some(AbortOnDropHandle::new(tokio::spawn(writer))),
                 })
             }
+            #[cfg(feature = "grpc")]
             Transport::Grpc => {
                 let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
                     .map_err(|e| format!("bad configserver address {server:?}: {e}"))?

@@ -13,10 +13,10 @@
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use provider_sdk::Provider;
 use rpc_core::registry::{Role, SessionConfig};
 use rpc_core::{Request, Status};
-use tern::demo::{Echo, EchoReply, EchoRequest, EchoServer, Greeter, GreeterServer, HelloReply, HelloRequest};
-use tern::provider::Provider;
+use tern_e2e::demo::{Echo, EchoReply, EchoRequest, EchoServer, Greeter, GreeterServer, HelloReply, HelloRequest};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]

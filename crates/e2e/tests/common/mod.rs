@@ -4,16 +4,16 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Lines};
 use std::net::SocketAddr;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use consumer_sdk::{Consumer, ConsumerConfig, Reference, ReferenceBuilder};
 use rpc_core::registry::{Role, SessionConfig};
-use tern::consumer::{Consumer, ConsumerConfig, Reference, ReferenceBuilder};
-use tern::demo::{GreeterClient, HelloRequest};
+use tern_e2e::demo::{GreeterClient, HelloRequest};
+pub use tern_e2e::{Process, Signal};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,8 +22,7 @@ use tokio::task::JoinSet;
 
 /// A `tern-node` child process; killed (SIGKILL) when dropped.
 pub struct Node {
-    pub child: Child,
-    pub lines: Lines<BufReader<ChildStdout>>,
+    pub process: Process,
     /// The words of the first line it printed.
     pub first_line: Vec<String>,
 }
@@ -41,21 +40,14 @@ impl Node {
             Some((program, rest)) => (*program, [rest, &[binary]].concat()),
             None => (binary, Vec::new()),
         };
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(before)
             .args(args.iter().map(AsRef::as_ref))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("tern-node starts");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-        let first = lines.next().expect("tern-node printed a line").expect("utf-8 line");
-        Node {
-            child,
-            lines,
-            first_line: first.split_whitespace().map(str::to_owned).collect(),
-        }
+            .stderr(Stdio::inherit());
+        let (process, first_line) = Process::spawn_ready(&mut command).expect("tern-node starts and prints a line");
+        Node { process, first_line }
     }
 
     /// A ConfigServer: `(node, registry addr, admin addr)`. Its rules live
@@ -76,10 +68,7 @@ impl Node {
     /// A provider of demo.Echo and demo.Greeter (version 1.0.0) registered
     /// with `registry`: `(node, its address)`.
     pub fn provider(registry: SocketAddr, name: &str) -> (Node, SocketAddr) {
-        let registry = registry.to_string();
-        let node = Node::spawn(&["provider", "--registry", &registry, "--name", name]);
-        let addr = node.first_line[1].parse().expect("provider address");
-        (node, addr)
+        Node::provider_with(registry, name, &[])
     }
 
     /// A provider like [`Node::provider`] with more flags (`--app`,
@@ -95,77 +84,40 @@ impl Node {
 
     /// Runs `tern-node ARGS` to its end (bounded); its exit status and stderr.
     pub fn run_to_end(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tern-node"))
-            .args(args)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tern-node starts");
-        let mut stderr = child.stderr.take().expect("piped");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tern-node"));
+        command.args(args).env("RUST_LOG", "error").stderr(Stdio::piped());
+        let mut process = Process::spawn(&mut command).expect("tern-node starts");
+        let mut stderr = process.take_stderr().expect("piped");
         let reader = std::thread::spawn(move || {
             let mut text = String::new();
             let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
             text
         });
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!("tern-node {args:?} still running after {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = process.wait_exit(limit).expect("tern-node ends in time");
         (status, reader.join().unwrap())
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// The next line it printed (after the first), blocking.
+    pub fn next_line(&mut self) -> String {
+        self.process.next_line().expect("readable stdout").expect("a line")
     }
 
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} failed");
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        self.process.signal(signal).expect("signal delivered");
     }
 
     /// SIGKILL and reap.
     pub fn kill_hard(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        self.process.kill_hard().expect("killed");
     }
 
     /// Waits (blocking, bounded) for the process to exit; its exit status.
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process {} still running after {limit:?}",
-                self.pid()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // A stopped process cannot die of SIGKILL until continued.
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.wait_exit(limit).expect("process ends in time")
     }
 }
 

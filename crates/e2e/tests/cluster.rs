@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use consumer_sdk::{Balance, Cluster, Consumer, ConsumerConfig, MethodConfig, Reference, ReferenceBuilder};
+use provider_sdk::Provider;
 use rpc_core::{Error, Request, RetryBudget, Status};
-use tern::consumer::{Balance, Cluster, Consumer, ConsumerConfig, MethodConfig, Reference, ReferenceBuilder};
-use tern::demo::{Echo, EchoClient, EchoReply, EchoRequest, EchoServer};
-use tern::provider::Provider;
+use tern_e2e::demo::{Echo, EchoClient, EchoReply, EchoRequest, EchoServer};
 
 /// Records `(call id, provider)` for every request it sees, then answers
 /// `Busy` (while `busy_left` > 0), or echoes after `delay`.

@@ -29,9 +29,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{FAST_HEARTBEAT, LIMIT, Load, Node, consumer, free_port, greeter, http_get, metric, wait_for};
-use tern::consumer::Reference;
-use tern::demo::{GreeterClient, HelloRequest};
+use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Signal, consumer, free_port, greeter, http_get, metric, wait_for};
+use consumer_sdk::Reference;
+use tern_e2e::demo::{GreeterClient, HelloRequest};
 
 /// Hard limit on one whole test.
 const TEST_LIMIT: Duration = Duration::from_secs(60);
@@ -75,7 +75,7 @@ async fn sigstopped_provider_is_dropped_within_the_heartbeat_timeout_and_returns
         let client = consumer(registry, 2);
         wait_for(&client, "2 providers", |p| p.len() == 2).await;
 
-        stopped.signal("STOP");
+        stopped.signal(Signal::STOP);
         let took = wait_for(&client, "the stopped provider is dropped", |p| {
             p.len() == 1 && !p.contains(&stopped_addr)
         })
@@ -85,7 +85,7 @@ async fn sigstopped_provider_is_dropped_within_the_heartbeat_timeout_and_returns
             "dropped after {took:?} (timeout 1.5 s)"
         );
 
-        stopped.signal("CONT");
+        stopped.signal(Signal::CONT);
         wait_for(&client, "the provider is back", |p| p.contains(&stopped_addr)).await;
     })
     .await;

@@ -10,11 +10,11 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Proxy, consumer, http_get, metric, wait_for};
+use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Proxy, Signal, consumer, http_get, metric, wait_for};
+use consumer_sdk::{Consumer, ConsumerConfig};
 use rpc_core::registry::framing;
 use rpc_core::registry::{ProviderList, RegistrySession, Role, SessionConfig, Transport};
-use tern::consumer::{Consumer, ConsumerConfig};
-use tern::demo::{GreeterClient, HelloRequest};
+use tern_e2e::demo::{GreeterClient, HelloRequest};
 use tern_proto::registry::registry_client::RegistryClient;
 use tern_proto::registry::{self as pb, NodeMessage, ServerMessage, node_message, server_message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -33,7 +33,7 @@ async fn graceful_provider_stop_loses_no_call_even_without_retries() {
     let load = Load::start(&client, 8);
     load.run_for_calls(500).await;
     let (stopping, addr) = &mut providers[0];
-    stopping.signal("TERM");
+    stopping.signal(Signal::TERM);
     let status = tokio::task::block_in_place(|| stopping.wait_exit(LIMIT));
     assert!(status.success(), "provider exited with {status}");
     wait_for(&client, "the stopped provider is gone", |p| !p.contains(addr)).await;
@@ -450,20 +450,23 @@ async fn consumer_restarted_while_the_configserver_is_down_finds_providers_in_it
 
 struct Hello;
 
-impl tern::demo::Greeter for Hello {
-    async fn say_hello(&self, _: rpc_core::Request<HelloRequest>) -> Result<tern::demo::HelloReply, rpc_core::Status> {
-        Ok(tern::demo::HelloReply::default())
+impl tern_e2e::demo::Greeter for Hello {
+    async fn say_hello(
+        &self,
+        _: rpc_core::Request<HelloRequest>,
+    ) -> Result<tern_e2e::demo::HelloReply, rpc_core::Status> {
+        Ok(tern_e2e::demo::HelloReply::default())
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_start_fails_when_the_configserver_refuses_its_registration() {
     let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
-    let err = tern::provider::Provider::builder()
+    let err = provider_sdk::Provider::builder()
         .bind("127.0.0.1:0")
         .weight(20_000)
         .registry(SessionConfig::new([registry.to_string()], "heavy", Role::Provider))
-        .service_with(tern::demo::GreeterServer::new(Hello), "1.0.0", "")
+        .service_with(tern_e2e::demo::GreeterServer::new(Hello), "1.0.0", "")
         .start()
         .await
         .unwrap_err();
@@ -482,7 +485,7 @@ async fn a_silent_configserver_is_left_for_the_next_one() {
     wait_for(&on_first, "the provider on the first server", |p| p == [provider_addr]).await;
 
     // The first server stops answering but keeps its connections open.
-    first.signal("STOP");
+    first.signal(Signal::STOP);
     let on_second = consumer(second_addr, 0);
     let took = wait_for(&on_second, "the provider on the second server", |p| {
         p == [provider_addr]

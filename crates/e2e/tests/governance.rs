@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{Node, free_port, http, http_with, skipped};
+use consumer_sdk::{Balance, Consumer, ConsumerConfig, Reference};
 use rpc_core::Error;
 use rpc_core::ServiceKey;
 use rpc_core::registry::{RegistrySession, Role, SessionConfig};
-use tern::consumer::{Balance, Consumer, ConsumerConfig, Reference};
-use tern::demo::{GreeterClient, HelloRequest};
+use tern_e2e::demo::{GreeterClient, HelloRequest};
 use tern_proto::registry::registry_client::RegistryClient;
 use tern_proto::registry::{self as pb, NodeMessage, node_message, server_message};
 

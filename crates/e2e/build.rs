@@ -2,5 +2,5 @@
 //! and the end-to-end tests.
 
 fn main() -> std::io::Result<()> {
-    rpc_build::compile_protos(&["proto/demo/demo.proto"], &["proto/demo"])
+    rpc_build::compile_protos(&["proto/demo.proto"], &["proto"])
 }

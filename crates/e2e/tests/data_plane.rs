@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use common::Node;
+use consumer_sdk::{Consumer, ConsumerConfig, Reference};
+use provider_sdk::Provider;
 use rpc_core::codec::{FrameCodec, FrameReader};
 use rpc_core::frame::{self, RequestHead};
 use rpc_core::{Code, Connection, ConnectionConfig, Dispatch, Error, Request, ServerConfig, ServiceKey, Status};
-use tern::consumer::{Consumer, ConsumerConfig, Reference};
-use tern::demo::{Echo, EchoClient, EchoReply, EchoRequest, EchoServer};
-use tern::provider::Provider;
+use tern_e2e::demo::{Echo, EchoClient, EchoReply, EchoRequest, EchoServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -224,7 +224,7 @@ async fn killing_the_provider_fails_pending_calls_at_once_with_a_retryable_error
     // Every call has reached the provider and is waiting there.
     let mut provider = tokio::task::spawn_blocking(move || {
         for _ in 0..100 {
-            let line = provider.lines.next().expect("a line").unwrap();
+            let line = provider.next_line();
             assert!(line.starts_with("begin "), "{line}");
         }
         provider
@@ -233,7 +233,7 @@ async fn killing_the_provider_fails_pending_calls_at_once_with_a_retryable_error
     .unwrap();
     assert_eq!(client.invoker().in_flight(), 100);
 
-    provider.child.kill().unwrap(); // SIGKILL
+    provider.kill_hard();
     let killed = Instant::now();
     let mut failed = 0;
     while let Some(joined) = calls.join_next().await {
