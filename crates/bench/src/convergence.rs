@@ -33,7 +33,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rpc_core::registry::{Addr, ProviderList};
+use rpc_core::ServiceKey;
+use rpc_core::registry::{Addr, Follower, ProviderList, RegistrySession, Update};
 use tokio::sync::{Notify, watch};
 
 /// Bound on any one convergence.
@@ -119,6 +120,55 @@ impl Addresses for ProviderList {
     fn may_be(&self, want: &AddressSet) -> bool {
         same_ends(self.providers.len(), self.providers.keys().map(Addr::as_str), want)
     }
+}
+
+impl Addresses for BTreeSet<Addr> {
+    fn has(&self, address: &str) -> bool {
+        self.contains(address)
+    }
+    fn is(&self, want: &AddressSet) -> bool {
+        same_set(self.len(), self.iter().map(Addr::as_str), want)
+    }
+    fn may_be(&self, want: &AddressSet) -> bool {
+        same_ends(self.len(), self.iter().map(Addr::as_str), want)
+    }
+}
+
+/// A subscriber of this framework as a consumer's directory is one: it
+/// follows `key` through `session` ([`RegistrySession::follow`]) and
+/// applies each pushed change to a set of addresses of its own, in place
+/// (as the ZooKeeper and etcd subscribers apply their events), publishing
+/// it before telling `observer`. The follower must be held.
+pub fn follow(
+    session: &RegistrySession,
+    key: &ServiceKey,
+    observer: Observer,
+) -> (Follower, watch::Receiver<Arc<BTreeSet<Addr>>>) {
+    let (view, rx) = watch::channel(Arc::new(BTreeSet::new()));
+    let follower = session.follow(key, move |update| {
+        view.send_modify(|view| {
+            // Shared with no one between borrows: `make_mut` does not copy.
+            let addresses = Arc::make_mut(view);
+            match update {
+                Update::Reset(instances) => {
+                    addresses.clear();
+                    addresses.extend(instances.iter().map(|i| Addr::new(&i.host, i.port)));
+                }
+                Update::Change {
+                    added,
+                    updated,
+                    removed,
+                } => {
+                    for addr in *removed {
+                        addresses.remove(addr.as_str());
+                    }
+                    addresses.extend(added.iter().chain(*updated).map(|i| Addr::new(&i.host, i.port)));
+                }
+            }
+        });
+        observer.saw(&**view.borrow());
+    });
+    (follower, rx)
 }
 
 impl Addresses for BTreeSet<String> {

@@ -36,7 +36,7 @@ use rpc_core::ServiceKey;
 use rpc_core::registry::{RegistrySession, Role, SessionConfig};
 use tern_proto::registry::Instance;
 
-use crate::convergence::{AddressSet, Arrivals};
+use crate::convergence::{AddressSet, Arrivals, follow};
 use tokio::task::JoinSet;
 
 #[derive(Debug, clap::Args)]
@@ -210,12 +210,15 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
         .collect();
     connected(&subscribers).await?;
     let mut receivers = Vec::new();
+    let mut followers = Vec::new();
     // Held to the end: a list nobody watches is unsubscribed at the next heartbeat.
     let mut others = Vec::new();
     let mut arrivals = Arrivals::new(|port, list, _| list.has(&format!("127.0.0.1:{port}")));
     for (i, s) in subscribers.iter().enumerate() {
         let observer = arrivals.observer();
-        receivers.push(s.subscribe_with(&probe, move |list| observer.saw(list)));
+        let (follower, view) = follow(s, &probe, observer);
+        followers.push(follower);
+        receivers.push(view);
         others.push(s.subscribe(&service(i % args.services.max(1))));
     }
     let rss_after = server.rss_kb()?;
@@ -318,13 +321,10 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
         let want = if goal == 1 { &initial_check } else { &expected_check };
         want.seen_in(list, look)
     });
-    let receivers: Vec<_> = watchers_sessions
+    let (_followers, receivers): (Vec<_>, Vec<_>) = watchers_sessions
         .iter()
-        .map(|s| {
-            let observer = arrivals.observer();
-            s.subscribe_with(&storm, move |list| observer.saw(list))
-        })
-        .collect();
+        .map(|s| follow(s, &storm, arrivals.observer()))
+        .unzip();
     arrivals.time(1, &receivers, async { Ok(()) }).await?;
     let converge = arrivals
         .time(2, &receivers, async {

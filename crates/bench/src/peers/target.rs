@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rpc_core::registry::{ProviderList, RegistrySession, Role};
+use rpc_core::registry::{Addr, Follower, RegistrySession, Role};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -18,7 +18,7 @@ use super::etcd::{EtcdProvider, etcd_channel, etcd_read, etcd_watch};
 use super::providers::{ProviderSession, Providers};
 use super::zookeeper::{zk_connect, zk_dir, zk_watch};
 use super::{PeersArgs, System, tern_key};
-use crate::convergence::Arrivals;
+use crate::convergence::{Arrivals, follow};
 use crate::registry::{self, Server};
 
 /// A running registry to measure: its address and server process.
@@ -125,9 +125,9 @@ impl Target {
                 registry::connected(&sessions).await?;
                 let key = tern_key(service);
                 for session in &sessions {
-                    let observer = arrivals.observer();
-                    subs.tern
-                        .push(session.subscribe_with(&key, move |list| observer.saw(list)));
+                    let (follower, view) = follow(session, &key, arrivals.observer());
+                    subs.followers.push(follower);
+                    subs.tern.push(view);
                 }
                 subs.sessions = sessions;
             }
@@ -175,7 +175,9 @@ fn peer_pid(dir: &Path, name: &str) -> anyhow::Result<u32> {
 #[derive(Default)]
 pub(super) struct Subscribers {
     sessions: Vec<RegistrySession>,
-    tern: Vec<watch::Receiver<Arc<ProviderList>>>,
+    tern: Vec<watch::Receiver<Arc<BTreeSet<Addr>>>>,
+    /// Keep the tern subscribers' lists followed.
+    followers: Vec<Follower>,
     sets: Vec<watch::Receiver<Arc<BTreeSet<String>>>>,
     /// The peers' watch loops; aborted when dropped.
     tasks: JoinSet<()>,
