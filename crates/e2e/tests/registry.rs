@@ -13,13 +13,12 @@ use bytes::BytesMut;
 use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Proxy, Signal, consumer, http_get, metric, wait_for};
 use consumer_sdk::{Consumer, ConsumerConfig};
 use rpc_core::registry::framing;
-use rpc_core::registry::{ProviderList, RegistrySession, Role, SessionConfig, Transport};
+use rpc_core::registry::{RegistrySession, Role, SessionConfig, Transport};
 use tern_e2e::demo::{GreeterClient, HelloRequest};
 use tern_proto::registry::registry_client::RegistryClient;
 use tern_proto::registry::{self as pb, NodeMessage, ServerMessage, node_message, server_message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::task::AbortOnDropHandle;
 
@@ -526,74 +525,6 @@ async fn the_configserver_lists_consumers_and_forgets_a_dropped_reference() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(consumer);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_list_listener_is_told_each_pushed_list_in_order() {
-    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
-    let key = rpc_core::ServiceKey::new("demo.Listened", "1.0.0", "");
-    let provider = RegistrySession::start(SessionConfig::new([registry.to_string()], "p", Role::Provider));
-    let consumer = RegistrySession::start(SessionConfig::new([registry.to_string()], "c", Role::Consumer));
-    let (told, mut heard) = mpsc::channel(16);
-    let _list = consumer.subscribe_with(&key, move |list: &ProviderList| {
-        let mut addresses: Vec<String> = list.providers.keys().map(|addr| addr.to_string()).collect();
-        addresses.sort();
-        let _ = told.try_send(addresses);
-    });
-    assert_eq!(told_next(&mut heard).await, Vec::<String>::new(), "the first snapshot");
-    for port in [4101, 4102] {
-        let instance = pb::Instance {
-            host: "127.0.0.1".into(),
-            port,
-            weight: 100,
-            ..Default::default()
-        };
-        provider.register(&key, instance).await.unwrap();
-    }
-    let mut seen = told_next(&mut heard).await;
-    if seen.len() == 1 {
-        // The two registrations may come as one delta or two.
-        seen = told_next(&mut heard).await;
-    }
-    assert_eq!(seen, ["127.0.0.1:4101", "127.0.0.1:4102"]);
-    provider.unregister(&key, "127.0.0.1", 4101).await.unwrap();
-    assert_eq!(told_next(&mut heard).await, ["127.0.0.1:4102"]);
-}
-
-/// The session's task keeps the subscription the last push was for; a
-/// listener added after that must still be told the next change.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listener_added_to_a_list_already_pushed_is_told_the_next_change() {
-    let (_cs, registry, _) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
-    let key = rpc_core::ServiceKey::new("demo.Listened", "1.0.0", "");
-    let provider = RegistrySession::start(SessionConfig::new([registry.to_string()], "p", Role::Provider));
-    let consumer = RegistrySession::start(SessionConfig::new([registry.to_string()], "c", Role::Consumer));
-    let instance = |port| pb::Instance {
-        host: "127.0.0.1".into(),
-        port,
-        weight: 100,
-        ..Default::default()
-    };
-    let mut list = consumer.subscribe(&key);
-    provider.register(&key, instance(4201)).await.unwrap();
-    tokio::time::timeout(LIMIT, list.wait_for(|l| l.providers.contains_key("127.0.0.1:4201")))
-        .await
-        .expect("the first provider pushed within the limit")
-        .expect("the list is kept");
-
-    let (told, mut heard) = mpsc::channel(16);
-    let _listened = consumer.subscribe_with(&key, move |list: &ProviderList| {
-        let _ = told.try_send(list.providers.keys().map(|addr| addr.to_string()).collect());
-    });
-    provider.register(&key, instance(4202)).await.unwrap();
-    assert_eq!(told_next(&mut heard).await, ["127.0.0.1:4201", "127.0.0.1:4202"]);
-}
-
-async fn told_next(heard: &mut mpsc::Receiver<Vec<String>>) -> Vec<String> {
-    tokio::time::timeout(LIMIT, heard.recv())
-        .await
-        .expect("the listener is told within the limit")
-        .expect("the listener is kept")
 }
 
 /// An established session polls no stop token on its wake-ups: `shutdown`
