@@ -22,8 +22,8 @@ use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::node_session::RegistryService;
 use crate::outgoing::Outgoing;
-use crate::session::RegistryService;
 
 /// gRPC buffers of one stream. tonic's default (8 KiB each way) is sized
 /// for bulk transfers; a node's stream mostly carries messages of tens of

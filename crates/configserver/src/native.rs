@@ -4,7 +4,7 @@
 //! framing's preface (see [`rpc_core::registry::framing`]) is served here,
 //! anything else (HTTP/2's preface starts with `P`) is handed to the gRPC
 //! server. A natively framed session costs one task, a read buffer that
-//! starts at a few hundred bytes, and an outbox (`outbox.rs`) whose buffer
+//! starts at a few hundred bytes, and an outbox (`session_outbox.rs`) whose buffer
 //! is empty while the socket keeps up.
 //!
 //! At most [`ConnectionLimit`] connections are open on the port at once;
@@ -34,9 +34,9 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, warn};
 
-use crate::outbox::Outbox;
+use crate::node_session::{RegistryService, Tx};
 use crate::registry::Registry;
-use crate::session::{RegistryService, Tx};
+use crate::session_outbox::SessionOutbox;
 
 /// Connections accepted but not yet taken by the gRPC server; at the bound
 /// the accept loop's sorting tasks wait.
@@ -290,7 +290,7 @@ pub(crate) async fn serve(service: &RegistryService, socket: TcpStream, peer: So
         "NodeMessage",
         <NodeMessage as prost::Message>::decode
     ));
-    let outbox = Arc::new(Outbox::new(write));
+    let outbox = Arc::new(SessionOutbox::new(write));
     let session = service.run(inbound, Tx::Native(outbox.clone()), Some(peer));
     let drain = outbox.drain();
     tokio::pin!(session, drain);

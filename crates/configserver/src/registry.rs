@@ -82,7 +82,7 @@ impl Default for RegistryConfig {
 /// A refused request. The message names the bad value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum RegistryError {
+pub enum RequestError {
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -95,15 +95,15 @@ pub enum RegistryError {
     Forbidden(String),
 }
 
-impl RegistryError {
+impl RequestError {
     /// The `Error.kind` sent to the node.
     pub fn kind(&self) -> &'static str {
         match self {
-            RegistryError::Invalid(_) => "invalid",
-            RegistryError::Duplicate(_) => "duplicate",
-            RegistryError::TooLarge(_) => "too_large",
-            RegistryError::NotFound(_) => "not_found",
-            RegistryError::Forbidden(_) => "forbidden",
+            RequestError::Invalid(_) => "invalid",
+            RequestError::Duplicate(_) => "duplicate",
+            RequestError::TooLarge(_) => "too_large",
+            RequestError::NotFound(_) => "not_found",
+            RequestError::Forbidden(_) => "forbidden",
         }
     }
 }
@@ -161,7 +161,7 @@ struct Sent {
 pub struct Work {
     pub due: Vec<Due>,
     /// Some service's rules must be sent: [`PushQueue::take_rules`] takes
-    /// them (under the session's rules gate, see `session.rs`).
+    /// them (under the session's rules gate, see `node_session.rs`).
     pub rules: bool,
 }
 
@@ -509,8 +509,8 @@ impl Registry {
     ///
     /// A bad service key, host, port or weight, an instance over the size
     /// limit, an address another session holds, or too many registrations.
-    pub fn register(&self, id: SessionId, key: ServiceKey, mut instance: Instance) -> Result<(), RegistryError> {
-        key.validate().map_err(|e| RegistryError::Invalid(e.to_string()))?;
+    pub fn register(&self, id: SessionId, key: ServiceKey, mut instance: Instance) -> Result<(), RequestError> {
+        key.validate().map_err(|e| RequestError::Invalid(e.to_string()))?;
         self.validate_instance(&key, &instance)?;
         if instance.protocol.is_empty() {
             instance.protocol = "tern".into();
@@ -520,14 +520,14 @@ impl Registry {
         let session = state
             .sessions
             .get(&id)
-            .ok_or_else(|| RegistryError::NotFound(format!("session {id}")))?;
+            .ok_or_else(|| RequestError::NotFound(format!("session {id}")))?;
         if instance.app.is_empty() {
             instance.app = session.node.app.as_str().into();
         }
         if session.registered.len() >= self.config.max_per_session
             && !session.registered.contains(&(key.clone(), addr.clone()))
         {
-            return Err(RegistryError::TooLarge(format!(
+            return Err(RequestError::TooLarge(format!(
                 "session {id} already registers {} instances, the limit",
                 session.registered.len()
             )));
@@ -546,7 +546,7 @@ impl Registry {
                     .get(&owner)
                     .is_some_and(|o| o.node.app == node.app && o.node.host == node.host);
                 if !same_node {
-                    return Err(RegistryError::Duplicate(format!(
+                    return Err(RequestError::Duplicate(format!(
                         "{key} provider {addr} is already registered by session {owner}"
                     )));
                 }
@@ -591,8 +591,8 @@ impl Registry {
 
     /// # Errors
     ///
-    /// [`RegistryError::NotFound`] if this session does not hold that instance.
-    pub fn unregister(&self, id: SessionId, key: &ServiceKey, host: &str, port: u32) -> Result<(), RegistryError> {
+    /// [`RequestError::NotFound`] if this session does not hold that instance.
+    pub fn unregister(&self, id: SessionId, key: &ServiceKey, host: &str, port: u32) -> Result<(), RequestError> {
         let addr = Addr::new(host, port);
         let mut state = self.lock();
         let held = state
@@ -600,7 +600,7 @@ impl Registry {
             .get_mut(&id)
             .is_some_and(|s| s.registered.remove(&(key.clone(), addr.clone())));
         if !held {
-            return Err(RegistryError::NotFound(format!(
+            return Err(RequestError::NotFound(format!(
                 "{key} provider {addr} is not registered by this session"
             )));
         }
@@ -618,15 +618,15 @@ impl Registry {
     /// # Errors
     ///
     /// A bad service key, or too many subscriptions.
-    pub fn subscribe(&self, id: SessionId, key: ServiceKey, known: Option<(&str, u64)>) -> Result<(), RegistryError> {
-        key.validate().map_err(|e| RegistryError::Invalid(e.to_string()))?;
+    pub fn subscribe(&self, id: SessionId, key: ServiceKey, known: Option<(&str, u64)>) -> Result<(), RequestError> {
+        key.validate().map_err(|e| RequestError::Invalid(e.to_string()))?;
         let mut state = self.lock();
         let session = state
             .sessions
             .get_mut(&id)
-            .ok_or_else(|| RegistryError::NotFound(format!("session {id}")))?;
+            .ok_or_else(|| RequestError::NotFound(format!("session {id}")))?;
         if session.subscribed.len() >= self.config.max_per_session && !session.subscribed.contains(&key) {
-            return Err(RegistryError::TooLarge(format!(
+            return Err(RequestError::TooLarge(format!(
                 "session {id} already has {} subscriptions, the limit",
                 session.subscribed.len()
             )));
@@ -980,10 +980,10 @@ impl Registry {
         (state.sessions.len(), state.services.len(), providers, subscriptions)
     }
 
-    fn validate_instance(&self, key: &ServiceKey, instance: &Instance) -> Result<(), RegistryError> {
+    fn validate_instance(&self, key: &ServiceKey, instance: &Instance) -> Result<(), RequestError> {
         let size = instance.encoded_len();
         if size > self.config.max_instance_bytes {
-            return Err(RegistryError::TooLarge(format!(
+            return Err(RequestError::TooLarge(format!(
                 "{key} instance is {size} bytes, more than {}",
                 self.config.max_instance_bytes
             )));
@@ -995,18 +995,18 @@ impl Registry {
                 && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
                 && !host.starts_with(['.', '-']));
         if !host_ok {
-            return Err(RegistryError::Invalid(format!(
+            return Err(RequestError::Invalid(format!(
                 "{key} instance has invalid host {host:?}"
             )));
         }
         if instance.port == 0 || instance.port > u32::from(u16::MAX) {
-            return Err(RegistryError::Invalid(format!(
+            return Err(RequestError::Invalid(format!(
                 "{key} instance {host} has invalid port {}",
                 instance.port
             )));
         }
         if instance.weight > self.config.max_weight {
-            return Err(RegistryError::Invalid(format!(
+            return Err(RequestError::Invalid(format!(
                 "{key} instance {host}:{} has weight {}, more than {}",
                 instance.port, instance.weight, self.config.max_weight
             )));

@@ -18,13 +18,13 @@ use crate::admin::AdminState;
 use crate::auth::Credentials;
 use crate::governance::Governance;
 use crate::grpc::RegistryEndpoint;
+use crate::node_session::{Heartbeats, RegistryService};
 use crate::registry::{Pushes, Registry, RegistryConfig};
-use crate::session::{Heartbeats, RegistryService};
 use crate::store::{RuleStore, StoreError};
 
 /// Settings of a [`ConfigServer`].
 #[derive(Debug, Clone)]
-pub struct ServerConfig {
+pub struct ConfigServerConfig {
     /// Where nodes connect (native framing or gRPC, on one port).
     pub listen: SocketAddr,
     /// Where the admin HTTP API listens.
@@ -52,9 +52,9 @@ pub struct ServerConfig {
     pub credentials: Option<Credentials>,
 }
 
-impl Default for ServerConfig {
-    fn default() -> ServerConfig {
-        ServerConfig {
+impl Default for ConfigServerConfig {
+    fn default() -> ConfigServerConfig {
+        ConfigServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 9600)),
             admin_listen: SocketAddr::from(([0, 0, 0, 0], 9601)),
             heartbeat_interval: Duration::from_secs(1),
@@ -102,7 +102,7 @@ impl ConfigServer {
     ///
     /// An address that cannot be bound, inconsistent heartbeat settings, or
     /// a limit of no connections.
-    pub async fn start(config: ServerConfig) -> Result<ConfigServer, StartError> {
+    pub async fn start(config: ConfigServerConfig) -> Result<ConfigServer, StartError> {
         if config.heartbeat_timeout <= config.heartbeat_interval {
             return Err(StartError::Heartbeats {
                 interval: config.heartbeat_interval,

@@ -41,11 +41,14 @@ pub enum Refused {
     Full,
 }
 
+/// The bytes on their way to one natively framed node, and its socket's
+/// write half. Not the node side's `rpc_core` outbox: this one is the
+/// ConfigServer's, one per session.
 #[derive(Debug)]
-pub struct Outbox {
+pub struct SessionOutbox {
     socket: OwnedWriteHalf,
     state: Mutex<State>,
-    /// Wakes [`Outbox::drain`]: bytes are waiting.
+    /// Wakes [`SessionOutbox::drain`]: bytes are waiting.
     waiting: Notify,
     /// Wakes senders waiting for room.
     room: Notify,
@@ -68,10 +71,10 @@ enum Offer {
     Closed,
 }
 
-impl Outbox {
+impl SessionOutbox {
     /// An empty outbox over `socket`.
-    pub fn new(socket: OwnedWriteHalf) -> Outbox {
-        Outbox {
+    pub fn new(socket: OwnedWriteHalf) -> SessionOutbox {
+        SessionOutbox {
             socket,
             state: Mutex::new(State::default()),
             waiting: Notify::new(),
@@ -86,7 +89,7 @@ impl Outbox {
 
     /// Appends a frame with `put`, unless the outbox is full or closed.
     /// With `now`, writes what the socket takes at once if nothing was
-    /// waiting; otherwise (or for what is left) [`Outbox::drain`] writes it.
+    /// waiting; otherwise (or for what is left) [`SessionOutbox::drain`] writes it.
     fn offer(&self, now: bool, put: impl FnOnce(&mut BytesMut)) -> Offer {
         let mut state = self.lock();
         if state.closed {
@@ -134,7 +137,7 @@ impl Outbox {
     }
 
     /// Queues `message`, waiting up to `timeout` for room. The session's
-    /// task sends this way, and its [`Outbox::drain`] writes what it sent
+    /// task sends this way, and its [`SessionOutbox::drain`] writes what it sent
     /// once it yields: the acks of a batch of requests go out in one write.
     pub async fn send(&self, message: &Outgoing, timeout: Duration) -> Result<(), Refused> {
         let mut deadline = None;
@@ -228,7 +231,7 @@ impl Outbox {
     }
 }
 
-impl Deliver for Outbox {
+impl Deliver for SessionOutbox {
     fn deliver(&self, delta: &PushedDelta) -> bool {
         matches!(
             self.offer(true, |buf| framing::put_encoded_frame(buf, &delta.encoded)),
@@ -250,12 +253,12 @@ mod tests {
 
     /// An outbox on one end of a loopback connection (with that end's read
     /// half, to hold), and the other end.
-    async fn pair() -> (Arc<Outbox>, OwnedReadHalf, TcpStream) {
+    async fn pair() -> (Arc<SessionOutbox>, OwnedReadHalf, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let (read, write) = server.into_split();
-        (Arc::new(Outbox::new(write)), read, node)
+        (Arc::new(SessionOutbox::new(write)), read, node)
     }
 
     fn delta(body: &'static [u8]) -> PushedDelta {

@@ -22,9 +22,9 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Credentials;
 use crate::grpc::OutboundStream;
-use crate::outbox::Outbox;
 use crate::outgoing::{Deliver, Outgoing};
 use crate::registry::{self, NodeInfo, PushQueue, Registry, SessionId};
+use crate::session_outbox::SessionOutbox;
 
 /// Messages queued towards one node before the session waits for it to read.
 const OUTBOUND_QUEUE: usize = 64;
@@ -188,7 +188,7 @@ pub(crate) enum Tx {
     /// A queue its transport drains (gRPC).
     Queue(mpsc::Sender<Outgoing>),
     /// A natively framed connection's outbox.
-    Native(Arc<Outbox>),
+    Native(Arc<SessionOutbox>),
 }
 
 /// The node went away or stopped reading.
@@ -286,7 +286,7 @@ async fn read_loop(
                 (Some(key), Some(instance)) => {
                     let key = ServiceKey::from(&key);
                     match credentials.zip(registry.app_of(id)) {
-                        Some((c, app)) if !c.may_provide(&app, &key) => Err(registry::RegistryError::Forbidden(
+                        Some((c, app)) if !c.may_provide(&app, &key) => Err(registry::RequestError::Forbidden(
                             format!("app {app:?} may not provide {key}"),
                         )),
                         _ => {
@@ -295,20 +295,20 @@ async fn read_loop(
                         }
                     }
                 }
-                _ => Err(registry::RegistryError::Invalid(
+                _ => Err(registry::RequestError::Invalid(
                     "Register needs a service and an instance".into(),
                 )),
             },
             Some(node_message::Body::Unregister(u)) => match u.service {
                 Some(key) => registry.unregister(id, &ServiceKey::from(&key), &u.host, u.port),
-                None => Err(registry::RegistryError::Invalid("Unregister needs a service".into())),
+                None => Err(registry::RequestError::Invalid("Unregister needs a service".into())),
             },
             Some(node_message::Body::Subscribe(s)) => match s.service {
                 Some(key) => {
                     let known = (!s.known_epoch.is_empty()).then_some((s.known_epoch.as_str(), s.known_revision));
                     registry.subscribe(id, ServiceKey::from(&key), known)
                 }
-                None => Err(registry::RegistryError::Invalid("Subscribe needs a service".into())),
+                None => Err(registry::RequestError::Invalid("Subscribe needs a service".into())),
             },
             Some(node_message::Body::Unsubscribe(u)) => {
                 if let Some(key) = u.service {
@@ -326,8 +326,8 @@ async fn read_loop(
                 }
                 continue;
             }
-            Some(node_message::Body::Hello(_)) => Err(registry::RegistryError::Invalid("Hello sent twice".into())),
-            None => Err(registry::RegistryError::Invalid("empty message (unknown kind?)".into())),
+            Some(node_message::Body::Hello(_)) => Err(registry::RequestError::Invalid("Hello sent twice".into())),
+            None => Err(registry::RequestError::Invalid("empty message (unknown kind?)".into())),
         };
         let _gate = match (&result, &registered) {
             (Ok(()), Some(key)) => {
