@@ -35,7 +35,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, warn};
 
 use crate::node_session::{RegistryService, Tx};
-use crate::registry::Registry;
+use crate::service_map::Registry;
 use crate::session_outbox::SessionOutbox;
 
 /// Connections accepted but not yet taken by the gRPC server; at the bound

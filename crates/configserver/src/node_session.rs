@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::auth::Credentials;
 use crate::grpc::OutboundStream;
 use crate::outgoing::{Deliver, Outgoing};
-use crate::registry::{self, NodeInfo, PushQueue, Registry, SessionId};
+use crate::service_map::{self, NodeInfo, PushQueue, Registry, SessionId};
 use crate::session_outbox::SessionOutbox;
 
 /// Messages queued towards one node before the session waits for it to read.
@@ -117,7 +117,10 @@ impl RegistryService {
                 };
                 warn!(?peer, reason = %why, "refusing session");
                 let _ = tx
-                    .send(Outgoing::from(registry::error(0, "protocol", why)), heartbeats.timeout)
+                    .send(
+                        Outgoing::from(service_map::error(0, "protocol", why)),
+                        heartbeats.timeout,
+                    )
                     .await;
                 return;
             }
@@ -129,7 +132,7 @@ impl RegistryService {
             registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
             let _ = tx
                 .send(
-                    Outgoing::from(registry::error(request_id, "unauthenticated", why)),
+                    Outgoing::from(service_map::error(request_id, "unauthenticated", why)),
                     heartbeats.timeout,
                 )
                 .await;
@@ -274,7 +277,7 @@ async fn read_loop(
                 // Usually the node died or its connection dropped; a
                 // malformed frame is told to the node before it closes.
                 info!(session = id, error = %e, "stream error");
-                tx.try_send(Outgoing::from(registry::error(0, "protocol", e.clone())));
+                tx.try_send(Outgoing::from(service_map::error(0, "protocol", e.clone())));
                 return e;
             }
             Ok(Some(Ok(message))) => message,
@@ -286,7 +289,7 @@ async fn read_loop(
                 (Some(key), Some(instance)) => {
                     let key = ServiceKey::from(&key);
                     match credentials.zip(registry.app_of(id)) {
-                        Some((c, app)) if !c.may_provide(&app, &key) => Err(registry::RequestError::Forbidden(
+                        Some((c, app)) if !c.may_provide(&app, &key) => Err(service_map::RequestError::Forbidden(
                             format!("app {app:?} may not provide {key}"),
                         )),
                         _ => {
@@ -295,20 +298,20 @@ async fn read_loop(
                         }
                     }
                 }
-                _ => Err(registry::RequestError::Invalid(
+                _ => Err(service_map::RequestError::Invalid(
                     "Register needs a service and an instance".into(),
                 )),
             },
             Some(node_message::Body::Unregister(u)) => match u.service {
                 Some(key) => registry.unregister(id, &ServiceKey::from(&key), &u.host, u.port),
-                None => Err(registry::RequestError::Invalid("Unregister needs a service".into())),
+                None => Err(service_map::RequestError::Invalid("Unregister needs a service".into())),
             },
             Some(node_message::Body::Subscribe(s)) => match s.service {
                 Some(key) => {
                     let known = (!s.known_epoch.is_empty()).then_some((s.known_epoch.as_str(), s.known_revision));
                     registry.subscribe(id, ServiceKey::from(&key), known)
                 }
-                None => Err(registry::RequestError::Invalid("Subscribe needs a service".into())),
+                None => Err(service_map::RequestError::Invalid("Subscribe needs a service".into())),
             },
             Some(node_message::Body::Unsubscribe(u)) => {
                 if let Some(key) = u.service {
@@ -326,8 +329,10 @@ async fn read_loop(
                 }
                 continue;
             }
-            Some(node_message::Body::Hello(_)) => Err(registry::RequestError::Invalid("Hello sent twice".into())),
-            None => Err(registry::RequestError::Invalid("empty message (unknown kind?)".into())),
+            Some(node_message::Body::Hello(_)) => Err(service_map::RequestError::Invalid("Hello sent twice".into())),
+            None => Err(service_map::RequestError::Invalid(
+                "empty message (unknown kind?)".into(),
+            )),
         };
         let _gate = match (&result, &registered) {
             (Ok(()), Some(key)) => {
@@ -341,11 +346,11 @@ async fn read_loop(
         };
         let answer = match result {
             Ok(()) if request_id == 0 => continue,
-            Ok(()) => registry::ack(request_id),
+            Ok(()) => service_map::ack(request_id),
             Err(e) => {
                 registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
                 debug!(session = id, error = %e, "request refused");
-                registry::error(request_id, e.kind(), e.to_string())
+                service_map::error(request_id, e.kind(), e.to_string())
             }
         };
         if tx.send(Outgoing::from(answer), heartbeats.timeout).await.is_err() {

@@ -288,7 +288,7 @@ mod tests {
 
         // The session's own messages wait for its drain, in order, behind
         // nothing else; a delta offered meanwhile queues behind them.
-        let hello = Outgoing::from(crate::registry::ack(7));
+        let hello = Outgoing::from(crate::service_map::ack(7));
         outbox.send(&hello, Duration::from_secs(1)).await.unwrap();
         assert!(outbox.deliver(&delta(b"d")));
         let drain = tokio::spawn({
@@ -312,7 +312,7 @@ mod tests {
             let outbox = outbox.clone();
             async move { outbox.drain().await }
         });
-        let message = Outgoing::from(crate::registry::error(0, "probe", "x".repeat(1024)));
+        let message = Outgoing::from(crate::service_map::error(0, "probe", "x".repeat(1024)));
         // The kernel's buffers take a few MiB; past them the outbox fills.
         // Bounded: 64 MiB of messages at most.
         let mut refused = None;
@@ -340,7 +340,7 @@ mod tests {
     async fn a_closed_connection_refuses_sends() {
         let (outbox, _read, node) = pair().await;
         drop(node);
-        let message = Outgoing::from(crate::registry::ack(1));
+        let message = Outgoing::from(crate::service_map::ack(1));
         let drain = tokio::spawn({
             let outbox = outbox.clone();
             async move { outbox.drain().await }
