@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod native;
 pub mod node_session;
 pub mod outgoing;
+pub mod port;
 pub mod server;
 pub mod service_map;
 pub mod session_outbox;

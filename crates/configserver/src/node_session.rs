@@ -12,22 +12,14 @@ use std::time::Duration;
 
 use rpc_core::ServiceKey;
 use tern_proto::registry::{NodeMessage, ServerMessage, Welcome, node_message, server_message};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::{Request, Response, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::auth::Credentials;
-use crate::grpc::OutboundStream;
 use crate::outgoing::{Deliver, Outgoing};
 use crate::service_map::{self, NodeInfo, PushQueue, Registry, SessionId};
-use crate::session_outbox::SessionOutbox;
-
-/// Messages queued towards one node before the session waits for it to read.
-const OUTBOUND_QUEUE: usize = 64;
 
 /// Heartbeat timings announced to nodes.
 #[derive(Debug, Clone, Copy)]
@@ -66,30 +58,18 @@ impl RegistryService {
 }
 
 impl RegistryService {
-    /// Starts a node's session on a new gRPC stream; the stream of messages to it.
-    pub fn session(&self, request: Request<Streaming<NodeMessage>>) -> Response<OutboundStream> {
-        let peer = request.remote_addr();
-        let inbound = request
-            .into_inner()
-            .map(|message| message.map_err(|status| format!("stream error: {}", status.message())));
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let this = self.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                _ = this.shutdown.cancelled() => {}
-                _ = this.run(inbound, Tx::Queue(tx), peer) => {}
-            }
-        });
-        Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)))
-    }
-
-    /// Serves a node's session on a natively framed connection until it
-    /// ends (the caller owns this future's task).
-    pub async fn native_session(&self, socket: tokio::net::TcpStream, peer: SocketAddr, max_message_bytes: usize) {
+    /// Runs `session` (one node's, on some transport) until it ends or the
+    /// server shuts down.
+    pub(crate) async fn until_shutdown(&self, session: impl Future<Output = ()>) {
         tokio::select! {
             _ = self.shutdown.cancelled() => {}
-            _ = crate::native::serve(self, socket, peer, max_message_bytes) => {}
+            _ = session => {}
         }
+    }
+
+    /// The server's tasks: a transport spawns a session's task here.
+    pub(crate) fn tracker(&self) -> &TaskTracker {
+        &self.tracker
     }
 
     /// Runs one session over `inbound` (the node's messages, or why the
@@ -97,7 +77,7 @@ impl RegistryService {
     pub(crate) async fn run(
         &self,
         mut inbound: impl Stream<Item = Result<NodeMessage, String>> + Unpin,
-        tx: Tx,
+        tx: impl ToNode,
         peer: Option<SocketAddr>,
     ) {
         let (registry, heartbeats, credentials) = (&*self.registry, self.heartbeats, self.credentials.as_deref());
@@ -185,63 +165,40 @@ impl RegistryService {
     }
 }
 
-/// The way to one node.
-#[derive(Debug, Clone)]
-pub(crate) enum Tx {
-    /// A queue its transport drains (gRPC).
-    Queue(mpsc::Sender<Outgoing>),
-    /// A natively framed connection's outbox.
-    Native(Arc<SessionOutbox>),
+/// The way to one node. The session owns this contract and each
+/// transport implements it (a native session's
+/// [`SessionOutbox`](crate::session_outbox::SessionOutbox), a gRPC
+/// stream's queue in [`crate::grpc`]), so that the session depends on no
+/// transport.
+pub(crate) trait ToNode: Send + Sync {
+    /// Sends `message`, waiting at most `timeout` for room.
+    async fn send(&self, message: Outgoing, timeout: Duration) -> Result<(), Gone>;
+
+    /// Sends `message` if there is room now; drops it otherwise.
+    fn try_send(&self, message: Outgoing);
+
+    /// The transport, if the flusher can hand it deltas itself.
+    fn direct(&self) -> Option<Weak<dyn Deliver>>;
 }
 
 /// The node went away or stopped reading.
 #[derive(Debug)]
 pub(crate) struct Gone;
 
-impl Tx {
-    /// Sends `message`, waiting at most `timeout` for room.
-    async fn send(&self, message: Outgoing, timeout: Duration) -> Result<(), Gone> {
-        match self {
-            Tx::Queue(tx) => tx.send_timeout(message, timeout).await.map_err(|_| Gone),
-            Tx::Native(outbox) => outbox.send(&message, timeout).await.map_err(|_| Gone),
-        }
-    }
-
-    /// Sends `message` if there is room now.
-    fn try_send(&self, message: Outgoing) {
-        match self {
-            Tx::Queue(tx) => {
-                let _ = tx.try_send(message);
-            }
-            Tx::Native(outbox) => {
-                let _ = outbox.try_send(&message);
-            }
-        }
-    }
-
-    /// The transport, if the flusher can hand it deltas itself.
-    fn direct(&self) -> Option<Weak<dyn Deliver>> {
-        match self {
-            Tx::Queue(_) => None,
-            Tx::Native(outbox) => Some(Arc::downgrade(outbox) as Weak<dyn Deliver>),
-        }
-    }
-}
-
 /// What both halves of a session share.
-struct Pushing<'a> {
+struct Pushing<'a, T> {
     registry: &'a Registry,
     id: SessionId,
     push: &'a PushQueue,
     rules_gate: &'a tokio::sync::Mutex<()>,
-    tx: &'a Tx,
+    tx: &'a T,
     /// How long a message may wait for room towards the node: a node that
     /// stops reading ends its session instead of holding it (and the
     /// rules gate) forever.
     send_timeout: Duration,
 }
 
-impl Pushing<'_> {
+impl<T: ToNode> Pushing<'_, T> {
     /// Sends the current rules of `key`; `false`: the node went away.
     async fn send_rules(&self, key: &ServiceKey) -> bool {
         let Some(message) = self.registry.rules_for(self.id, key) else {
@@ -259,7 +216,7 @@ impl Pushing<'_> {
 /// from the push queue and sending them happen under the rules gate in both
 /// loops, so whichever loop takes them has sent them before the ack goes.
 async fn read_loop(
-    pushing: &Pushing<'_>,
+    pushing: &Pushing<'_, impl ToNode>,
     heartbeats: Heartbeats,
     credentials: Option<&Credentials>,
     inbound: &mut (impl Stream<Item = Result<NodeMessage, String>> + Unpin),
@@ -360,7 +317,7 @@ async fn read_loop(
 }
 
 /// Sends the node what it lacks of each dirty service, as it becomes ready.
-async fn push_loop(pushing: &Pushing<'_>) -> String {
+async fn push_loop(pushing: &Pushing<'_, impl ToNode>) -> String {
     let Pushing { registry, push, tx, .. } = *pushing;
     loop {
         let work = push.next().await;

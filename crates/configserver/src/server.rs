@@ -147,12 +147,12 @@ impl ConfigServer {
         );
         // One port, two transports: the accept loop serves natively framed
         // sessions itself and hands the rest to the gRPC server.
-        let (to_grpc, grpc_incoming) = mpsc::channel(crate::native::GRPC_HANDOFF);
-        tracker.spawn(crate::native::accept(
+        let (to_grpc, grpc_incoming) = mpsc::channel(crate::port::GRPC_HANDOFF);
+        tracker.spawn(crate::port::accept(
             registry_port,
             service.clone(),
             config.max_message_bytes,
-            crate::native::ConnectionLimit::new(max_connections, registry.clone()),
+            crate::port::ConnectionLimit::new(max_connections, registry.clone()),
             to_grpc,
             shutdown.clone(),
             tracker.clone(),
@@ -161,7 +161,7 @@ impl ConfigServer {
         let token = shutdown.clone();
         tracker.spawn(async move {
             let served = tonic::transport::Server::builder()
-                .max_concurrent_streams(Some(crate::native::GRPC_STREAMS))
+                .max_concurrent_streams(Some(crate::port::GRPC_STREAMS))
                 .add_service(grpc_service)
                 .serve_with_incoming_shutdown(ReceiverStream::new(grpc_incoming), token.cancelled_owned())
                 .await;

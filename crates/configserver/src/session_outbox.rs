@@ -17,7 +17,7 @@
 
 use std::io;
 use std::pin::pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::node_session::{self, Gone};
 use crate::outgoing::{Deliver, Outgoing, PushedDelta};
 
 /// Bytes waiting beyond which the outbox takes no more for now.
@@ -240,10 +241,24 @@ impl Deliver for SessionOutbox {
     }
 }
 
+/// A native session's way to its node; the flusher writes into it too.
+/// (Not imported by name: its methods would shadow the outbox's own.)
+impl node_session::ToNode for Arc<SessionOutbox> {
+    async fn send(&self, message: Outgoing, timeout: Duration) -> Result<(), Gone> {
+        SessionOutbox::send(self, &message, timeout).await.map_err(|_| Gone)
+    }
+
+    fn try_send(&self, message: Outgoing) {
+        let _ = SessionOutbox::try_send(self, &message);
+    }
+
+    fn direct(&self) -> Option<Weak<dyn Deliver>> {
+        Some(Arc::downgrade(self) as Weak<dyn Deliver>)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use bytes::Bytes;
     use tokio::io::AsyncReadExt;
     use tokio::net::tcp::OwnedReadHalf;
