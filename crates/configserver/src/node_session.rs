@@ -112,7 +112,7 @@ impl RegistryService {
             registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
             let _ = tx
                 .send(
-                    Outgoing::from(service_map::error(request_id, "unauthenticated", why)),
+                    Outgoing::from(service_map::error(request_id, "unauthenticated", why.to_string())),
                     heartbeats.timeout,
                 )
                 .await;
