@@ -1,9 +1,10 @@
 //! The registry port: one listener for both transports of a node's stream.
 //!
 //! Each accepted connection is told apart by its first byte: the native
-//! framing's preface (see [`rpc_core::registry::framing`]) is served here,
-//! anything else (HTTP/2's preface starts with `P`) is handed to the gRPC
-//! server. A natively framed session is served by [`crate::native`].
+//! framing's preface (see [`rpc_core::registry::framing`]) starts a native
+//! session ([`crate::native`]) on the connection's own task; anything else
+//! (HTTP/2's preface starts with `P`) is handed to the gRPC server
+//! ([`crate::grpc`]).
 //!
 //! At most [`ConnectionLimit`] connections are open on the port at once;
 //! one past it is closed as soon as it is accepted (and counted), so that

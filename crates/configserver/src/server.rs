@@ -32,7 +32,7 @@ pub struct ConfigServerConfig {
     pub heartbeat_interval: Duration,
     /// A node silent this long is expired.
     pub heartbeat_timeout: Duration,
-    /// Longest a change waits after a flush (see `flusher`); changes that
+    /// Longest a change waits after a flush (see [`crate::flusher`]); changes that
     /// wait together go out as one delta per service.
     pub coalesce: Duration,
     /// Largest control message accepted.
