@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use configserver::cli::AdminClient;
-use configserver::{ConfigServer, RegistryConfig, ServerConfig};
+use configserver::admin_client::AdminClient;
+use configserver::{ConfigServer, ConfigServerConfig, RegistryConfig};
 use rpc_core::registry::{Role, SessionConfig};
 use rpc_core::{Error, Request, Status};
 use tern::consumer::{Consumer, ConsumerConfig, Reference};
@@ -143,7 +143,7 @@ fn ms(d: Duration) -> String {
 
 /// Starts the ConfigServer with its rules in an SQLite file under `data`.
 async fn start_configserver(listen: SocketAddr, data: &std::path::Path) -> anyhow::Result<ConfigServer> {
-    Ok(ConfigServer::start(ServerConfig {
+    Ok(ConfigServer::start(ConfigServerConfig {
         listen,
         admin_listen: "127.0.0.1:0".parse()?,
         store: Some(format!("sqlite://{}?mode=rwc", data.join("rules.db").display())),
@@ -151,7 +151,7 @@ async fn start_configserver(listen: SocketAddr, data: &std::path::Path) -> anyho
             startup_grace: Duration::from_secs(2),
             ..RegistryConfig::default()
         },
-        ..ServerConfig::default()
+        ..ConfigServerConfig::default()
     })
     .await?)
 }

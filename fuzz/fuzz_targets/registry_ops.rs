@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use configserver::outgoing::Outgoing;
-use configserver::registry::{NodeInfo, Registry, RegistryConfig};
+use configserver::service_map::{NodeInfo, Registry, RegistryConfig};
 use libfuzzer_sys::fuzz_target;
 use rpc_core::ServiceKey;
 use rpc_core::registry::Addr;

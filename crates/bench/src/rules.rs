@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use configserver::cli::AdminClient;
+use configserver::admin_client::AdminClient;
 use consumer_sdk::{Consumer, ConsumerConfig, Reference};
 use hdrhistogram::Histogram;
 use provider_sdk::Provider;

@@ -33,7 +33,7 @@ use tern_proto::registry::Instance;
 
 use crate::auth::Credentials;
 use crate::governance::{Governance, RuleError};
-use crate::registry::Registry;
+use crate::service_map::Registry;
 use crate::store::StoredRule;
 
 /// What the handlers share.

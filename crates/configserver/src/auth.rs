@@ -18,12 +18,36 @@
 //! app may register only the services its `provide` list names.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use rpc_core::ServiceKey;
 use rpc_core::governance::constant_time_eq as eq;
 use serde::Deserialize;
+
+/// Why a credentials file was not taken; the message names the file and
+/// the bad value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialsError {
+    #[error("reading {}: {error}", path.display())]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("in {}: {error}", path.display())]
+    Parse { path: PathBuf, error: toml::de::Error },
+    #[error("in {}: admin-token is empty", path.display())]
+    EmptyAdminToken { path: PathBuf },
+    #[error("in {}: app {app:?} has an empty token", path.display())]
+    EmptyAppToken { path: PathBuf, app: String },
+}
+
+/// Why a session's Hello was refused; the message names the app.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    #[error("unknown app {app:?}")]
+    UnknownApp { app: String },
+    #[error("wrong or missing token for app {app:?}")]
+    WrongToken { app: String },
+}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -49,14 +73,24 @@ impl Credentials {
     ///
     /// The file cannot be read, is not valid TOML of this shape, or has an
     /// empty token (named).
-    pub fn from_file(path: &Path) -> anyhow::Result<Credentials> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let credentials: Credentials = toml::from_str(&text).with_context(|| format!("in {}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Credentials, CredentialsError> {
+        let path_buf = || path.to_path_buf();
+        let text = std::fs::read_to_string(path).map_err(|error| CredentialsError::Read {
+            path: path_buf(),
+            error,
+        })?;
+        let credentials: Credentials = toml::from_str(&text).map_err(|error| CredentialsError::Parse {
+            path: path_buf(),
+            error,
+        })?;
         if credentials.admin_token.as_deref() == Some("") {
-            anyhow::bail!("in {}: admin-token is empty", path.display());
+            return Err(CredentialsError::EmptyAdminToken { path: path_buf() });
         }
         if let Some((app, _)) = credentials.apps.iter().find(|(_, c)| c.token.is_empty()) {
-            anyhow::bail!("in {}: app {app:?} has an empty token", path.display());
+            return Err(CredentialsError::EmptyAppToken {
+                path: path_buf(),
+                app: app.clone(),
+            });
         }
         Ok(credentials)
     }
@@ -66,12 +100,10 @@ impl Credentials {
     /// # Errors
     ///
     /// Why the session is refused (unknown app or wrong token).
-    pub fn authenticate(&self, app: &str, token: &str) -> Result<(), String> {
+    pub fn authenticate(&self, app: &str, token: &str) -> Result<(), AuthError> {
         match self.apps.get(app) {
-            None => Err(format!("unknown app {app:?}")),
-            Some(c) if !eq(c.token.as_bytes(), token.as_bytes()) => {
-                Err(format!("wrong or missing token for app {app:?}"))
-            }
+            None => Err(AuthError::UnknownApp { app: app.to_owned() }),
+            Some(c) if !eq(c.token.as_bytes(), token.as_bytes()) => Err(AuthError::WrongToken { app: app.to_owned() }),
             Some(_) => Ok(()),
         }
     }
@@ -125,8 +157,27 @@ mod tests {
     fn apps_authenticate_with_their_own_token() {
         let c = credentials();
         c.authenticate("greeter", "greeter-secret").unwrap();
-        assert!(c.authenticate("greeter", "web-secret").unwrap_err().contains("greeter"));
-        assert!(c.authenticate("rogue", "x").unwrap_err().contains("rogue"));
+        let wrong = c.authenticate("greeter", "web-secret").unwrap_err();
+        assert_eq!(wrong.to_string(), r#"wrong or missing token for app "greeter""#);
+        let unknown = c.authenticate("rogue", "x").unwrap_err();
+        assert_eq!(unknown.to_string(), r#"unknown app "rogue""#);
+    }
+
+    #[test]
+    fn a_bad_credentials_file_is_named_with_its_bad_value() {
+        let dir = std::env::temp_dir().join(format!("tern-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("credentials.toml");
+        std::fs::write(&path, "[apps.web]\ntoken = \"\"\n").unwrap();
+        let error = Credentials::from_file(&path).unwrap_err();
+        assert!(matches!(&error, CredentialsError::EmptyAppToken { app, .. } if app == "web"));
+        assert_eq!(
+            error.to_string(),
+            format!(r#"in {}: app "web" has an empty token"#, path.display())
+        );
+        let missing = Credentials::from_file(&dir.join("absent.toml")).unwrap_err();
+        assert!(missing.to_string().starts_with("reading "), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! ```
 //!
 //! `configserver rules ...` instead talks to a running server's admin API
-//! (see [`crate::cli`]).
+//! (see [`crate::admin_client`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::server::ServerConfig;
+use crate::server::ConfigServerConfig;
 
 /// The registry daemon: live service map, pushed address deltas, admin API.
 #[derive(Debug, clap::Parser)]
@@ -42,7 +42,7 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Lists, reads, writes and deletes governance rules on a running server.
-    Rules(crate::cli::RulesCli),
+    Rules(crate::admin_client::RulesCli),
 }
 
 /// Every setting is optional here; unset ones come from the file or defaults.
@@ -133,8 +133,8 @@ impl Settings {
 
     /// The server configuration: these settings over the defaults. The
     /// store and credentials are left to [`Cli::resolve`].
-    pub fn into_config(self) -> ServerConfig {
-        let mut config = ServerConfig::default();
+    pub fn into_config(self) -> ConfigServerConfig {
+        let mut config = ConfigServerConfig::default();
         let ms = Duration::from_millis;
         if let Some(v) = self.listen {
             config.listen = v;
@@ -179,7 +179,7 @@ impl Cli {
     /// # Errors
     ///
     /// A bad configuration file.
-    pub fn resolve(self) -> anyhow::Result<ServerConfig> {
+    pub fn resolve(self) -> anyhow::Result<ConfigServerConfig> {
         let file = match &self.config {
             Some(path) => Settings::from_file(path)?,
             None => Settings::default(),
@@ -231,7 +231,7 @@ pub fn main() -> anyhow::Result<()> {
 /// Bad configuration, or an address that cannot be bound.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Rules(rules)) = cli.command {
-        return crate::cli::run(rules);
+        return crate::admin_client::run(rules);
     }
     let config = cli.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -271,7 +271,7 @@ mod tests {
         assert_eq!(config.heartbeat_interval, Duration::from_millis(500));
         assert_eq!(config.heartbeat_timeout, Duration::from_millis(4000));
         assert_eq!(config.registry.history_len, 8);
-        assert_eq!(config.coalesce, ServerConfig::default().coalesce);
+        assert_eq!(config.coalesce, ConfigServerConfig::default().coalesce);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use rpc_core::governance::{InvalidRule, Rule, RuleSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::registry::Registry;
+use crate::service_map::Registry;
 use crate::store::{AuditEntry, RuleStore, StoreError, StoredRule};
 
 /// A refused or failed rule operation.

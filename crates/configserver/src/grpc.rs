@@ -10,20 +10,26 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::BufMut;
 use prost::Message;
 use tern_proto::registry::NodeMessage;
 use tern_proto::registry::registry_server::SERVICE_NAME;
-use tokio_stream::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::outgoing::Outgoing;
-use crate::session::RegistryService;
+use crate::node_session::{Gone, RegistryService, ToNode};
+use crate::outgoing::{Deliver, Outgoing};
+
+/// Messages queued towards one node before the session waits for it to read.
+const OUTBOUND_QUEUE: usize = 64;
 
 /// gRPC buffers of one stream. tonic's default (8 KiB each way) is sized
 /// for bulk transfers; a node's stream mostly carries messages of tens of
@@ -89,6 +95,37 @@ impl Decoder for SessionCodec {
 /// Stream of messages to one node.
 pub type OutboundStream = Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send + 'static>>;
 
+/// A gRPC session's way to its node: a bounded queue that tonic drains
+/// into the stream.
+impl ToNode for mpsc::Sender<Outgoing> {
+    async fn send(&self, message: Outgoing, timeout: Duration) -> Result<(), Gone> {
+        self.send_timeout(message, timeout).await.map_err(|_| Gone)
+    }
+
+    fn try_send(&self, message: Outgoing) {
+        let _ = mpsc::Sender::try_send(self, message);
+    }
+
+    /// None: a gRPC stream's items go through tonic, whose task must write them.
+    fn direct(&self) -> Option<Weak<dyn Deliver>> {
+        None
+    }
+}
+
+/// Starts a node's session on a new gRPC stream; the stream of messages to it.
+fn open_session(service: &RegistryService, request: Request<Streaming<NodeMessage>>) -> Response<OutboundStream> {
+    let peer = request.remote_addr();
+    let inbound = request
+        .into_inner()
+        .map(|message| message.map_err(|status| format!("stream error: {}", status.message())));
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let session = service.clone();
+    service
+        .tracker()
+        .spawn(async move { session.until_shutdown(session.run(inbound, tx, peer)).await });
+    Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)))
+}
+
 /// The `Registry` gRPC service, ready for `tonic::transport::Server`.
 #[derive(Debug, Clone)]
 pub struct RegistryEndpoint {
@@ -121,7 +158,7 @@ impl StreamingService<NodeMessage> for SessionMethod {
 
     fn call(&mut self, request: Request<Streaming<NodeMessage>>) -> Self::Future {
         let service = self.0.clone();
-        Box::pin(async move { Ok(service.session(request)) })
+        Box::pin(async move { Ok(open_session(&service, request)) })
     }
 }
 

@@ -5,37 +5,39 @@
 //!
 //! # Layout
 //!
-//! - [`registry`]: the map, revisions, coalesced deltas and their history.
-//! - [`session`]: one node's gRPC stream (Hello, requests, heartbeats, pushes).
-//! - [`native`] and [`grpc`]: the two transports of that stream, on one
-//!   port: length-prefixed frames over TCP (the SDKs' default) and gRPC.
-//! - [`outgoing`]: what a session sends; a delta is encoded once for all
-//!   its subscribers.
-//! - [`outbox`]: a native session's write side, which the flusher writes
-//!   pushed deltas into directly.
-//! - [`governance`]: validated rule writes, and their push through the registry.
-//! - [`store`]: the durable rule store (SQLite, PostgreSQL, MySQL) and its audit log.
+//! - [`service_map`]: the live map, revisions, coalesced deltas, their history and each session's push queue.
+//! - [`flusher`]: the flusher task, and the whole delta-push path from a Register to a subscriber's socket.
+//! - [`node_session`]: one node's session (Hello, requests, heartbeats, pushes), whatever its transport.
+//! - [`port`]: the registry port: one listener for both transports, and its connection limit.
+//! - [`native`]: the natively framed transport (length-prefixed frames over TCP, the SDKs' default).
+//! - [`session_outbox`]: a native session's write side, which the flusher writes deltas into directly.
+//! - [`grpc`]: the gRPC transport, with a codec that writes a delta encoded once.
+//! - [`outgoing`]: what a session sends a node; a delta is encoded once for all its subscribers.
+//! - [`governance`]: validated rule writes, and their push through the service map.
+//! - [`store`]: the durable rule store (SQLite, PostgreSQL, MySQL: cargo features) and its audit log.
 //! - [`auth`]: optional app credentials and the admin token.
 //! - [`admin`]: the admin HTTP API (services, rules, health, metrics).
-//! - [`cli`]: `configserver rules ...`, the admin API from the command line.
+//! - [`admin_client`]: `configserver rules ...`, the admin API from the command line ([`admin_client::AdminClient`]).
 //! - [`server`]: a running server ([`ConfigServer`]) with one shutdown.
-//! - [`config`]: flags, environment and TOML file of the binary.
+//! - [`config`]: the binary's flags, environment and TOML file.
 //! - [`metrics`]: counters for `/metrics`.
 
 pub mod admin;
+pub mod admin_client;
 pub mod auth;
-pub mod cli;
 pub mod config;
+pub mod flusher;
 pub mod governance;
 pub mod grpc;
 pub mod metrics;
 pub mod native;
-pub mod outbox;
+pub mod node_session;
 pub mod outgoing;
-pub mod registry;
+pub mod port;
 pub mod server;
-pub mod session;
+pub mod service_map;
+pub mod session_outbox;
 pub mod store;
 
-pub use registry::{Registry, RegistryConfig};
-pub use server::{ConfigServer, ServerConfig};
+pub use server::{ConfigServer, ConfigServerConfig};
+pub use service_map::{Registry, RegistryConfig};

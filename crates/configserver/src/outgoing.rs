@@ -20,7 +20,7 @@ pub struct PushedDelta {
 }
 
 /// A session's transport that can take a flushed delta at once, from the
-/// flusher's task, without waking the session's (see `outbox.rs`).
+/// flusher's task, without waking the session's (see `session_outbox.rs`).
 pub trait Deliver: Send + Sync + std::fmt::Debug {
     /// Takes `delta` for the node: written now, or queued behind bytes
     /// already waiting. `false`: not now (full or closed); the session's

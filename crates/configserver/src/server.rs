@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,13 +17,13 @@ use crate::admin::AdminState;
 use crate::auth::Credentials;
 use crate::governance::Governance;
 use crate::grpc::RegistryEndpoint;
-use crate::registry::{Pushes, Registry, RegistryConfig};
-use crate::session::{Heartbeats, RegistryService};
+use crate::node_session::{Heartbeats, RegistryService};
+use crate::service_map::{Registry, RegistryConfig};
 use crate::store::{RuleStore, StoreError};
 
 /// Settings of a [`ConfigServer`].
 #[derive(Debug, Clone)]
-pub struct ServerConfig {
+pub struct ConfigServerConfig {
     /// Where nodes connect (native framing or gRPC, on one port).
     pub listen: SocketAddr,
     /// Where the admin HTTP API listens.
@@ -33,7 +32,7 @@ pub struct ServerConfig {
     pub heartbeat_interval: Duration,
     /// A node silent this long is expired.
     pub heartbeat_timeout: Duration,
-    /// Longest a change waits after a flush (see `flusher`); changes that
+    /// Longest a change waits after a flush (see [`crate::flusher`]); changes that
     /// wait together go out as one delta per service.
     pub coalesce: Duration,
     /// Largest control message accepted.
@@ -52,9 +51,9 @@ pub struct ServerConfig {
     pub credentials: Option<Credentials>,
 }
 
-impl Default for ServerConfig {
-    fn default() -> ServerConfig {
-        ServerConfig {
+impl Default for ConfigServerConfig {
+    fn default() -> ConfigServerConfig {
+        ConfigServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 9600)),
             admin_listen: SocketAddr::from(([0, 0, 0, 0], 9601)),
             heartbeat_interval: Duration::from_secs(1),
@@ -102,7 +101,7 @@ impl ConfigServer {
     ///
     /// An address that cannot be bound, inconsistent heartbeat settings, or
     /// a limit of no connections.
-    pub async fn start(config: ServerConfig) -> Result<ConfigServer, StartError> {
+    pub async fn start(config: ConfigServerConfig) -> Result<ConfigServer, StartError> {
         if config.heartbeat_timeout <= config.heartbeat_interval {
             return Err(StartError::Heartbeats {
                 interval: config.heartbeat_interval,
@@ -148,12 +147,12 @@ impl ConfigServer {
         );
         // One port, two transports: the accept loop serves natively framed
         // sessions itself and hands the rest to the gRPC server.
-        let (to_grpc, grpc_incoming) = mpsc::channel(crate::native::GRPC_HANDOFF);
-        tracker.spawn(crate::native::accept(
+        let (to_grpc, grpc_incoming) = mpsc::channel(crate::port::GRPC_HANDOFF);
+        tracker.spawn(crate::port::accept(
             registry_port,
             service.clone(),
             config.max_message_bytes,
-            crate::native::ConnectionLimit::new(max_connections, registry.clone()),
+            crate::port::ConnectionLimit::new(max_connections, registry.clone()),
             to_grpc,
             shutdown.clone(),
             tracker.clone(),
@@ -162,7 +161,7 @@ impl ConfigServer {
         let token = shutdown.clone();
         tracker.spawn(async move {
             let served = tonic::transport::Server::builder()
-                .max_concurrent_streams(Some(crate::native::GRPC_STREAMS))
+                .max_concurrent_streams(Some(crate::port::GRPC_STREAMS))
                 .add_service(grpc_service)
                 .serve_with_incoming_shutdown(ReceiverStream::new(grpc_incoming), token.cancelled_owned())
                 .await;
@@ -186,7 +185,11 @@ impl ConfigServer {
             }
         });
 
-        tracker.spawn(flusher(registry.clone(), config.coalesce, shutdown.clone()));
+        tracker.spawn(crate::flusher::flusher(
+            registry.clone(),
+            config.coalesce,
+            shutdown.clone(),
+        ));
         tracker.spawn(governance.clone().follow(config.rules_poll, shutdown.clone()));
         let (grace_registry, grace, token) = (registry.clone(), config.registry.startup_grace, shutdown.clone());
         tracker.spawn(async move {
@@ -301,153 +304,3 @@ fn open_files() -> Option<u64> {
 
 /// The store used when none is configured: rules live as long as the server.
 pub const IN_MEMORY_STORE: &str = "sqlite::memory:";
-
-/// Flushes a change at once when the registry is idle. After a flush,
-/// waits until its pushes are out; then, while changes come often enough
-/// that holding them merges some (a burst), holds them for
-/// [`HOLD_PER_ROUND`] times as long as the pushes took, never past the
-/// coalescing window, and they go out as one delta per service. In a
-/// burst, push rounds take at most about a fifth of the time, and the
-/// registrations of a storm keep the rest. A lone change waits for
-/// nothing, however long the last push round was: a round to a thousand
-/// subscribers takes milliseconds, and holding each of a series of
-/// changes a few milliseconds apart for it would merge none of them, only
-/// add the hold to every push.
-async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: CancellationToken) {
-    let mut last_flush: Option<tokio::time::Instant> = None;
-    loop {
-        tokio::select! {
-            _ = registry.changed.notified() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        let flushed_at = tokio::time::Instant::now();
-        let since_last = last_flush.map(|at| flushed_at - at);
-        last_flush = Some(flushed_at);
-        let pushes = registry.take_flush();
-        let changes = pushes.changes();
-        if push(&registry, pushes).await == 0 {
-            continue;
-        }
-        // Changes made meanwhile leave a stored wake-up: the next turn
-        // flushes them together.
-        let window_ends = flushed_at + window;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(window_ends) => break,
-                _ = registry.drained.notified() => if registry.is_drained() {
-                    let now = tokio::time::Instant::now();
-                    let pace = Pace {
-                        round: now.saturating_duration_since(flushed_at),
-                        window_left: window_ends.saturating_duration_since(now),
-                        changes,
-                        since_last,
-                    };
-                    if let Some(hold) = pace.hold() {
-                        tokio::select! {
-                            _ = tokio::time::sleep(hold) => {}
-                            _ = shutdown.cancelled() => return,
-                        }
-                    }
-                    break;
-                },
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    }
-}
-
-/// What the flusher knows when a flush's pushes are out.
-#[derive(Debug, Clone, Copy)]
-struct Pace {
-    /// How long the pushes took.
-    round: Duration,
-    /// Until the coalescing window of the flush ends.
-    window_left: Duration,
-    /// The changes the flush carried.
-    changes: usize,
-    /// Since the flush before it, if there was one.
-    since_last: Option<Duration>,
-}
-
-impl Pace {
-    /// How long to hold further changes: [`HOLD_PER_ROUND`] times the
-    /// round, within the window, if at the pace of the last flush (its
-    /// changes over the time since the one before) at least one more
-    /// change would come in meanwhile. Not for a round too cheap to
-    /// matter (timers tick in milliseconds: a shorter hold would round up
-    /// to one).
-    fn hold(self) -> Option<Duration> {
-        let hold = (self.round * HOLD_PER_ROUND).min(self.window_left);
-        let since_last = self.since_last?;
-        let merges = hold.as_secs_f64() * self.changes as f64 >= since_last.as_secs_f64();
-        (hold >= MIN_HOLD && merges).then_some(hold)
-    }
-}
-
-/// Makes the pushes of a flush; how many were made. Many are shared out
-/// over the runtime's worker threads: each write to a subscriber's socket
-/// also wakes the thread that reads it, and those wake-ups, made one after
-/// another from a single thread, would be the round's critical path.
-async fn push(registry: &Arc<Registry>, pushes: Pushes) -> usize {
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    if pushes.len() < PARALLEL_PUSH_MIN || workers < 2 {
-        return registry.push(pushes);
-    }
-    // Every part in a task of its own (none run here): a task spawned
-    // last sits in this worker's next-task slot, which others cannot steal
-    // from, so the parts before it are what the other workers take.
-    let mut parts = JoinSet::new();
-    for part in pushes.split(workers) {
-        let registry = registry.clone();
-        parts.spawn(async move { registry.push(part) });
-    }
-    let mut pushed = 0;
-    while let Some(part) = parts.join_next().await {
-        match part {
-            Ok(made) => pushed += made,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => {} // aborted: only when this future is dropped
-        }
-    }
-    pushed
-}
-
-/// Fewer pushes than this are made by the flusher alone.
-const PARALLEL_PUSH_MIN: usize = 256;
-
-/// In a burst, after a push round, the flusher holds changes this many
-/// times as long as the round took (within the coalescing window).
-const HOLD_PER_ROUND: u32 = 4;
-
-/// A shorter hold is skipped.
-const MIN_HOLD: Duration = Duration::from_millis(1);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pace(round_ms: u64, changes: usize, since_last_ms: Option<u64>) -> Pace {
-        Pace {
-            round: Duration::from_millis(round_ms),
-            window_left: Duration::from_millis(5).saturating_sub(Duration::from_millis(round_ms)),
-            changes,
-            since_last: since_last_ms.map(Duration::from_millis),
-        }
-    }
-
-    #[test]
-    fn changes_are_held_only_when_holding_would_merge_some() {
-        // A storm: changes every fraction of a millisecond.
-        assert_eq!(pace(1, 3, Some(1)).hold(), Some(Duration::from_millis(4)));
-        // The window bounds the hold.
-        assert_eq!(pace(2, 40, Some(3)).hold(), Some(Duration::from_millis(3)));
-        // One change every 6 ms, each pushed to many subscribers in 3 ms:
-        // the 2 ms left of the window would merge none.
-        assert_eq!(pace(3, 1, Some(6)).hold(), None);
-        // The first change after a quiet spell, and the very first flush.
-        assert_eq!(pace(1, 1, Some(10_000)).hold(), None);
-        assert_eq!(pace(1, 1, None).hold(), None);
-        // A round too cheap to matter.
-        assert_eq!(pace(0, 5, Some(1)).hold(), None);
-    }
-}

@@ -12,22 +12,14 @@ use std::time::Duration;
 
 use rpc_core::ServiceKey;
 use tern_proto::registry::{NodeMessage, ServerMessage, Welcome, node_message, server_message};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::{Request, Response, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::auth::Credentials;
-use crate::grpc::OutboundStream;
-use crate::outbox::Outbox;
 use crate::outgoing::{Deliver, Outgoing};
-use crate::registry::{self, NodeInfo, PushQueue, Registry, SessionId};
-
-/// Messages queued towards one node before the session waits for it to read.
-const OUTBOUND_QUEUE: usize = 64;
+use crate::service_map::{self, NodeInfo, PushQueue, Registry, SessionId};
 
 /// Heartbeat timings announced to nodes.
 #[derive(Debug, Clone, Copy)]
@@ -66,30 +58,18 @@ impl RegistryService {
 }
 
 impl RegistryService {
-    /// Starts a node's session on a new gRPC stream; the stream of messages to it.
-    pub fn session(&self, request: Request<Streaming<NodeMessage>>) -> Response<OutboundStream> {
-        let peer = request.remote_addr();
-        let inbound = request
-            .into_inner()
-            .map(|message| message.map_err(|status| format!("stream error: {}", status.message())));
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let this = self.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                _ = this.shutdown.cancelled() => {}
-                _ = this.run(inbound, Tx::Queue(tx), peer) => {}
-            }
-        });
-        Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)))
-    }
-
-    /// Serves a node's session on a natively framed connection until it
-    /// ends (the caller owns this future's task).
-    pub async fn native_session(&self, socket: tokio::net::TcpStream, peer: SocketAddr, max_message_bytes: usize) {
+    /// Runs `session` (one node's, on some transport) until it ends or the
+    /// server shuts down.
+    pub(crate) async fn until_shutdown(&self, session: impl Future<Output = ()>) {
         tokio::select! {
             _ = self.shutdown.cancelled() => {}
-            _ = crate::native::serve(self, socket, peer, max_message_bytes) => {}
+            _ = session => {}
         }
+    }
+
+    /// The server's tasks: a transport spawns a session's task here.
+    pub(crate) fn tracker(&self) -> &TaskTracker {
+        &self.tracker
     }
 
     /// Runs one session over `inbound` (the node's messages, or why the
@@ -97,7 +77,7 @@ impl RegistryService {
     pub(crate) async fn run(
         &self,
         mut inbound: impl Stream<Item = Result<NodeMessage, String>> + Unpin,
-        tx: Tx,
+        tx: impl ToNode,
         peer: Option<SocketAddr>,
     ) {
         let (registry, heartbeats, credentials) = (&*self.registry, self.heartbeats, self.credentials.as_deref());
@@ -117,7 +97,10 @@ impl RegistryService {
                 };
                 warn!(?peer, reason = %why, "refusing session");
                 let _ = tx
-                    .send(Outgoing::from(registry::error(0, "protocol", why)), heartbeats.timeout)
+                    .send(
+                        Outgoing::from(service_map::error(0, "protocol", why)),
+                        heartbeats.timeout,
+                    )
                     .await;
                 return;
             }
@@ -129,7 +112,7 @@ impl RegistryService {
             registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
             let _ = tx
                 .send(
-                    Outgoing::from(registry::error(request_id, "unauthenticated", why)),
+                    Outgoing::from(service_map::error(request_id, "unauthenticated", why.to_string())),
                     heartbeats.timeout,
                 )
                 .await;
@@ -182,63 +165,40 @@ impl RegistryService {
     }
 }
 
-/// The way to one node.
-#[derive(Debug, Clone)]
-pub(crate) enum Tx {
-    /// A queue its transport drains (gRPC).
-    Queue(mpsc::Sender<Outgoing>),
-    /// A natively framed connection's outbox.
-    Native(Arc<Outbox>),
+/// The way to one node. The session owns this contract and each
+/// transport implements it (a native session's
+/// [`SessionOutbox`](crate::session_outbox::SessionOutbox), a gRPC
+/// stream's queue in [`crate::grpc`]), so that the session depends on no
+/// transport.
+pub(crate) trait ToNode: Send + Sync {
+    /// Sends `message`, waiting at most `timeout` for room.
+    async fn send(&self, message: Outgoing, timeout: Duration) -> Result<(), Gone>;
+
+    /// Sends `message` if there is room now; drops it otherwise.
+    fn try_send(&self, message: Outgoing);
+
+    /// The transport, if the flusher can hand it deltas itself.
+    fn direct(&self) -> Option<Weak<dyn Deliver>>;
 }
 
 /// The node went away or stopped reading.
 #[derive(Debug)]
 pub(crate) struct Gone;
 
-impl Tx {
-    /// Sends `message`, waiting at most `timeout` for room.
-    async fn send(&self, message: Outgoing, timeout: Duration) -> Result<(), Gone> {
-        match self {
-            Tx::Queue(tx) => tx.send_timeout(message, timeout).await.map_err(|_| Gone),
-            Tx::Native(outbox) => outbox.send(&message, timeout).await.map_err(|_| Gone),
-        }
-    }
-
-    /// Sends `message` if there is room now.
-    fn try_send(&self, message: Outgoing) {
-        match self {
-            Tx::Queue(tx) => {
-                let _ = tx.try_send(message);
-            }
-            Tx::Native(outbox) => {
-                let _ = outbox.try_send(&message);
-            }
-        }
-    }
-
-    /// The transport, if the flusher can hand it deltas itself.
-    fn direct(&self) -> Option<Weak<dyn Deliver>> {
-        match self {
-            Tx::Queue(_) => None,
-            Tx::Native(outbox) => Some(Arc::downgrade(outbox) as Weak<dyn Deliver>),
-        }
-    }
-}
-
 /// What both halves of a session share.
-struct Pushing<'a> {
+struct Pushing<'a, T> {
     registry: &'a Registry,
     id: SessionId,
     push: &'a PushQueue,
     rules_gate: &'a tokio::sync::Mutex<()>,
-    tx: &'a Tx,
+    tx: &'a T,
     /// How long a message may wait for room towards the node: a node that
     /// stops reading ends its session instead of holding it (and the
     /// rules gate) forever.
     send_timeout: Duration,
 }
 
-impl Pushing<'_> {
+impl<T: ToNode> Pushing<'_, T> {
     /// Sends the current rules of `key`; `false`: the node went away.
     async fn send_rules(&self, key: &ServiceKey) -> bool {
         let Some(message) = self.registry.rules_for(self.id, key) else {
@@ -256,7 +216,7 @@ impl Pushing<'_> {
 /// from the push queue and sending them happen under the rules gate in both
 /// loops, so whichever loop takes them has sent them before the ack goes.
 async fn read_loop(
-    pushing: &Pushing<'_>,
+    pushing: &Pushing<'_, impl ToNode>,
     heartbeats: Heartbeats,
     credentials: Option<&Credentials>,
     inbound: &mut (impl Stream<Item = Result<NodeMessage, String>> + Unpin),
@@ -274,7 +234,7 @@ async fn read_loop(
                 // Usually the node died or its connection dropped; a
                 // malformed frame is told to the node before it closes.
                 info!(session = id, error = %e, "stream error");
-                tx.try_send(Outgoing::from(registry::error(0, "protocol", e.clone())));
+                tx.try_send(Outgoing::from(service_map::error(0, "protocol", e.clone())));
                 return e;
             }
             Ok(Some(Ok(message))) => message,
@@ -286,7 +246,7 @@ async fn read_loop(
                 (Some(key), Some(instance)) => {
                     let key = ServiceKey::from(&key);
                     match credentials.zip(registry.app_of(id)) {
-                        Some((c, app)) if !c.may_provide(&app, &key) => Err(registry::RegistryError::Forbidden(
+                        Some((c, app)) if !c.may_provide(&app, &key) => Err(service_map::RequestError::Forbidden(
                             format!("app {app:?} may not provide {key}"),
                         )),
                         _ => {
@@ -295,20 +255,20 @@ async fn read_loop(
                         }
                     }
                 }
-                _ => Err(registry::RegistryError::Invalid(
+                _ => Err(service_map::RequestError::Invalid(
                     "Register needs a service and an instance".into(),
                 )),
             },
             Some(node_message::Body::Unregister(u)) => match u.service {
                 Some(key) => registry.unregister(id, &ServiceKey::from(&key), &u.host, u.port),
-                None => Err(registry::RegistryError::Invalid("Unregister needs a service".into())),
+                None => Err(service_map::RequestError::Invalid("Unregister needs a service".into())),
             },
             Some(node_message::Body::Subscribe(s)) => match s.service {
                 Some(key) => {
                     let known = (!s.known_epoch.is_empty()).then_some((s.known_epoch.as_str(), s.known_revision));
                     registry.subscribe(id, ServiceKey::from(&key), known)
                 }
-                None => Err(registry::RegistryError::Invalid("Subscribe needs a service".into())),
+                None => Err(service_map::RequestError::Invalid("Subscribe needs a service".into())),
             },
             Some(node_message::Body::Unsubscribe(u)) => {
                 if let Some(key) = u.service {
@@ -326,8 +286,10 @@ async fn read_loop(
                 }
                 continue;
             }
-            Some(node_message::Body::Hello(_)) => Err(registry::RegistryError::Invalid("Hello sent twice".into())),
-            None => Err(registry::RegistryError::Invalid("empty message (unknown kind?)".into())),
+            Some(node_message::Body::Hello(_)) => Err(service_map::RequestError::Invalid("Hello sent twice".into())),
+            None => Err(service_map::RequestError::Invalid(
+                "empty message (unknown kind?)".into(),
+            )),
         };
         let _gate = match (&result, &registered) {
             (Ok(()), Some(key)) => {
@@ -341,11 +303,11 @@ async fn read_loop(
         };
         let answer = match result {
             Ok(()) if request_id == 0 => continue,
-            Ok(()) => registry::ack(request_id),
+            Ok(()) => service_map::ack(request_id),
             Err(e) => {
                 registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
                 debug!(session = id, error = %e, "request refused");
-                registry::error(request_id, e.kind(), e.to_string())
+                service_map::error(request_id, e.kind(), e.to_string())
             }
         };
         if tx.send(Outgoing::from(answer), heartbeats.timeout).await.is_err() {
@@ -355,7 +317,7 @@ async fn read_loop(
 }
 
 /// Sends the node what it lacks of each dirty service, as it becomes ready.
-async fn push_loop(pushing: &Pushing<'_>) -> String {
+async fn push_loop(pushing: &Pushing<'_, impl ToNode>) -> String {
     let Pushing { registry, push, tx, .. } = *pushing;
     loop {
         let work = push.next().await;

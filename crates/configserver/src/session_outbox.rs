@@ -17,7 +17,7 @@
 
 use std::io;
 use std::pin::pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::node_session::{self, Gone};
 use crate::outgoing::{Deliver, Outgoing, PushedDelta};
 
 /// Bytes waiting beyond which the outbox takes no more for now.
@@ -41,11 +42,14 @@ pub enum Refused {
     Full,
 }
 
+/// The bytes on their way to one natively framed node, and its socket's
+/// write half. Not the node side's `rpc_core` outbox: this one is the
+/// ConfigServer's, one per session.
 #[derive(Debug)]
-pub struct Outbox {
+pub struct SessionOutbox {
     socket: OwnedWriteHalf,
     state: Mutex<State>,
-    /// Wakes [`Outbox::drain`]: bytes are waiting.
+    /// Wakes [`SessionOutbox::drain`]: bytes are waiting.
     waiting: Notify,
     /// Wakes senders waiting for room.
     room: Notify,
@@ -68,10 +72,10 @@ enum Offer {
     Closed,
 }
 
-impl Outbox {
+impl SessionOutbox {
     /// An empty outbox over `socket`.
-    pub fn new(socket: OwnedWriteHalf) -> Outbox {
-        Outbox {
+    pub fn new(socket: OwnedWriteHalf) -> SessionOutbox {
+        SessionOutbox {
             socket,
             state: Mutex::new(State::default()),
             waiting: Notify::new(),
@@ -86,7 +90,7 @@ impl Outbox {
 
     /// Appends a frame with `put`, unless the outbox is full or closed.
     /// With `now`, writes what the socket takes at once if nothing was
-    /// waiting; otherwise (or for what is left) [`Outbox::drain`] writes it.
+    /// waiting; otherwise (or for what is left) [`SessionOutbox::drain`] writes it.
     fn offer(&self, now: bool, put: impl FnOnce(&mut BytesMut)) -> Offer {
         let mut state = self.lock();
         if state.closed {
@@ -134,7 +138,7 @@ impl Outbox {
     }
 
     /// Queues `message`, waiting up to `timeout` for room. The session's
-    /// task sends this way, and its [`Outbox::drain`] writes what it sent
+    /// task sends this way, and its [`SessionOutbox::drain`] writes what it sent
     /// once it yields: the acks of a batch of requests go out in one write.
     pub async fn send(&self, message: &Outgoing, timeout: Duration) -> Result<(), Refused> {
         let mut deadline = None;
@@ -228,7 +232,7 @@ impl Outbox {
     }
 }
 
-impl Deliver for Outbox {
+impl Deliver for SessionOutbox {
     fn deliver(&self, delta: &PushedDelta) -> bool {
         matches!(
             self.offer(true, |buf| framing::put_encoded_frame(buf, &delta.encoded)),
@@ -237,10 +241,24 @@ impl Deliver for Outbox {
     }
 }
 
+/// A native session's way to its node; the flusher writes into it too.
+/// (Not imported by name: its methods would shadow the outbox's own.)
+impl node_session::ToNode for Arc<SessionOutbox> {
+    async fn send(&self, message: Outgoing, timeout: Duration) -> Result<(), Gone> {
+        SessionOutbox::send(self, &message, timeout).await.map_err(|_| Gone)
+    }
+
+    fn try_send(&self, message: Outgoing) {
+        let _ = SessionOutbox::try_send(self, &message);
+    }
+
+    fn direct(&self) -> Option<Weak<dyn Deliver>> {
+        Some(Arc::downgrade(self) as Weak<dyn Deliver>)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use bytes::Bytes;
     use tokio::io::AsyncReadExt;
     use tokio::net::tcp::OwnedReadHalf;
@@ -250,12 +268,12 @@ mod tests {
 
     /// An outbox on one end of a loopback connection (with that end's read
     /// half, to hold), and the other end.
-    async fn pair() -> (Arc<Outbox>, OwnedReadHalf, TcpStream) {
+    async fn pair() -> (Arc<SessionOutbox>, OwnedReadHalf, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let (read, write) = server.into_split();
-        (Arc::new(Outbox::new(write)), read, node)
+        (Arc::new(SessionOutbox::new(write)), read, node)
     }
 
     fn delta(body: &'static [u8]) -> PushedDelta {
@@ -285,7 +303,7 @@ mod tests {
 
         // The session's own messages wait for its drain, in order, behind
         // nothing else; a delta offered meanwhile queues behind them.
-        let hello = Outgoing::from(crate::registry::ack(7));
+        let hello = Outgoing::from(crate::service_map::ack(7));
         outbox.send(&hello, Duration::from_secs(1)).await.unwrap();
         assert!(outbox.deliver(&delta(b"d")));
         let drain = tokio::spawn({
@@ -309,7 +327,7 @@ mod tests {
             let outbox = outbox.clone();
             async move { outbox.drain().await }
         });
-        let message = Outgoing::from(crate::registry::error(0, "probe", "x".repeat(1024)));
+        let message = Outgoing::from(crate::service_map::error(0, "probe", "x".repeat(1024)));
         // The kernel's buffers take a few MiB; past them the outbox fills.
         // Bounded: 64 MiB of messages at most.
         let mut refused = None;
@@ -337,7 +355,7 @@ mod tests {
     async fn a_closed_connection_refuses_sends() {
         let (outbox, _read, node) = pair().await;
         drop(node);
-        let message = Outgoing::from(crate::registry::ack(1));
+        let message = Outgoing::from(crate::service_map::ack(1));
         let drain = tokio::spawn({
             let outbox = outbox.clone();
             async move { outbox.drain().await }

@@ -1,0 +1,438 @@
+//! The live map itself: sessions, services, and each service's providers,
+//! consumers and subscribers, as the sessions' requests change it
+//! (register, unregister, subscribe, unsubscribe, close).
+//!
+//! All state sits behind one `std::sync::Mutex` ([`Registry::lock`]), never
+//! held across an `.await`. Lock order: the registry, then a session's
+//! [`PushQueue`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rpc_core::ServiceKey;
+use rpc_core::governance::RuleSet;
+use rpc_core::registry::Addr;
+use rpc_core::registry::convert::instance_addr;
+use tern_proto::registry::Instance;
+use tokio::sync::Notify;
+use tracing::{debug, info};
+
+use super::answer::RequestError;
+use super::pending::Pending;
+use super::push_queue::PushQueue;
+use crate::metrics::Metrics;
+use crate::outgoing::PushedDelta;
+
+/// Session identifier, unique within one server run.
+pub type SessionId = u64;
+
+/// Limits and timings of the registry.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Deltas kept per service for nodes that reconnect or lag.
+    pub history_len: usize,
+    /// A node further behind than this many deltas gets a snapshot instead,
+    /// unless those deltas carry fewer entries than the snapshot would (a
+    /// storm's deltas to a large list).
+    pub max_catch_up_deltas: usize,
+    /// After a start, snapshots are partial for this long (see
+    /// `Snapshot.partial`): providers are still re-registering.
+    pub startup_grace: Duration,
+    /// Largest encoded instance accepted.
+    pub max_instance_bytes: usize,
+    /// Most instances one session may register, and most subscriptions.
+    pub max_per_session: usize,
+    /// Highest weight accepted.
+    pub max_weight: u32,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> RegistryConfig {
+        RegistryConfig {
+            history_len: 64,
+            max_catch_up_deltas: 8,
+            startup_grace: Duration::from_secs(5),
+            max_instance_bytes: 16 * 1024,
+            max_per_session: 10_000,
+            max_weight: 10_000,
+        }
+    }
+}
+
+/// What a node said about itself in Hello.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    pub app: String,
+    pub role: i32,
+    pub host: String,
+    pub zone: String,
+    pub peer: Option<SocketAddr>,
+}
+
+#[derive(Debug)]
+pub(super) struct SessionEntry {
+    pub(super) node: NodeInfo,
+    pub(super) registered: BTreeSet<(ServiceKey, Addr)>,
+    pub(super) subscribed: BTreeSet<ServiceKey>,
+    pub(super) push: Arc<PushQueue>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct ServiceEntry {
+    pub(super) providers: BTreeMap<Addr, (Instance, SessionId)>,
+    pub(super) consumers: BTreeMap<SessionId, NodeInfo>,
+    pub(super) subscribers: BTreeSet<SessionId>,
+    pub(super) revision: u64,
+    pub(super) history: VecDeque<Arc<PushedDelta>>,
+    pub(super) pending: Pending,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct State {
+    pub(super) services: HashMap<ServiceKey, ServiceEntry>,
+    /// Governance rules by service (set by the rule store).
+    pub(super) rules: HashMap<ServiceKey, Arc<RuleSet>>,
+    pub(super) sessions: HashMap<SessionId, SessionEntry>,
+    pub(super) dirty: BTreeSet<ServiceKey>,
+    /// Changes made since the last flush (one per registration, removal or
+    /// instance of a closed session).
+    pub(super) pending_changes: usize,
+    pub(super) next_session: SessionId,
+    /// Where a (re)created service's revisions start: above every revision
+    /// of every service removed so far. A node may still hold a revision of
+    /// a removed service; revisions restarting at 0 would let it resume (or
+    /// a delta flushed for the old one apply) on the new service's numbers.
+    pub(super) revision_floor: u64,
+}
+
+impl State {
+    /// Notes a change of `key` for the next flush.
+    pub(super) fn mark_dirty(&mut self, key: &ServiceKey) {
+        self.dirty.insert(key.clone());
+        self.pending_changes += 1;
+    }
+
+    /// The entry of `key`, created (its revisions above the floor) if absent.
+    pub(super) fn service(&mut self, key: &ServiceKey) -> &mut ServiceEntry {
+        let floor = self.revision_floor;
+        self.services.entry(key.clone()).or_insert_with(|| ServiceEntry {
+            revision: floor,
+            ..ServiceEntry::default()
+        })
+    }
+}
+
+/// The registry of one ConfigServer.
+#[derive(Debug)]
+pub struct Registry {
+    pub(super) state: Mutex<State>,
+    pub(super) config: RegistryConfig,
+    pub(super) epoch: String,
+    pub(super) started: Instant,
+    pub(super) grace_over: AtomicBool,
+    /// Woken on every change; the flusher waits on it.
+    pub changed: Notify,
+    /// Pushes of the last flush not yet sent (approximately: see
+    /// [`Registry::pushed`]); the flusher holds the next flush while some are.
+    pub(super) outstanding: AtomicUsize,
+    /// Woken when `outstanding` reaches zero.
+    pub drained: Notify,
+    pub metrics: Metrics,
+}
+
+// === impl Registry ===
+
+impl Registry {
+    pub fn new(config: RegistryConfig) -> Registry {
+        let epoch = format!("{:016x}", rand::random::<u64>());
+        Registry {
+            state: Mutex::new(State::default()),
+            grace_over: AtomicBool::new(config.startup_grace.is_zero()),
+            config,
+            epoch,
+            started: Instant::now(),
+            changed: Notify::new(),
+            outstanding: AtomicUsize::new(0),
+            drained: Notify::new(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("registry lock")
+    }
+
+    pub fn open_session(&self, node: NodeInfo) -> (SessionId, Arc<PushQueue>) {
+        let mut state = self.lock();
+        state.next_session += 1;
+        let id = state.next_session;
+        let push = Arc::new(PushQueue::default());
+        info!(session = id, app = %node.app, host = %node.host, peer = ?node.peer, "session opened");
+        state.sessions.insert(
+            id,
+            SessionEntry {
+                node,
+                registered: BTreeSet::new(),
+                subscribed: BTreeSet::new(),
+                push: push.clone(),
+            },
+        );
+        self.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        (id, push)
+    }
+
+    /// The app a session said it is in its Hello.
+    pub fn app_of(&self, id: SessionId) -> Option<String> {
+        self.lock().sessions.get(&id).map(|s| s.node.app.clone())
+    }
+
+    /// Removes a session's instances, subscriptions and consumer entries.
+    pub fn close_session(&self, id: SessionId, reason: &str) {
+        let mut state = self.lock();
+        let Some(session) = state.sessions.remove(&id) else {
+            return;
+        };
+        let mut changed = false;
+        for (key, addr) in &session.registered {
+            changed |= remove_provider(&mut state, key, addr, id);
+        }
+        for key in &session.subscribed {
+            if let Some(entry) = state.services.get_mut(key) {
+                entry.subscribers.remove(&id);
+                entry.consumers.remove(&id);
+            }
+            remove_if_unused(&mut state, key);
+        }
+        drop(state);
+        info!(
+            session = id,
+            app = %session.node.app,
+            instances = session.registered.len(),
+            subscriptions = session.subscribed.len(),
+            reason,
+            "session closed"
+        );
+        self.metrics.sessions_closed.fetch_add(1, Ordering::Relaxed);
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Validates and stores a provider instance.
+    ///
+    /// # Errors
+    ///
+    /// A bad service key, host, port or weight, an instance over the size
+    /// limit, an address another session holds, or too many registrations.
+    pub fn register(&self, id: SessionId, key: ServiceKey, mut instance: Instance) -> Result<(), RequestError> {
+        key.validate().map_err(|e| RequestError::Invalid(e.to_string()))?;
+        self.validate_instance(&key, &instance)?;
+        if instance.protocol.is_empty() {
+            instance.protocol = "tern".into();
+        }
+        let addr = instance_addr(&instance);
+        let mut state = self.lock();
+        let session = state
+            .sessions
+            .get(&id)
+            .ok_or_else(|| RequestError::NotFound(format!("session {id}")))?;
+        if instance.app.is_empty() {
+            instance.app = session.node.app.as_str().into();
+        }
+        if session.registered.len() >= self.config.max_per_session
+            && !session.registered.contains(&(key.clone(), addr.clone()))
+        {
+            return Err(RequestError::TooLarge(format!(
+                "session {id} already registers {} instances, the limit",
+                session.registered.len()
+            )));
+        }
+        let node = session.node.clone();
+        let holder = state
+            .services
+            .get(&key)
+            .and_then(|e| e.providers.get(&addr))
+            .map(|(i, owner)| (i.clone(), *owner));
+        let unchanged = holder.as_ref().is_some_and(|(existing, _)| *existing == instance);
+        match holder {
+            Some((_, owner)) if owner != id => {
+                let same_node = state
+                    .sessions
+                    .get(&owner)
+                    .is_some_and(|o| o.node.app == node.app && o.node.host == node.host);
+                if !same_node {
+                    return Err(RequestError::Duplicate(format!(
+                        "{key} provider {addr} is already registered by session {owner}"
+                    )));
+                }
+                // The same node on a new stream (its old one not expired
+                // yet): the new session takes the instance over.
+                if let Some(old) = state.sessions.get_mut(&owner) {
+                    old.registered.remove(&(key.clone(), addr.clone()));
+                }
+                debug!(session = id, previous = owner, service = %key, %addr, "instance handed over to the node's new session");
+            }
+            _ => {}
+        }
+        if let Some(session) = state.sessions.get(&id)
+            && !session.registered.iter().any(|(k, _)| *k == key)
+        {
+            session.push.mark_rules(&key);
+        }
+        if unchanged {
+            if let Some((_, owner)) = state.services.get_mut(&key).and_then(|e| e.providers.get_mut(&addr)) {
+                *owner = id;
+            }
+            if let Some(session) = state.sessions.get_mut(&id) {
+                session.registered.insert((key, addr));
+            }
+            return Ok(());
+        }
+        let entry = state.service(&key);
+        let existed_at_flush = entry.providers.contains_key(&addr) && !entry.pending.added.contains_key(&addr)
+            || entry.pending.removed.contains(&addr);
+        entry.pending.add(&addr, instance.clone(), existed_at_flush);
+        entry.providers.insert(addr.clone(), (instance, id));
+        state.mark_dirty(&key);
+        if let Some(session) = state.sessions.get_mut(&id) {
+            session.registered.insert((key.clone(), addr.clone()));
+        }
+        drop(state);
+        debug!(session = id, service = %key, %addr, "registered");
+        self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// # Errors
+    ///
+    /// [`RequestError::NotFound`] if this session does not hold that instance.
+    pub fn unregister(&self, id: SessionId, key: &ServiceKey, host: &str, port: u32) -> Result<(), RequestError> {
+        let addr = Addr::new(host, port);
+        let mut state = self.lock();
+        let held = state
+            .sessions
+            .get_mut(&id)
+            .is_some_and(|s| s.registered.remove(&(key.clone(), addr.clone())));
+        if !held {
+            return Err(RequestError::NotFound(format!(
+                "{key} provider {addr} is not registered by this session"
+            )));
+        }
+        remove_provider(&mut state, key, &addr, id);
+        drop(state);
+        debug!(session = id, service = %key, %addr, "unregistered");
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// Subscribes a session to a service and schedules what it must be sent:
+    /// the deltas since `known` (epoch, revision) if the history covers
+    /// them, else a snapshot.
+    ///
+    /// # Errors
+    ///
+    /// A bad service key, or too many subscriptions.
+    pub fn subscribe(&self, id: SessionId, key: ServiceKey, known: Option<(&str, u64)>) -> Result<(), RequestError> {
+        key.validate().map_err(|e| RequestError::Invalid(e.to_string()))?;
+        let mut state = self.lock();
+        let session = state
+            .sessions
+            .get_mut(&id)
+            .ok_or_else(|| RequestError::NotFound(format!("session {id}")))?;
+        if session.subscribed.len() >= self.config.max_per_session && !session.subscribed.contains(&key) {
+            return Err(RequestError::TooLarge(format!(
+                "session {id} already has {} subscriptions, the limit",
+                session.subscribed.len()
+            )));
+        }
+        if session.subscribed.insert(key.clone()) {
+            session.push.mark_rules(&key);
+        }
+        let (node, push) = (session.node.clone(), session.push.clone());
+        let entry = state.service(&key);
+        entry.subscribers.insert(id);
+        entry.consumers.insert(id, node);
+        let resume = known.and_then(|(epoch, revision)| {
+            let covered = epoch == self.epoch
+                && revision <= entry.revision
+                && (revision == entry.revision || entry.history.front().is_some_and(|d| d.from_revision <= revision));
+            covered.then_some(revision)
+        });
+        push.mark(&key, Some(resume));
+        drop(state);
+        debug!(session = id, service = %key, resume = ?resume, "subscribed");
+        Ok(())
+    }
+
+    pub fn unsubscribe(&self, id: SessionId, key: &ServiceKey) {
+        let mut state = self.lock();
+        if let Some(session) = state.sessions.get_mut(&id) {
+            session.subscribed.remove(key);
+            session.push.forget(key);
+        }
+        if let Some(entry) = state.services.get_mut(key) {
+            entry.subscribers.remove(&id);
+            entry.consumers.remove(&id);
+        }
+        remove_if_unused(&mut state, key);
+    }
+
+    /// Whether the startup grace period is still running.
+    pub fn in_grace(&self) -> bool {
+        !self.grace_over.load(Ordering::Relaxed)
+    }
+
+    /// When the startup grace period ends: every subscriber gets a complete
+    /// snapshot, so removals the grace period held back now apply.
+    pub fn end_grace(&self) {
+        if self.grace_over.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let state = self.lock();
+        for session in state.sessions.values() {
+            for key in &session.subscribed {
+                session.push.mark(key, Some(None));
+            }
+        }
+        info!(after = ?self.started.elapsed(), "startup grace period over; sending complete snapshots");
+    }
+}
+
+/// Drops a service nobody provides, subscribes to or is changing. A node
+/// that later resumes it from an old revision gets a snapshot.
+pub(super) fn remove_if_unused(state: &mut State, key: &ServiceKey) {
+    if state.services.get(key).is_some_and(|e| {
+        e.providers.is_empty() && e.subscribers.is_empty() && e.consumers.is_empty() && e.pending.is_empty()
+    }) && !state.dirty.contains(key)
+        && let Some(entry) = state.services.remove(key)
+    {
+        state.revision_floor = state.revision_floor.max(entry.revision + 1);
+    }
+}
+
+/// Removes `addr` from `key` if `owner` holds it; true if something changed.
+fn remove_provider(state: &mut State, key: &ServiceKey, addr: &Addr, owner: SessionId) -> bool {
+    let Some(entry) = state.services.get_mut(key) else {
+        return false;
+    };
+    match entry.providers.get(addr) {
+        Some((_, holder)) if *holder == owner => {}
+        _ => return false,
+    }
+    entry.providers.remove(addr);
+    entry.pending.remove(addr);
+    state.mark_dirty(key);
+    true
+}

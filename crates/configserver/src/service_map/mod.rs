@@ -1,0 +1,34 @@
+//! The service map: the live map `service -> providers, consumers`, its
+//! revisions, the bounded history of recent deltas, and what each session
+//! must be pushed.
+//!
+//! How a change travels from a node's Register to its subscribers' sockets
+//! is told, step by step, in [`crate::flusher`].
+//!
+//! - [`map`]: the map and the requests that change it ([`Registry`]).
+//! - [`validate`]: what an instance must be to be registered.
+//! - [`answer`]: how a request is answered ([`RequestError`], [`ack`], [`error`]).
+//! - [`pending`]: the net change of a service since its last flush (coalescing).
+//! - [`flush`]: pending changes become revisions, deltas encoded once, and pushes.
+//! - [`catch_up`]: deltas from the history, or a snapshot, for a subscriber.
+//! - [`push_queue`]: one session's due services, rules and last-sent revisions.
+//! - [`rules`]: governance rules pushed to providers and subscribers.
+//! - [`views`]: read-only views for the admin API.
+
+mod answer;
+mod catch_up;
+mod flush;
+mod map;
+mod pending;
+mod push_queue;
+mod rules;
+mod validate;
+mod views;
+
+pub use answer::{RequestError, ack, error};
+pub use flush::Pushes;
+pub use map::{NodeInfo, Registry, RegistryConfig, SessionId};
+pub use push_queue::{Due, PushQueue, Work};
+
+#[cfg(test)]
+mod tests;
