@@ -19,6 +19,7 @@ use tern_proto::registry::registry_client::RegistryClient;
 use tern_proto::registry::{self as pb, NodeMessage, ServerMessage, node_message, server_message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::task::AbortOnDropHandle;
 
