@@ -15,9 +15,8 @@
 //! `RESULT failover calls=<n> failed=<n> slow_share_p2c=<x> slow_share_least_active=<x> new_provider_ms=<n>`
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +25,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use consumer_sdk::{Balance, Consumer, ConsumerConfig, Reference};
 use rpc_core::registry::{Role, SessionConfig};
+use tern_e2e::{Process, Signal};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -47,22 +47,18 @@ pub struct FailoverArgs {
     delay_ms: u64,
 }
 
+/// A child process of this binary and the words of its ready line.
 struct Proc {
-    child: Child,
-    line: String,
+    process: Process,
+    words: Vec<String>,
 }
 
 impl Proc {
     fn start(args: &[&str]) -> anyhow::Result<Proc> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(args)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting a child process")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        Ok(Proc { child, line })
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(args).env("RUST_LOG", "error");
+        let (process, words) = Process::spawn_ready(&mut command).context("starting a child process")?;
+        Ok(Proc { process, words })
     }
 
     fn provider(registry: SocketAddr, name: &str, delay_ms: u64) -> anyhow::Result<Proc> {
@@ -79,20 +75,6 @@ impl Proc {
             "--delay-ms",
             &delay,
         ])
-    }
-
-    fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()?;
-        Ok(())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -196,12 +178,7 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
         "--store",
         "sqlite::memory:",
     ])?;
-    let registry: SocketAddr = cs
-        .line
-        .split_whitespace()
-        .nth(2)
-        .context("configserver address")?
-        .parse()?;
+    let registry: SocketAddr = cs.words.get(2).context("configserver address")?.parse()?;
     let (fast, slow) = (args.delay_ms, args.delay_ms * 10);
     println!(
         "failover benchmark: {} calls/s for {} s; providers a, b ({fast} ms) and c ({slow} ms, 10x slower); \
@@ -220,12 +197,12 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
     let events = async {
         let quarter = duration / 4;
         tokio::time::sleep(quarter).await;
-        a.signal("KILL")?;
+        a.process.signal(Signal::KILL)?;
         tokio::time::sleep(quarter).await;
         let d_started = Instant::now();
         let d = Proc::provider(registry, "d", fast)?;
         tokio::time::sleep(quarter).await;
-        b.signal("TERM")?;
+        b.process.signal(Signal::TERM)?;
         anyhow::Ok((d, d_started))
     };
     let ((), events) = tokio::join!(load, events);

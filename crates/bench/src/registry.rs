@@ -23,9 +23,8 @@
 //! `RESULT registry push_p99_ms=<n> storm_converge_ms=<n> bytes_per_change=<n> rss_kb_per_session=<n> registrations_per_s=<n>`
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,6 +33,7 @@ use hdrhistogram::Histogram;
 use prost::Message;
 use rpc_core::ServiceKey;
 use rpc_core::registry::{RegistrySession, Role, SessionConfig};
+use tern_e2e::Process;
 use tern_proto::registry::Instance;
 
 use crate::convergence::{AddressSet, Arrivals, follow};
@@ -60,9 +60,9 @@ pub struct RegistryArgs {
     storm_subscribers: usize,
 }
 
-/// The ConfigServer child process (rules in memory).
+/// The ConfigServer child process (rules in memory), killed when dropped.
 pub struct Server {
-    pub child: Child,
+    process: Process,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
 }
@@ -74,7 +74,8 @@ impl Server {
 
     /// Starts it with `extra` flags after the bench's own.
     pub fn start_with(extra: &[String]) -> anyhow::Result<Server> {
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut command = Command::new(std::env::current_exe()?);
+        command
             .args([
                 "serve-configserver",
                 "--listen",
@@ -84,23 +85,23 @@ impl Server {
             ])
             .args(["--startup-grace-ms", "0", "--store", "sqlite::memory:"])
             .args(extra)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the configserver process")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        let words: Vec<&str> = line.split_whitespace().collect();
-        anyhow::ensure!(words.len() == 5, "configserver printed {line:?}");
+            .env("RUST_LOG", "error");
+        let (process, words) = Process::spawn_ready(&mut command).context("starting the configserver process")?;
+        anyhow::ensure!(words.len() == 5, "configserver printed {:?}", words.join(" "));
         Ok(Server {
             addr: words[2].parse()?,
             admin: words[4].parse()?,
-            child,
+            process,
         })
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn rss_kb(&self) -> anyhow::Result<u64> {
-        crate::proc_stats::rss_kb(self.child.id())
+        crate::proc_stats::rss_kb(self.pid())
     }
 
     async fn metric(&self, name: &str) -> anyhow::Result<u64> {
@@ -114,13 +115,6 @@ impl Server {
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
             .with_context(|| format!("no metric {name}"))?;
         Ok(value.trim().parse()?)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

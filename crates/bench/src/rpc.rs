@@ -7,14 +7,14 @@
 //! `RESULT rpc qps_vs_tonic=<x> qps_vs_raw=<y> p99_vs_tonic=<z> serial_p50_us=<n>`:
 //! closed-loop QPS and fixed-rate p99 as ratios this framework / peer.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use tern_e2e::Process;
 
 use crate::load::{self, Outcome, Window};
 use crate::systems::{Clients, System};
@@ -59,33 +59,20 @@ struct Report {
 }
 
 struct ServerProcess {
-    child: Child,
+    process: Process,
     addr: SocketAddr,
 }
 
 impl ServerProcess {
     fn start(system: System, dispatch: &str) -> anyhow::Result<ServerProcess> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--system", system.name_arg(), "--dispatch", dispatch])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the server process")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening ")
-            .with_context(|| format!("server printed {line:?}"))?
-            .parse()?;
-        Ok(ServerProcess { child, addr })
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["serve", "--system", system.name_arg(), "--dispatch", dispatch]);
+        let (process, words) = Process::spawn_ready(&mut command).context("starting the server process")?;
+        let addr = match words.as_slice() {
+            [listening, addr] if listening == "listening" => addr.parse()?,
+            _ => anyhow::bail!("server printed {:?}", words.join(" ")),
+        };
+        Ok(ServerProcess { process, addr })
     }
 }
 
@@ -112,7 +99,7 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for &system in &args.systems {
         let server = ServerProcess::start(system, &args.dispatch)?;
-        let pids = [server.child.id(), std::process::id()];
+        let pids = [server.process.pid(), std::process::id()];
         let clients = Arc::new(Clients::connect(system, server.addr, args.connections).await?);
         eprintln!("measuring {} ...", system.name());
         let closed = load::closed_loop(clients.clone(), args.concurrency, payload.clone(), &window, &pids).await?;

@@ -2,11 +2,13 @@
 //! on SIGTERM, refuses bad configuration with a clear message, and keeps
 //! rules written with `configserver rules` across a restart.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use tern_e2e::Process;
 
 fn configserver() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_configserver"));
@@ -23,38 +25,24 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 /// Starts the server on free ports with its data in `data_dir`; returns
-/// the child and the admin address.
-fn start(data_dir: &Path) -> (Child, String) {
-    let mut child = configserver()
+/// the process and the admin address.
+fn start(data_dir: &Path) -> (Process, String) {
+    let mut command = configserver();
+    command
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .arg("--data-dir")
-        .arg(data_dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+        .arg(data_dir);
+    let (process, words) = Process::spawn_ready(&mut command).unwrap();
     // "configserver listening <addr> admin <addr>"
-    let admin = line.split_whitespace().nth(4).expect("admin address").to_owned();
-    (child, admin)
+    let admin = words.get(4).expect("admin address").clone();
+    (process, admin)
 }
 
-fn stop(mut child: Child) -> ExitStatus {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "still running 10 s after SIGTERM");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// SIGTERM, then its exit status (at most 10 s later).
+fn stop(mut process: Process) -> ExitStatus {
+    process
+        .terminate(Duration::from_secs(10))
+        .expect("exits within 10 s of SIGTERM")
 }
 
 /// `configserver rules ARGS` against `admin`: (success, stdout, stderr).
@@ -74,7 +62,7 @@ fn rules(admin: &str, args: &[&str]) -> (bool, String, String) {
 #[test]
 fn rules_cli_writes_reads_audits_and_rules_survive_a_restart() {
     let dir = temp_dir("rules-cli");
-    let (child, admin) = start(&dir);
+    let (server, admin) = start(&dir);
     let rule = r#"{"kind":"access","deny_apps":["batch"]}"#;
     let (ok, out, err) = rules(&admin, &["put", "demo.Greeter:1.0.0", "no-batch", rule]);
     assert!(ok, "{err}");
@@ -96,10 +84,10 @@ fn rules_cli_writes_reads_audits_and_rules_survive_a_restart() {
     let (ok, out, err) = rules(&admin, &["history", "--service", "demo.Greeter:1.0.0"]);
     assert!(ok, "{err}");
     assert!(out.contains("\"actor\": \"tester\""), "{out}");
-    assert!(stop(child).success());
+    assert!(stop(server).success());
 
     // The same data dir: the rule is still there.
-    let (child, admin) = start(&dir);
+    let (server, admin) = start(&dir);
     let (ok, out, err) = rules(&admin, &["list"]);
     assert!(ok, "{err}");
     assert!(out.contains("no-batch") && out.contains("batch"), "{out}");
@@ -107,14 +95,14 @@ fn rules_cli_writes_reads_audits_and_rules_survive_a_restart() {
     assert!(ok && out.contains("\"revision\": 2"), "{out}{err}");
     let (ok, out, _) = rules(&admin, &["list"]);
     assert!(ok && out.trim() == "[]", "{out}");
-    assert!(stop(child).success());
+    assert!(stop(server).success());
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn serves_admin_api_and_exits_cleanly_on_sigterm() {
     let dir = temp_dir("sigterm");
-    let (child, admin) = start(&dir);
+    let (server, admin) = start(&dir);
 
     let mut http = TcpStream::connect(&admin).unwrap();
     http.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
@@ -125,7 +113,7 @@ fn serves_admin_api_and_exits_cleanly_on_sigterm() {
         "{response}"
     );
 
-    let status = stop(child);
+    let status = stop(server);
     assert!(status.success(), "exit status {status}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -66,6 +66,7 @@ impl Process {
         self.child.stderr.take()
     }
 
+    /// Its process id (e.g. to read `/proc/<pid>/status`).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

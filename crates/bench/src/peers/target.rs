@@ -66,7 +66,7 @@ impl Target {
 
     pub(super) fn pid(&self) -> u32 {
         match self {
-            Target::Tern(server) => server.child.id(),
+            Target::Tern(server) => server.pid(),
             Target::Zookeeper { pid, .. } | Target::Etcd { pid, .. } => *pid,
         }
     }
