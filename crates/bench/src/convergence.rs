@@ -160,7 +160,7 @@ pub fn follow(
                     removed,
                 } => {
                     for addr in *removed {
-                        addresses.remove(addr.as_str());
+                        addresses.remove(*addr);
                     }
                     addresses.extend(added.iter().chain(*updated).map(|i| Addr::new(&i.host, i.port)));
                 }

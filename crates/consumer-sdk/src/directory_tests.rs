@@ -80,7 +80,7 @@ fn a_reset_then_a_delta_apply_to_the_members_in_place() {
 
     let mut heavier = instance(3);
     heavier.weight = 250;
-    let removed = ["127.0.0.1:1".to_owned(), "127.0.0.1:9".to_owned()];
+    let removed = ["127.0.0.1:1", "127.0.0.1:9"];
     let update = Update::Change {
         added: &[instance(4)],
         updated: std::slice::from_ref(&heavier),
@@ -121,7 +121,7 @@ fn calls_holding_the_old_members_keep_them_whole() {
     let mut members = Members::default();
     apply(&mut members, &Update::Reset(&[instance(1), instance(2)]), &none);
     let held = members.list.clone();
-    let removed = ["127.0.0.1:1".to_owned()];
+    let removed = ["127.0.0.1:1"];
     let update = Update::Change {
         added: &[],
         updated: &[],

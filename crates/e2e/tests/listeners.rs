@@ -94,9 +94,13 @@ fn follower_view(told: mpsc::Sender<Vec<String>>) -> impl Fn(&Update<'_>) + Send
                 view.clear();
                 view.extend(instances.iter().map(|i| format!("{}:{}", i.host, i.port)));
             }
-            Update::Change { added, updated, removed } => {
+            Update::Change {
+                added,
+                updated,
+                removed,
+            } => {
                 for addr in *removed {
-                    view.remove(addr);
+                    view.remove(*addr);
                 }
                 view.extend(added.iter().chain(*updated).map(|i| format!("{}:{}", i.host, i.port)));
             }
@@ -149,8 +153,16 @@ async fn followers_and_subscribers_that_join_later_start_from_the_whole_list() {
 
     let (told_second, mut second) = mpsc::channel(16);
     let _second = consumer.follow(&key, follower_view(told_second));
-    assert_eq!(told_next(&mut second).await, ["127.0.0.1:4401"], "the joiner starts from the whole list");
-    assert_eq!(told_next(&mut first).await, ["127.0.0.1:4401"], "which the first is handed too");
+    assert_eq!(
+        told_next(&mut second).await,
+        ["127.0.0.1:4401"],
+        "the joiner starts from the whole list"
+    );
+    assert_eq!(
+        told_next(&mut first).await,
+        ["127.0.0.1:4401"],
+        "which the first is handed too"
+    );
 
     let mut whole = consumer.subscribe(&key);
     let kept = tokio::time::timeout(LIMIT, whole.wait_for(|l| l.providers.contains_key("127.0.0.1:4401")))

@@ -115,6 +115,8 @@ pub struct MessageReader<R> {
     buf: BytesMut,
     decoder: FrameDecoder,
     what: &'static str,
+    /// Bytes of the frame last handed out, let go of at the next read.
+    handed_out: usize,
 }
 
 impl<R: AsyncRead + Unpin> MessageReader<R> {
@@ -126,6 +128,7 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
             buf: BytesMut::with_capacity(capacity),
             decoder: FrameDecoder::new(max_frame),
             what,
+            handed_out: 0,
         }
     }
 
@@ -133,14 +136,27 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
     /// stream; why the stream broke otherwise (it must not be read again).
     /// Cancel-safe: bytes read stay in the buffer for the next call.
     pub async fn next<M>(&mut self, decode: fn(&[u8]) -> Result<M, DecodeError>) -> Option<Result<M, String>> {
+        let what = self.what;
+        match self.next_frame().await? {
+            Ok(frame) => Some(decode(frame).map_err(|e| format!("malformed {what}: {e}"))),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// The next frame's body, in place in the read buffer (let go of at
+    /// the next call); `None` and errors as [`MessageReader::next`].
+    /// Cancel-safe.
+    pub async fn next_frame(&mut self) -> Option<Result<&[u8], String>> {
+        if self.handed_out > 0 {
+            self.buf.advance(std::mem::take(&mut self.handed_out));
+            self.decoder.let_go_of_large(&mut self.buf);
+        }
         loop {
             match self.decoder.complete_frame(&mut self.buf) {
                 Err(e) => return Some(Err(e.to_string())),
                 Ok(Some(len)) => {
-                    let message = decode(&self.buf[LEN_BYTES..LEN_BYTES + len]);
-                    self.buf.advance(LEN_BYTES + len);
-                    self.decoder.let_go_of_large(&mut self.buf);
-                    return Some(message.map_err(|e| format!("malformed {}: {e}", self.what)));
+                    self.handed_out = LEN_BYTES + len;
+                    return Some(Ok(&self.buf[LEN_BYTES..LEN_BYTES + len]));
                 }
                 Ok(None) => {}
             }

@@ -47,7 +47,7 @@ pub enum Update<'a> {
     Change {
         added: &'a [Instance],
         updated: &'a [Instance],
-        removed: &'a [String],
+        removed: &'a [&'a str],
     },
 }
 
@@ -124,7 +124,7 @@ impl ProviderList {
         } = update
         {
             for addr in *removed {
-                self.providers.remove(addr.as_str());
+                self.providers.remove(*addr);
             }
             for instance in added.iter().chain(*updated) {
                 self.providers

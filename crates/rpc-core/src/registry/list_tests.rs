@@ -52,7 +52,7 @@ fn a_kept_list_applies_removals_additions_and_updates() {
     let mut list = complete("e1", 1, &[1, 2, 3]);
     let mut heavier = instance(2);
     heavier.weight = 300;
-    let removed = vec!["10.0.0.1:1".to_owned()];
+    let removed = ["10.0.0.1:1"];
     let update = Update::Change {
         added: &[instance(4)],
         updated: std::slice::from_ref(&heavier),

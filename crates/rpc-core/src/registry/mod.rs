@@ -22,6 +22,7 @@
 //! - `stream`: opening a stream over either transport, up to the Welcome.
 //! - `reconnect`: which server next, and how long to wait first.
 //! - `list`: [`ProviderList`], [`Update`] and how a push applies.
+//! - [`pushed`]: a pushed delta read in place from its frame.
 //! - `cache`: the last known lists and rules on disk.
 //! - [`error`]: [`RegistryError`] for callers; why a stream ended, for the task.
 //! - [`framing`]: the native transport's frames; [`convert`]: protobuf <-> rpc-core types.
@@ -35,6 +36,7 @@ pub mod error;
 pub mod framing;
 mod handle;
 mod list;
+pub mod pushed;
 mod reconnect;
 mod stream;
 mod task;

@@ -39,17 +39,40 @@ pub(super) enum Inbound {
     Grpc(Pin<Box<dyn tokio_stream::Stream<Item = Result<ServerMessage, StreamError>> + Send>>),
 }
 
+/// One message from the server: a native frame still in the read buffer
+/// (a delta is read in place from it), or a message gRPC decoded.
+pub(super) enum Incoming<'a> {
+    Frame(&'a [u8]),
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    Message(ServerMessage),
+}
+
+impl Incoming<'_> {
+    /// The message, decoded.
+    ///
+    /// # Errors
+    ///
+    /// A frame that is not a `ServerMessage`.
+    pub(super) fn decode(self) -> Result<ServerMessage, StreamError> {
+        match self {
+            Incoming::Frame(frame) => framing::decode_server_frame(frame)
+                .map_err(|e| StreamError::Broken(format!("malformed ServerMessage: {e}"))),
+            Incoming::Message(message) => Ok(message),
+        }
+    }
+}
+
 impl Inbound {
     /// The next message; `None` when the server closed the stream.
     /// Cancel-safe.
-    pub(super) async fn next(&mut self) -> Option<Result<ServerMessage, StreamError>> {
+    pub(super) async fn next(&mut self) -> Option<Result<Incoming<'_>, StreamError>> {
         match self {
             Inbound::Native(reader) => reader
-                .next(framing::decode_server_frame)
+                .next_frame()
                 .await
-                .map(|message| message.map_err(StreamError::Broken)),
+                .map(|frame| frame.map(Incoming::Frame).map_err(StreamError::Broken)),
             #[cfg(feature = "grpc")]
-            Inbound::Grpc(messages) => messages.next().await,
+            Inbound::Grpc(messages) => messages.next().await.map(|m| m.map(Incoming::Message)),
         }
     }
 }
@@ -128,7 +151,11 @@ pub(super) async fn connect(config: &SessionConfig, server: &str) -> Result<(Str
     };
     let mut stream = open(config, server, hello).await?;
     let timeout: Duration = config.connect_timeout;
-    let welcome = match tokio::time::timeout(timeout, stream.inbound.next()).await {
+    let first = tokio::time::timeout(timeout, async {
+        let incoming = stream.inbound.next().await?;
+        Some(incoming.and_then(Incoming::decode))
+    });
+    let welcome = match first.await {
         Ok(Some(Ok(ServerMessage {
             body: Some(server_message::Body::Welcome(welcome)),
             ..

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tern_proto::registry::{self as pb, Delta, NodeMessage, ServerMessage, Snapshot, node_message, server_message};
+use tern_proto::registry::{self as pb, NodeMessage, ServerMessage, Snapshot, node_message, server_message};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,8 +20,9 @@ use super::cache::{self, parse_rules};
 use super::error::{RegistryError, StreamError};
 use super::handle::{Audience, Command, Desired, Listener, subscribe_message};
 use super::list::{ProviderList, Step, Update};
+use super::pushed::PushedDelta;
 use super::reconnect::{Attempt, Reconnect, Say};
-use super::stream::{self, Stream};
+use super::stream::{self, Incoming, Stream};
 use crate::ServiceKey;
 
 /// A node reads at most this many messages in a row before it looks at
@@ -190,10 +191,14 @@ impl SessionTask {
                     match message {
                         None => break StreamError::Closed,
                         Some(Err(e)) => break e,
-                        Some(Ok(message)) => {
+                        Some(Ok(incoming)) => {
                             heard = Instant::now();
-                            if let Some(resync) = self.on_message(message, &welcome.epoch, &mut pending, &mut last) {
-                                let _ = out.send(NodeMessage { request_id: 0, body: Some(resync) }).await;
+                            match self.on_incoming(incoming, &welcome.epoch, &mut pending, &mut last) {
+                                Err(e) => break e,
+                                Ok(Some(resync)) => {
+                                    let _ = out.send(NodeMessage { request_id: 0, body: Some(resync) }).await;
+                                }
+                                Ok(None) => {}
                             }
                         }
                     }
@@ -324,8 +329,41 @@ impl SessionTask {
         registrations.chain(subscriptions).collect()
     }
 
-    /// Applies one server message; returns a message to send back when a
+    /// Applies one message from the server: a delta read in place if it is
+    /// one, else the message decoded. Returns a message to send back when a
     /// list fell out of step and must be re-fetched.
+    ///
+    /// # Errors
+    ///
+    /// A frame that does not decode: the stream must end.
+    fn on_incoming(
+        &self,
+        incoming: Incoming<'_>,
+        epoch: &str,
+        pending: &mut Pending,
+        last: &mut Option<Subscription>,
+    ) -> Result<Option<node_message::Body>, StreamError> {
+        if let Incoming::Frame(frame) = incoming
+            && let Some(delta) = PushedDelta::read(frame)
+        {
+            return Ok(self.on_delta(delta, epoch, last));
+        }
+        Ok(self.on_message(incoming.decode()?, epoch, pending, last))
+    }
+
+    /// A pushed delta, applied to its subscription if there is one.
+    fn on_delta(
+        &self,
+        mut delta: PushedDelta<'_>,
+        epoch: &str,
+        last: &mut Option<Subscription>,
+    ) -> Option<node_message::Body> {
+        let subscription = self.subscription(delta.service.take(), last)?;
+        self.apply_delta(subscription, &delta, epoch)
+    }
+
+    /// Applies one decoded server message; returns a message to send back
+    /// when a list fell out of step and must be re-fetched.
     fn on_message(
         &self,
         message: ServerMessage,
@@ -347,8 +385,7 @@ impl SessionTask {
                 None
             }
             Some(server_message::Body::Delta(mut delta)) => {
-                let subscription = self.subscription(delta.service.take(), last)?;
-                self.apply_delta(subscription, delta, epoch)
+                self.on_delta(PushedDelta::from_message(&mut delta), epoch, last)
             }
             Some(server_message::Body::Rules(rules)) => {
                 self.apply_rules(rules);
@@ -440,13 +477,14 @@ impl SessionTask {
         self.mark_cache_dirty();
     }
 
-    fn apply_delta(&self, subscription: &Subscription, delta: Delta, epoch: &str) -> Option<node_message::Body> {
+    fn apply_delta(
+        &self,
+        subscription: &Subscription,
+        delta: &PushedDelta<'_>,
+        epoch: &str,
+    ) -> Option<node_message::Body> {
         let Subscription { key, tx, audience, .. } = subscription;
-        let update = Update::Change {
-            added: &delta.added,
-            updated: &delta.updated,
-            removed: &delta.removed,
-        };
+        let update = delta.update();
         let mut step = Step::Skip;
         tx.send_if_modified(|list| {
             step = list.step(epoch, delta.from_revision, delta.to_revision);
