@@ -59,9 +59,9 @@ pub(super) enum Step {
     /// Nothing to do: it is already applied, or a fresh snapshot is on its
     /// way (the list's epoch was cleared to ask for one).
     Skip,
-    /// A revision was missed, or it comes from another server: ask for a
-    /// snapshot.
-    OutOfStep,
+    /// The list is behind it (a revision was missed) or it comes from
+    /// another server: ask for a snapshot.
+    Behind,
 }
 
 impl ProviderList {
@@ -83,7 +83,7 @@ impl ProviderList {
         } else if same_epoch && to <= self.revision {
             Step::Skip
         } else {
-            Step::OutOfStep
+            Step::Behind
         }
     }
 

@@ -41,8 +41,8 @@ fn a_delta_applies_only_where_the_list_stands() {
     let list = complete("e1", 5, &[1]);
     assert_eq!(list.step("e1", 5, 6), Step::Apply);
     assert_eq!(list.step("e1", 4, 5), Step::Skip, "already applied");
-    assert_eq!(list.step("e1", 6, 7), Step::OutOfStep, "a revision was missed");
-    assert_eq!(list.step("e2", 5, 6), Step::OutOfStep, "another server's revisions");
+    assert_eq!(list.step("e1", 6, 7), Step::Behind, "a revision was missed");
+    assert_eq!(list.step("e2", 5, 6), Step::Behind, "another server's revisions");
     let waiting = ProviderList::default();
     assert_eq!(waiting.step("e1", 5, 6), Step::Skip, "a snapshot is on its way");
 }

@@ -504,7 +504,7 @@ impl SessionTask {
                 None
             }
             Step::Skip => None,
-            Step::OutOfStep => {
+            Step::Behind => {
                 warn!(service = %key, held = tx.borrow().revision, from = delta.from_revision, "delta out of step; asking for a snapshot");
                 Some(subscribe_message(key, None))
             }
