@@ -1,18 +1,13 @@
 //! Helpers called by code that `rpc-build` generates. Not for direct use; the
 //! names may change with the generator.
 
-use std::future::Future;
-use std::pin::Pin;
-
 pub use bytes::Bytes;
 use prost::Message;
 
 use crate::server::Request;
 use crate::{CallOptions, Error, Invoker, Status};
 
-/// The future a type-erased service method returns.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Status>> + Send + 'static>>;
-
+pub use crate::server::BoxFuture;
 /// Encodes `request`, invokes `method` and decodes the reply.
 pub async fn unary<I, Req, Resp>(
     invoker: &I,

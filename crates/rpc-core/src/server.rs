@@ -56,10 +56,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::codec::{FrameCodec, FrameReader};
-use crate::codegen::BoxFuture;
 use crate::frame::{self, Frame, Kind};
 use crate::outbox::{Closed, Outbox};
 use crate::{Code, ServiceKey, Status};
+
+/// The future a type-erased service method returns.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = Result<T, Status>> + Send + 'static>>;
 
 /// A service as the server sees it: an interface name and methods that take
 /// and return encoded payloads. Generated `XxxServer` types implement it.
