@@ -109,6 +109,16 @@ fn follower_view(told: mpsc::Sender<Vec<String>>) -> impl Fn(&Update<'_>) + Send
     }
 }
 
+/// Waits until `session` has a stream to a ConfigServer: a registration
+/// made before that returns at once and goes out with the replay.
+async fn connected(session: &RegistrySession) {
+    let mut connected = session.connected();
+    tokio::time::timeout(LIMIT, connected.wait_for(Option::is_some))
+        .await
+        .expect("the session connects within the limit")
+        .expect("the session is running");
+}
+
 fn instance(port: u32) -> pb::Instance {
     pb::Instance {
         host: "127.0.0.1".into(),
@@ -124,6 +134,7 @@ async fn a_follower_is_handed_the_whole_list_then_each_change() {
     let key = ServiceKey::new("demo.Followed", "1.0.0", "");
     let provider = RegistrySession::start(SessionConfig::new([registry.to_string()], "p", Role::Provider));
     let consumer = RegistrySession::start(SessionConfig::new([registry.to_string()], "c", Role::Consumer));
+    connected(&provider).await;
     provider.register(&key, instance(4301)).await.unwrap();
 
     let (told, mut heard) = mpsc::channel(16);
@@ -148,6 +159,7 @@ async fn followers_and_subscribers_that_join_later_start_from_the_whole_list() {
     let (told_first, mut first) = mpsc::channel(16);
     let _first = consumer.follow(&key, follower_view(told_first));
     assert_eq!(told_next(&mut first).await, Vec::<String>::new(), "the first snapshot");
+    connected(&provider).await;
     provider.register(&key, instance(4401)).await.unwrap();
     assert_eq!(told_next(&mut first).await, ["127.0.0.1:4401"]);
 
