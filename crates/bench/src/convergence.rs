@@ -1,10 +1,11 @@
 //! Timing how long a change takes to reach every subscriber.
 //!
-//! Each subscriber has an [`Observer`], which its client calls with the
-//! subscriber's view every time that view changes: this framework's SDK
-//! through its list listener ([`RegistrySession::subscribe_with`], Dubbo's
-//! `NotifyListener`), the ZooKeeper and etcd subscribers of `bench peers`
-//! right after they applied a watch event. [`Arrivals`] sets a numbered
+//! Each subscriber keeps its own view, a set of addresses, as a consumer's
+//! directory does, and has an [`Observer`], which its client calls with
+//! that view every time it changes: this framework's subscribers right
+//! after applying a pushed change handed on by the SDK ([`follow`], over
+//! [`RegistrySession::follow`]), the ZooKeeper and etcd subscribers of
+//! `bench peers` right after they applied a watch event. [`Arrivals`] sets a numbered
 //! goal, runs the change, and records when each view first satisfies the
 //! goal. The registry bench and the peers bench time their changes the
 //! same way.
@@ -25,7 +26,7 @@
 //! cores the systems share; in the timed span that was a fifth of this
 //! framework's storm.
 //!
-//! [`RegistrySession::subscribe_with`]: rpc_core::registry::RegistrySession::subscribe_with
+//! [`RegistrySession::follow`]: rpc_core::registry::RegistrySession::follow
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
