@@ -2,11 +2,12 @@
 //! members its routes allow, picks one with the balancer, and on failure
 //! does what the reference's [`Cluster`] mode says: try another provider
 //! (within the deadline and the retry budget), fail, answer empty, queue
-//! the call for a retry in the background, fork, or broadcast.
+//! the call for a retry in the background (Failback's bounded queue, at the
+//! end of this file), fork, or broadcast.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -14,11 +15,11 @@ use rpc_core::balance::{Candidate, LoadBalance, PickContext};
 use rpc_core::frame::RequestHead;
 use rpc_core::governance::{ATTACH_APP, ATTACH_TOKEN, ConsumerPolicy};
 use rpc_core::{CallOptions, Error, Invoker, RetryBudget, ServiceKey};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::cluster::{FailbackQueue, FailedCall};
 use crate::directory::{Directory, Member};
 use crate::{Cluster, MethodConfig};
 
@@ -368,4 +369,69 @@ async fn try_member(inner: &ReferenceInner, member: &Member, call: &Call<'_>) ->
         endpoint.record_outcome(!sick, threshold);
     }
     result
+}
+
+// === Failback ===
+
+/// A call failback will retry.
+#[derive(Debug)]
+struct FailedCall {
+    pub(crate) method: &'static str,
+    pub(crate) payload: Bytes,
+    pub(crate) attachments: HashMap<String, String>,
+}
+
+/// Failback's bounded queue and the task that retries it, owned by the
+/// reference (the task holds only a weak reference back).
+#[derive(Debug)]
+pub(crate) struct FailbackQueue {
+    tx: mpsc::Sender<FailedCall>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+/// Failed calls kept for retry at most.
+const FAILBACK_QUEUE: usize = 1024;
+/// Background tries per failed call.
+const FAILBACK_TRIES: u32 = 3;
+
+impl FailbackQueue {
+    fn start(reference: Weak<ReferenceInner>) -> FailbackQueue {
+        let (tx, mut rx) = mpsc::channel::<FailedCall>(FAILBACK_QUEUE);
+        let task = tokio::spawn(async move {
+            while let Some(failed) = rx.recv().await {
+                for attempt in 1..=FAILBACK_TRIES {
+                    tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                    let Some(inner) = reference.upgrade() else { return };
+                    let reference = Reference { inner };
+                    let policy = reference.inner.directory.policy();
+                    let members = reference.inner.directory.route(failed.method, &policy);
+                    let call = Call {
+                        method: failed.method,
+                        payload: &failed.payload,
+                        attachments: &failed.attachments,
+                        policy,
+                        timeout: reference.inner.timeout,
+                        deadline: Instant::now() + reference.inner.timeout,
+                    };
+                    if members.is_empty() {
+                        continue;
+                    }
+                    match reference.failover(&members, &call, reference.inner.retries).await {
+                        Ok(_) => {
+                            debug!(service = %reference.inner.key, method = failed.method, attempt, "failback retry succeeded");
+                            break;
+                        }
+                        Err(e) if attempt == FAILBACK_TRIES => {
+                            warn!(service = %reference.inner.key, method = failed.method, error = %e, "failback gave up")
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        });
+        FailbackQueue {
+            tx,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
 }

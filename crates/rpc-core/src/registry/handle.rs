@@ -1,8 +1,8 @@
-//! [`RegistrySession`], the handle both SDKs hold, and the desired state it
-//! shares with the session's task: what this node registers and
-//! subscribes to, replayed on every new stream.
+//! [`RegistrySession`], the handle both SDKs hold: it changes the desired
+//! state (what this node registers and subscribes to, replayed on every
+//! new stream) and sends requests through the session's task; and
+//! [`Follower`], a follower's hold on a list.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -14,6 +14,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::debug;
 
 use super::convert::instance_addr;
+use super::desired::{Audience, Command, Desired, Listener, Subscribed, subscribe_message};
 use super::error::RegistryError;
 use super::list::{ProviderList, Update};
 use super::task::SessionTask;
@@ -45,74 +46,6 @@ struct Inner {
     _stop_guard: DropGuard,
 }
 
-/// Told of each change of a subscribed list, on the session's task.
-#[derive(Clone)]
-pub(super) enum Listener {
-    /// The whole list after the change ([`RegistrySession::subscribe_with`]).
-    List(Arc<dyn Fn(&ProviderList) + Send + Sync>),
-    /// The change itself ([`RegistrySession::follow`]); `u64` tells
-    /// followers apart, to remove one.
-    Updates(u64, Arc<dyn Fn(&Update<'_>) + Send + Sync>),
-}
-
-impl std::fmt::Debug for Listener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Listener::List(_) => f.write_str("Listener::List"),
-            Listener::Updates(id, _) => write!(f, "Listener::Updates({id})"),
-        }
-    }
-}
-
-/// Who is told of a list's changes, and whether the whole list is kept.
-/// Locked by the task while it applies a change, inside the list's watch
-/// lock: a follower joins either before a change (and is told of it) or
-/// after it (and starts from the list that includes it).
-#[derive(Debug, Default)]
-pub(super) struct Audience {
-    pub(super) listeners: Vec<Listener>,
-    /// The list's providers are kept (someone reads the whole list, or a
-    /// cache file is written); otherwise only its epoch and revision.
-    pub(super) keeps_list: bool,
-}
-
-/// One subscription of the desired state.
-#[derive(Debug)]
-pub(super) struct Subscribed {
-    pub(super) tx: watch::Sender<Arc<ProviderList>>,
-    pub(super) audience: Arc<Mutex<Audience>>,
-}
-
-/// What this node wants the registry to hold.
-#[derive(Debug, Default)]
-pub(super) struct Desired {
-    pub(super) registrations: BTreeMap<(ServiceKey, Addr), Instance>,
-    pub(super) subscriptions: HashMap<ServiceKey, Subscribed>,
-    /// The last rules received per service; kept across reconnects.
-    pub(super) rules: HashMap<ServiceKey, watch::Sender<Arc<RuleSet>>>,
-    /// Lists loaded from the cache file, used as subscriptions start.
-    pub(super) cached: HashMap<ServiceKey, ProviderList>,
-    /// Set, under this lock, when the desired state is replayed on a new
-    /// stream: a change made while it is false goes out with the next
-    /// replay, a change made while it is true goes out as a command.
-    pub(super) connected: bool,
-    /// Subscriptions that found the command queue full; sent by the task.
-    pub(super) unsent: Vec<ServiceKey>,
-    /// A list changed since the cache file was written.
-    pub(super) cache_dirty: bool,
-    /// Whether lists are written to a cache file (then always kept whole).
-    pub(super) caching: bool,
-    /// The id of the next follower.
-    next_follower: u64,
-}
-
-#[derive(Debug)]
-pub(super) struct Command {
-    /// `None`: only wakes the task to notice that the session was stopped.
-    pub(super) message: Option<node_message::Body>,
-    pub(super) reply: Option<oneshot::Sender<Result<(), RegistryError>>>,
-}
-
 /// A follower of a list ([`RegistrySession::follow`]): while it is held,
 /// the list stays subscribed and its changes are handed to the follower's
 /// function. Dropping it stops them.
@@ -139,16 +72,6 @@ impl Drop for Follower {
                 .retain(|l| !matches!(l, Listener::Updates(id, _) if *id == self.id));
         }
     }
-}
-
-/// The subscribe message for `key`, resuming from `known` if given.
-pub(super) fn subscribe_message(key: &ServiceKey, known: Option<(String, u64)>) -> node_message::Body {
-    let (known_epoch, known_revision) = known.unwrap_or_default();
-    node_message::Body::Subscribe(pb::Subscribe {
-        service: Some(key.into()),
-        known_epoch,
-        known_revision,
-    })
 }
 
 // === impl RegistrySession ===

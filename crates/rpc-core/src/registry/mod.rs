@@ -17,7 +17,8 @@
 //! # Layout
 //!
 //! - [`config`]: [`SessionConfig`], [`Role`], [`Transport`].
-//! - `handle`: [`RegistrySession`], [`Follower`] and the desired state.
+//! - `handle`: [`RegistrySession`] and [`Follower`].
+//! - `desired`: what this node wants the registry to hold, shared with the task.
 //! - `task`: the session's task (replay, pushes, requests, heartbeats).
 //! - `stream`: opening a stream over either transport, up to the Welcome.
 //! - `reconnect`: which server next, and how long to wait first.
@@ -32,6 +33,7 @@ mod addr;
 mod cache;
 pub mod config;
 pub mod convert;
+mod desired;
 pub mod error;
 pub mod framing;
 mod handle;

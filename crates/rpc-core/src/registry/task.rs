@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 
 use super::SessionConfig;
 use super::cache::{self, parse_rules};
+use super::desired::{Audience, Command, Desired, Listener, subscribe_message};
 use super::error::{RegistryError, StreamError};
-use super::handle::{Audience, Command, Desired, Listener, subscribe_message};
 use super::list::{ProviderList, Step, Update};
 use super::pushed::PushedDelta;
 use super::reconnect::{Attempt, Reconnect, Say};
