@@ -6,14 +6,16 @@
 //! registry drops the node's instances and subscriptions at once.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rpc_core::ServiceKey;
 use tern_proto::registry::{NodeMessage, ServerMessage, Welcome, node_message, server_message};
 use tokio_stream::{Stream, StreamExt};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
@@ -60,10 +62,15 @@ impl RegistryService {
 impl RegistryService {
     /// Runs `session` (one node's, on some transport) until it ends or the
     /// server shuts down.
-    pub(crate) async fn until_shutdown(&self, session: impl Future<Output = ()>) {
-        tokio::select! {
-            _ = self.shutdown.cancelled() => {}
-            _ = session => {}
+    ///
+    /// A future of its own rather than an `async fn`: an `async fn` keeps
+    /// its arguments in its state beside what its body polls, so `session`
+    /// (the whole session's state) would be held twice in every session's
+    /// task.
+    pub(crate) fn until_shutdown<F: Future<Output = ()>>(&self, session: F) -> UntilShutdown<'_, F> {
+        UntilShutdown {
+            shutdown: self.shutdown.cancelled(),
+            session,
         }
     }
 
@@ -162,6 +169,29 @@ impl RegistryService {
 
     pub(crate) fn heartbeats(&self) -> Heartbeats {
         self.heartbeats
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A session's future that ends at the server's shutdown too; see
+    /// [`RegistryService::until_shutdown`].
+    pub(crate) struct UntilShutdown<'a, F> {
+        #[pin]
+        shutdown: WaitForCancellationFuture<'a>,
+        #[pin]
+        session: F,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for UntilShutdown<'_, F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.shutdown.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.session.poll(cx)
     }
 }
 
