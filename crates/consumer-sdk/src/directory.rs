@@ -79,17 +79,27 @@ impl Members {
                     .iter()
                     .map(|m| (m.endpoint.addr(), m.endpoint.clone()))
                     .collect();
-                let mut list = Vec::with_capacity(instances.len());
+                let mut list: Vec<Member> = Vec::with_capacity(instances.len());
+                let mut index: HashMap<SocketAddr, usize> = HashMap::with_capacity(instances.len());
                 for instance in *instances {
                     let Some(addr) = socket_addr(instance) else { continue };
+                    // An address named twice: the later registration wins.
+                    if let Some(&i) = index.get(&addr) {
+                        list[i] = member(list[i].endpoint.clone(), instance, policy);
+                        continue;
+                    }
                     let endpoint = held.remove(&addr).unwrap_or_else(|| {
                         let e = endpoint(addr);
                         fresh.push(e.clone());
                         e
                     });
+                    index.insert(addr, list.len());
                     list.push(member(endpoint, instance, policy));
                 }
-                *self = Members::new(list);
+                *self = Members {
+                    list: Arc::new(list),
+                    index,
+                };
             }
             Update::Change {
                 added,

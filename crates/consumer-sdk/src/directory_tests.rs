@@ -116,6 +116,28 @@ fn a_partial_snapshot_adds_and_replaces_without_duplicates() {
 }
 
 #[test]
+fn an_address_named_twice_in_a_reset_is_one_member() {
+    let none = ConsumerPolicy::default();
+    let mut members = Members::default();
+    let mut again = instance(1);
+    again.weight = 9;
+    assert_eq!(
+        apply(&mut members, &Update::Reset(&[instance(1), instance(2), again]), &none),
+        [1, 2]
+    );
+    assert_eq!(ports(&members), [1, 2]);
+    assert_eq!(
+        members
+            .list
+            .iter()
+            .find(|m| m.endpoint.addr() == addr(1))
+            .unwrap()
+            .weight,
+        9
+    );
+}
+
+#[test]
 fn calls_holding_the_old_members_keep_them_whole() {
     let none = ConsumerPolicy::default();
     let mut members = Members::default();
