@@ -231,10 +231,13 @@ impl Directory {
             let (members, policy, version_tx, key) = (members.clone(), policy.clone(), version_tx.clone(), key.clone());
             let consumer = consumer.clone();
             registry.follow(&key.clone(), move |update| {
-                let policy = policy.read().expect("policy lock").clone();
                 let mut fresh = Vec::new();
                 {
+                    // The policy read under the members' lock, as the rules
+                    // task writes both: a rule change is never lost for a
+                    // member added at the same moment.
                     let mut members = members.write().expect("directory lock");
+                    let policy = policy.read().expect("policy lock").clone();
                     members.apply(update, &policy, &mut |addr| consumer.endpoint(addr), &mut fresh);
                     debug!(service = %key, providers = members.list.len(), "directory updated");
                 }

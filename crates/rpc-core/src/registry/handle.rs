@@ -203,7 +203,8 @@ impl RegistrySession {
     /// (the first snapshot included), as Dubbo tells its `NotifyListener`.
     /// It runs on the session's task, before the next message is read, while
     /// the list's `watch` is locked: it must be quick, must not block, must
-    /// not call the session and must not panic. It is called as long as the
+    /// not call the session (nor read this list's receiver, nor drop or ask
+    /// a [`Follower`] of the same service) and must not panic. It is called as long as the
     /// list is subscribed, i.e. while some receiver of it is held.
     pub fn subscribe_with(
         &self,
@@ -288,19 +289,24 @@ impl RegistrySession {
     fn subscribe_keeping(&self, key: &ServiceKey, listener: Option<Listener>) -> watch::Receiver<Arc<ProviderList>> {
         let mut desired = self.desired();
         let (tx, audience) = self.subscription(&mut desired, key);
+        // In the list's watch lock, then the audience's, as the task applies
+        // a change: no change lands between the switch and the refetch.
         let mut refetch = false;
-        {
+        tx.send_if_modified(|list| {
             let mut audience = audience.lock().expect("audience lock");
             if !audience.keeps_list {
                 audience.keeps_list = true;
                 // Only its revision was held: fetch the whole list (with
                 // no epoch, a snapshot is on its way already).
-                refetch = !tx.borrow().epoch.is_empty();
+                refetch = !list.epoch.is_empty();
+                if refetch {
+                    Arc::make_mut(list).epoch.clear();
+                }
             }
             audience.listeners.extend(listener);
-        }
+            refetch
+        });
         if refetch {
-            tx.send_modify(|list| Arc::make_mut(list).epoch.clear());
             self.resubscribe(&mut desired, key);
         }
         tx.subscribe()
