@@ -22,6 +22,7 @@ use rpc_core::registry::{Follower, RegistrySession, Update};
 use tern_proto::registry::Instance;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, warn};
 
 use crate::Consumer;
@@ -183,15 +184,7 @@ pub struct Directory {
     /// Stops the pushes when the directory goes.
     _follower: Option<Follower>,
     /// Applies rules and connects new providers; stopped when the directory goes.
-    _task: Option<tokio::task::AbortHandle>,
-}
-
-impl Drop for Directory {
-    fn drop(&mut self) {
-        if let Some(task) = &self._task {
-            task.abort();
-        }
-    }
+    _task: Option<AbortOnDropHandle<()>>,
 }
 
 impl Directory {
@@ -292,7 +285,7 @@ impl Directory {
             zone,
             version,
             _follower: Some(follower),
-            _task: Some(task.abort_handle()),
+            _task: Some(AbortOnDropHandle::new(task)),
         }
     }
 

@@ -195,7 +195,7 @@ fn presized_body(frame: &[u8]) -> Option<server_message::Body> {
     let count = |body: &[u8], a: u32, b: u32| -> Option<(usize, usize)> {
         let (mut n_a, mut n_b) = (0, 0);
         for field in fields(body) {
-            let tag = field?.0;
+            let tag = field?.tag();
             n_a += usize::from(tag == a);
             n_b += usize::from(tag == b);
         }
@@ -205,7 +205,8 @@ fn presized_body(frame: &[u8]) -> Option<server_message::Body> {
     // of the same one adds to it.
     let (mut last, mut providers, mut added, mut updated) = (None, 0, 0, 0);
     for field in fields(frame) {
-        let (tag, body) = field?;
+        let field = field?;
+        let (tag, body) = (field.tag(), field.body());
         match tag {
             SNAPSHOT => {
                 providers += count(body, SNAPSHOT_PROVIDERS, SNAPSHOT_PROVIDERS)?.0;
@@ -234,10 +235,36 @@ fn presized_body(frame: &[u8]) -> Option<server_message::Body> {
     })
 }
 
-/// The fields of an encoded message, each as its tag and its
-/// length-delimited body (empty for other wire types); a `None` where the
-/// bytes stop scanning ends the iteration.
-fn fields(mut bytes: &[u8]) -> impl Iterator<Item = Option<(u32, &[u8])>> {
+/// One field of an encoded message, as a scan reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Field<'a> {
+    /// A varint's tag and value.
+    Varint(u32, u64),
+    /// A length-delimited field's tag and bytes.
+    Bytes(u32, &'a [u8]),
+    /// A fixed-width field's tag (its value skipped).
+    Fixed(u32),
+}
+
+impl<'a> Field<'a> {
+    pub(super) fn tag(&self) -> u32 {
+        match *self {
+            Field::Varint(tag, _) | Field::Bytes(tag, _) | Field::Fixed(tag) => tag,
+        }
+    }
+
+    /// A length-delimited field's bytes; empty for other wire types.
+    fn body(&self) -> &'a [u8] {
+        match *self {
+            Field::Bytes(_, body) => body,
+            _ => &[],
+        }
+    }
+}
+
+/// The fields of an encoded message; a `None` where the bytes stop
+/// scanning ends the iteration.
+fn fields(mut bytes: &[u8]) -> impl Iterator<Item = Option<Field<'_>>> {
     std::iter::from_fn(move || {
         if bytes.is_empty() {
             return None;
@@ -250,14 +277,12 @@ fn fields(mut bytes: &[u8]) -> impl Iterator<Item = Option<(u32, &[u8])>> {
     })
 }
 
-/// Reads one field header and skips its value.
-fn scan_field<'a>(bytes: &mut &'a [u8]) -> Option<(u32, &'a [u8])> {
+/// Reads one field of `bytes` and moves past it; `None` for a group or
+/// bytes that do not scan (a bad key, a length past the end).
+pub(super) fn scan_field<'a>(bytes: &mut &'a [u8]) -> Option<Field<'a>> {
     let (tag, wire_type) = prost::encoding::decode_key(bytes).ok()?;
     let skip = match wire_type {
-        WireType::Varint => {
-            prost::encoding::decode_varint(bytes).ok()?;
-            0
-        }
+        WireType::Varint => return Some(Field::Varint(tag, prost::encoding::decode_varint(bytes).ok()?)),
         WireType::SixtyFourBit => 8,
         WireType::ThirtyTwoBit => 4,
         WireType::LengthDelimited => usize::try_from(prost::encoding::decode_varint(bytes).ok()?).ok()?,
@@ -265,14 +290,11 @@ fn scan_field<'a>(bytes: &mut &'a [u8]) -> Option<(u32, &'a [u8])> {
     };
     let body = bytes.get(..skip)?;
     *bytes = &bytes[skip..];
-    Some((
-        tag,
-        if wire_type == WireType::LengthDelimited {
-            body
-        } else {
-            &[]
-        },
-    ))
+    Some(if wire_type == WireType::LengthDelimited {
+        Field::Bytes(tag, body)
+    } else {
+        Field::Fixed(tag)
+    })
 }
 
 /// Drains `messages` into `socket` after what `buf` already holds (a

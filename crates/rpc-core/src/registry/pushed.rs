@@ -13,27 +13,24 @@
 //! names what is wrong.
 
 use prost::Message;
-use prost::encoding::decode_varint;
 use tern_proto::registry::{self as pb, Delta, Instance};
 
+use super::framing::{Field, scan_field};
 use super::list::Update;
 
 /// `ServerMessage` fields.
-const REQUEST_ID: u64 = 1;
-const DELTA: u64 = 4;
+const REQUEST_ID: u32 = 1;
+const DELTA: u32 = 4;
 /// The bodies of `ServerMessage`'s oneof.
-const BODIES: std::ops::RangeInclusive<u64> = 2..=8;
+const BODIES: std::ops::RangeInclusive<u32> = 2..=8;
 
 /// `Delta` fields.
-const SERVICE: u64 = 1;
-const FROM_REVISION: u64 = 3;
-const TO_REVISION: u64 = 4;
-const ADDED: u64 = 5;
-const REMOVED: u64 = 6;
-const UPDATED: u64 = 7;
-
-const VARINT: u64 = 0;
-const LENGTH_DELIMITED: u64 = 2;
+const SERVICE: u32 = 1;
+const FROM_REVISION: u32 = 3;
+const TO_REVISION: u32 = 4;
+const ADDED: u32 = 5;
+const REMOVED: u32 = 6;
+const UPDATED: u32 = 7;
 
 /// A delta as a node applies it; its removed addresses borrowed from the
 /// frame (or from a decoded `Delta`).
@@ -48,46 +45,16 @@ pub struct PushedDelta<'a> {
     pub removed: Vec<&'a str>,
 }
 
-/// One field: its number, wire type, and value (a varint's, or the bytes
-/// of a length-delimited one).
-enum Field<'a> {
-    Varint(u64, u64),
-    Bytes(u64, &'a [u8]),
-}
-
-/// The next field of `bytes`; `None` for a wire type other than varint and
-/// length-delimited (fixed-width and group fields do not occur in these
-/// messages), or bytes that do not scan.
-fn next_field<'a>(bytes: &mut &'a [u8]) -> Option<Field<'a>> {
-    let key = decode_varint(bytes).ok()?;
-    if key > u64::from(u32::MAX) || key >> 3 == 0 {
-        return None;
-    }
-    let (tag, wire_type) = (key >> 3, key & 7);
-    match wire_type {
-        VARINT => Some(Field::Varint(tag, decode_varint(bytes).ok()?)),
-        LENGTH_DELIMITED => {
-            let len = usize::try_from(decode_varint(bytes).ok()?).ok()?;
-            let value = bytes.get(..len)?;
-            *bytes = &bytes[len..];
-            Some(Field::Bytes(tag, value))
-        }
-        _ => None,
-    }
-}
-
 impl<'a> PushedDelta<'a> {
     /// Reads `frame`, an encoded `ServerMessage`, if it carries a delta and
     /// nothing unusual (see the module docs); `None` otherwise.
     pub fn read(mut frame: &'a [u8]) -> Option<PushedDelta<'a>> {
         let mut body = None;
         while !frame.is_empty() {
-            match next_field(&mut frame)? {
+            match scan_field(&mut frame)? {
                 Field::Varint(REQUEST_ID, _) => {}
                 Field::Bytes(DELTA, delta) if body.is_none() => body = Some(delta),
-                Field::Varint(tag, _) | Field::Bytes(tag, _) if tag == REQUEST_ID || BODIES.contains(&tag) => {
-                    return None;
-                }
+                field if field.tag() == REQUEST_ID || BODIES.contains(&field.tag()) => return None,
                 _ => {} // a field this version does not know
             }
         }
@@ -98,7 +65,7 @@ impl<'a> PushedDelta<'a> {
         let (mut added, mut removed, mut updated) = (0, 0, 0);
         let mut scan = body;
         while !scan.is_empty() {
-            if let Field::Bytes(tag, _) = next_field(&mut scan)? {
+            if let Field::Bytes(tag, _) = scan_field(&mut scan)? {
                 added += usize::from(tag == ADDED);
                 removed += usize::from(tag == REMOVED);
                 updated += usize::from(tag == UPDATED);
@@ -112,7 +79,7 @@ impl<'a> PushedDelta<'a> {
         };
         let mut body = body;
         while !body.is_empty() {
-            match next_field(&mut body)? {
+            match scan_field(&mut body)? {
                 Field::Bytes(SERVICE, key) if delta.service.is_none() => {
                     delta.service = Some(pb::ServiceKey::decode(key).ok()?);
                 }
@@ -122,7 +89,7 @@ impl<'a> PushedDelta<'a> {
                 Field::Bytes(UPDATED, instance) => delta.updated.push(Instance::decode_fast(instance)?),
                 Field::Bytes(REMOVED, addr) => delta.removed.push(std::str::from_utf8(addr).ok()?),
                 // A known field twice (a message merged) or of another wire type.
-                Field::Varint(tag, _) | Field::Bytes(tag, _) if (1..=7).contains(&tag) && tag != 2 => return None,
+                field if (1..=7).contains(&field.tag()) && field.tag() != 2 => return None,
                 _ => {} // reserved, or a field this version does not know
             }
         }
