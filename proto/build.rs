@@ -4,7 +4,7 @@
 //! the one message not generated (see `src/instance.rs`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["rpc.proto", "registry.proto"];
+    let protos = ["rpc.proto", "registry.proto", "peer.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -4,6 +4,7 @@
 //!   binary frame header around them lives in `rpc-core`'s `frame` module.
 //! - [`registry`]: the control-plane stream between nodes and the
 //!   ConfigServer (tonic client and server included).
+//! - [`peer`]: replication between the ConfigServers of a cluster.
 
 /// Bodies of data-plane frames.
 pub mod rpc {
@@ -17,4 +18,9 @@ pub mod registry {
     pub use crate::instance::{CompactString, Instance};
 
     include!(concat!(env!("OUT_DIR"), "/tern.registry.rs"));
+}
+
+/// Replication between ConfigServers.
+pub mod peer {
+    include!(concat!(env!("OUT_DIR"), "/tern.peer.rs"));
 }

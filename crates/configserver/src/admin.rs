@@ -16,6 +16,12 @@
 //! need `Authorization: Bearer <token>`; `X-Tern-Actor` names who made a
 //! change in the audit log (default `admin`).
 //! - `GET /healthz`: `ok`
+//! - `GET /readyz`: `200 ready` once a cluster member has its peers' data
+//!   (at once without peers); `503` naming what it waits for before
+//! - `GET /api/cluster`: this server and every member: link state, owned
+//!   sessions and instances, replication lag
+//! - `GET /api/cluster/servers`: the live members, one `host:port` a line
+//!   (an address server's answer; this server alone without peers)
 //! - `GET /metrics`: Prometheus text format
 
 use std::sync::Arc;
@@ -33,6 +39,7 @@ use tern_proto::registry::Instance;
 
 use crate::auth::Credentials;
 use crate::governance::{Governance, RuleError};
+use crate::peer::Cluster;
 use crate::service_map::Registry;
 use crate::store::StoredRule;
 
@@ -42,6 +49,9 @@ pub struct AdminState {
     pub registry: Arc<Registry>,
     pub governance: Arc<Governance>,
     pub credentials: Arc<Credentials>,
+    pub cluster: Option<Arc<Cluster>>,
+    /// This server's member address (its registry port without peers).
+    pub node: String,
 }
 
 impl FromRef<AdminState> for Arc<Registry> {
@@ -58,6 +68,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/rules/history", get(rule_history))
         .route("/api/rule", get(get_rule).put(put_rule).delete(delete_rule))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/cluster", get(cluster))
+        .route("/api/cluster/servers", get(cluster_servers))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -221,7 +234,9 @@ fn instance_json(i: &Instance) -> Value {
     })
 }
 
-async fn service(State(registry): State<Arc<Registry>>, Path(key): Path<String>) -> Response {
+async fn service(State(state): State<AdminState>, Path(key): Path<String>) -> Response {
+    let registry = &state.registry;
+    let server = |peer: &Option<String>| peer.clone().unwrap_or_else(|| state.node.clone());
     let key: ServiceKey = match key.parse() {
         Ok(key) => key,
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))).into_response(),
@@ -232,13 +247,18 @@ async fn service(State(registry): State<Arc<Registry>>, Path(key): Path<String>)
             Json(json!({"error": format!("no service {key}")})),
         )
             .into_response(),
-        Some((revision, providers, consumers)) => Json(json!({
+        Some(detail) => Json(json!({
             "service": key.to_string(),
-            "revision": revision,
-            "providers": providers.iter().map(instance_json).collect::<Vec<_>>(),
-            "consumers": consumers.iter().map(|c| json!({
+            "revision": detail.revision,
+            "providers": detail.providers.iter().map(|(i, peer)| {
+                let mut json = instance_json(i);
+                json["server"] = Value::from(server(peer));
+                json
+            }).collect::<Vec<_>>(),
+            "consumers": detail.consumers.iter().map(|(c, peer)| json!({
                 "app": c.app, "host": c.host, "zone": c.zone,
                 "peer": c.peer.map(|p| p.to_string()),
+                "server": server(peer),
             })).collect::<Vec<_>>(),
         }))
         .into_response(),
@@ -262,4 +282,68 @@ async fn metrics(State(registry): State<Arc<Registry>>) -> String {
             registry.metrics.connections_open.load(Ordering::Relaxed),
         ),
     ])
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    match &state.cluster {
+        Some(cluster) if !cluster.is_ready() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("syncing: waiting for {}\n", cluster.waiting_for().join(", ")),
+        )
+            .into_response(),
+        _ => "ready\n".into_response(),
+    }
+}
+
+async fn cluster_servers(State(state): State<AdminState>) -> String {
+    let members = match &state.cluster {
+        Some(cluster) => cluster.live_members(),
+        None => vec![state.node.clone()],
+    };
+    members.iter().map(|m| format!("{m}\n")).collect()
+}
+
+async fn cluster(State(state): State<AdminState>) -> Json<Value> {
+    let registry = &state.registry;
+    let (sessions, providers) = registry.owned();
+    let this = json!({
+        "node": state.node, "epoch": registry.epoch(), "self": true,
+        "state": match &state.cluster {
+            Some(c) if !c.is_ready() => "syncing",
+            _ => "ready",
+        },
+        "sessions": sessions, "instances": providers,
+    });
+    let Some(cluster) = &state.cluster else {
+        return Json(json!({"node": state.node, "members": [this]}));
+    };
+    let replicas = registry.replicas();
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    let mut members = vec![this];
+    for (name, link) in cluster.links() {
+        let copies: Vec<Value> = replicas
+            .iter()
+            .filter(|r| r.node == name)
+            .map(|r| {
+                json!({
+                    "epoch": r.epoch, "admin": r.admin, "connected": r.connected, "synced": r.synced,
+                    "orphaned_ms": r.orphaned_for.map(ms), "seq": r.seq,
+                    "sessions": r.sessions, "instances": r.providers, "consumers": r.consumers,
+                    "replication_lag_ms": r.last_lag_ms, "last_applied_ms_ago": r.last_applied_ago.map(ms),
+                })
+            })
+            .collect();
+        let live = copies.iter().any(|c| c["connected"] == true);
+        members.push(json!({
+            "node": name,
+            "state": if link.connected && live { "up" } else if link.connected || live { "half-up" } else { "down" },
+            "link": {
+                "connected": link.connected, "for_ms": link.since.map(|s| ms(s.elapsed())),
+                "attempts": link.attempts, "last_error": link.last_error,
+                "batches": link.batches, "full_copies": link.fulls, "bytes": link.bytes,
+            },
+            "copies": copies,
+        }));
+    }
+    Json(json!({"node": state.node, "ready": cluster.is_ready(), "members": members}))
 }

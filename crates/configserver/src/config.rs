@@ -12,6 +12,9 @@
 //! data-dir = "/var/lib/configserver"
 //! # store = "postgres://configserver@db.internal/configserver"
 //! # credentials = "/etc/configserver/credentials.toml"
+//! # A cluster: every member listed (this server among them), or an address server.
+//! # peers = "10.0.0.1:9600,10.0.0.2:9600,10.0.0.3:9600"
+//! # advertise = "10.0.0.1:9600"
 //! ```
 //!
 //! `configserver rules ...` instead talks to a running server's admin API
@@ -98,6 +101,52 @@ pub struct Settings {
     /// App credentials and admin token (TOML); access control is off without it.
     #[arg(long, env = "CONFIGSERVER_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
+    /// This server's member address in a cluster: its registry port as
+    /// the members list names it [default: the listen address].
+    #[arg(long, env = "CONFIGSERVER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// The cluster's members, host:port of each registry port, comma
+    /// separated (this server may be among them); no peers by default.
+    #[arg(long, env = "CONFIGSERVER_PEERS", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "comma_list")]
+    pub peers: Option<Vec<String>>,
+    /// Or an address server that lists the members, one host:port a line
+    /// (http://host:port/path; any member's /api/cluster/servers works).
+    #[arg(long, env = "CONFIGSERVER_ADDRESS_SERVER")]
+    pub address_server: Option<String>,
+    /// How long a gone peer's data is kept whole while its nodes move
+    /// [default: the heartbeat timeout plus 5000].
+    #[arg(long, env = "CONFIGSERVER_PEER_GRACE_MS")]
+    pub peer_grace_ms: Option<u64>,
+    /// How often peers compare digests of what they replicate [default: 2000].
+    #[arg(long, env = "CONFIGSERVER_PEER_DIGEST_MS")]
+    pub peer_digest_ms: Option<u64>,
+    /// Longest a starting member waits for its peers' data before it is
+    /// ready anyway [default: 10000].
+    #[arg(long, env = "CONFIGSERVER_PEER_SYNC_TIMEOUT_MS")]
+    pub peer_sync_timeout_ms: Option<u64>,
+    /// Test hook: drop this many batches received from peers unseen.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub test_drop_peer_batches: Option<usize>,
+}
+
+/// A TOML list of members: `"a:1,b:2"` or `["a:1", "b:2"]`.
+fn comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match List::deserialize(d)? {
+        List::One(s) => s
+            .split(',')
+            .map(|m| m.trim().to_owned())
+            .filter(|m| !m.is_empty())
+            .collect(),
+        List::Many(v) => v,
+    }))
 }
 
 impl Settings {
@@ -128,6 +177,13 @@ impl Settings {
             store: self.store.or(fallback.store),
             rules_poll_ms: self.rules_poll_ms.or(fallback.rules_poll_ms),
             credentials: self.credentials.or(fallback.credentials),
+            advertise: self.advertise.or(fallback.advertise),
+            peers: self.peers.or(fallback.peers),
+            address_server: self.address_server.or(fallback.address_server),
+            peer_grace_ms: self.peer_grace_ms.or(fallback.peer_grace_ms),
+            peer_digest_ms: self.peer_digest_ms.or(fallback.peer_digest_ms),
+            peer_sync_timeout_ms: self.peer_sync_timeout_ms.or(fallback.peer_sync_timeout_ms),
+            test_drop_peer_batches: self.test_drop_peer_batches.or(fallback.test_drop_peer_batches),
         }
     }
 
@@ -169,6 +225,18 @@ impl Settings {
         if let Some(v) = self.rules_poll_ms {
             config.rules_poll = ms(v.max(10));
         }
+        let cluster = &mut config.cluster;
+        cluster.advertise = self.advertise;
+        cluster.peers = self.peers.unwrap_or_default();
+        cluster.address_server = self.address_server;
+        cluster.grace = self.peer_grace_ms.map(ms);
+        if let Some(v) = self.peer_digest_ms {
+            cluster.digest_interval = ms(v.max(10));
+        }
+        if let Some(v) = self.peer_sync_timeout_ms {
+            cluster.sync_timeout = ms(v);
+        }
+        cluster.drop_changes = self.test_drop_peer_batches.unwrap_or(0);
         config
     }
 }

@@ -67,6 +67,7 @@ use crate::service_map::{Pushes, Registry};
 /// changes a few milliseconds apart for it would merge none of them, only
 /// add the hold to every push.
 pub async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: CancellationToken) {
+    let replicates = registry.replicates();
     let mut last_flush: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
@@ -77,6 +78,11 @@ pub async fn flusher(registry: Arc<Registry>, window: Duration, shutdown: Cancel
         let since_last = last_flush.map(|at| flushed_at - at);
         last_flush = Some(flushed_at);
         let pushes = registry.take_flush();
+        if replicates {
+            // The same window's changes of this server's own sessions, to
+            // every peer (see `crate::peer`).
+            registry.replicate();
+        }
         let changes = pushes.changes();
         if push(&registry, pushes).await == 0 {
             continue;

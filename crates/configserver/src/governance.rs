@@ -43,6 +43,8 @@ pub struct Governance {
     /// Revision of the store last applied to the registry, and per service.
     /// Reloads take turns through this lock.
     applied: tokio::sync::Mutex<Applied>,
+    /// The store revision of this server's last rule write (peers are told).
+    written: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +64,7 @@ impl Governance {
             store,
             registry,
             applied: tokio::sync::Mutex::default(),
+            written: tokio::sync::watch::Sender::new(0),
         };
         let changed = governance.reload().await?;
         info!(services = changed, "rules loaded");
@@ -70,6 +73,16 @@ impl Governance {
 
     pub fn store(&self) -> &RuleStore {
         &self.store
+    }
+
+    /// The revision of each rule write made through this server, as it is
+    /// made (the cluster tells its peers).
+    pub fn writes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.written.subscribe()
+    }
+
+    fn wrote(&self, revision: u64) {
+        self.written.send_replace(revision);
     }
 
     /// Validates and stores a rule, then pushes it. A token rule without a
@@ -90,11 +103,12 @@ impl Governance {
             Rule::Route(route) => {
                 // A route that selects none of the providers registered now
                 // would cut its consumers off (or, unforced, do nothing).
-                if let Some((_, providers, _)) = self.registry.detail(&key)
+                if let Some(detail) = self.registry.detail(&key)
+                    && let providers = detail.providers
                     && !providers.is_empty()
                     && !providers
                         .iter()
-                        .any(|p| route.then.iter().all(|(k, v)| p.metadata.get(k) == Some(v)))
+                        .any(|(p, _)| route.then.iter().all(|(k, v)| p.metadata.get(k) == Some(v)))
                 {
                     return Err(RuleError::Invalid(InvalidRule {
                         field: "then".into(),
@@ -110,7 +124,9 @@ impl Governance {
         }
         let body = serde_json::to_string(&rule).expect("rules serialize");
         let key_text = key.to_string();
-        self.store.put(&key_text, name, &body, actor).await?;
+        if let Some(revision) = self.store.put(&key_text, name, &body, actor).await? {
+            self.wrote(revision);
+        }
         self.reload().await?;
         self.get(&key_text, name).await
     }
@@ -125,6 +141,7 @@ impl Governance {
         let key_text = key.to_string();
         match self.store.delete(&key_text, name, actor).await? {
             Some(revision) => {
+                self.wrote(revision);
                 self.reload().await?;
                 Ok(revision)
             }

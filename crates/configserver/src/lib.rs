@@ -13,6 +13,7 @@
 //! - [`session_outbox`]: a native session's write side, which the flusher writes deltas into directly.
 //! - [`grpc`]: the gRPC transport, with a codec that writes a delta encoded once.
 //! - [`outgoing`]: what a session sends a node; a delta is encoded once for all its subscribers.
+//! - [`peer`]: the cluster: members, replication links to peers, peers' links here, orphans.
 //! - [`governance`]: validated rule writes, and their push through the service map.
 //! - [`store`]: the durable rule store (SQLite, PostgreSQL, MySQL: cargo features) and its audit log.
 //! - [`auth`]: optional app credentials and the admin token.
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod native;
 pub mod node_session;
 pub mod outgoing;
+pub mod peer;
 pub mod port;
 pub mod server;
 pub mod service_map;

@@ -19,6 +19,8 @@ pub struct Metrics {
     /// Connections open on the registry port (a gauge).
     pub connections_open: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Full copies asked of peers because a digest did not match.
+    pub peer_repairs: AtomicU64,
 }
 
 impl Metrics {
@@ -35,6 +37,11 @@ impl Metrics {
                 "configserver_rule_changes_total",
                 "Rule changes applied (local writes and ones read from a shared store)",
                 &self.rule_changes,
+            ),
+            (
+                "configserver_peer_repairs_total",
+                "Full copies asked of peers because a digest did not match (anti-entropy)",
+                &self.peer_repairs,
             ),
             (
                 "configserver_sessions_opened_total",

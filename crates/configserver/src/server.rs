@@ -18,6 +18,7 @@ use crate::auth::Credentials;
 use crate::governance::Governance;
 use crate::grpc::RegistryEndpoint;
 use crate::node_session::{Heartbeats, RegistryService};
+use crate::peer::{Cluster, ClusterConfig, ClusterError};
 use crate::service_map::{Registry, RegistryConfig};
 use crate::store::{RuleStore, StoreError};
 
@@ -49,6 +50,8 @@ pub struct ConfigServerConfig {
     pub rules_poll: Duration,
     /// App credentials and admin token; `None`: access control off.
     pub credentials: Option<Credentials>,
+    /// Peers, if this server is one of a cluster (none by default).
+    pub cluster: ClusterConfig,
 }
 
 impl Default for ConfigServerConfig {
@@ -65,6 +68,7 @@ impl Default for ConfigServerConfig {
             store: None,
             rules_poll: Duration::from_secs(1),
             credentials: None,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -81,6 +85,8 @@ pub enum StartError {
     MaxConnections(usize),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// A running ConfigServer.
@@ -88,6 +94,7 @@ pub enum StartError {
 pub struct ConfigServer {
     registry: Arc<Registry>,
     governance: Arc<Governance>,
+    cluster: Option<Arc<Cluster>>,
     local_addr: SocketAddr,
     admin_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -138,10 +145,27 @@ impl ConfigServer {
             timeout: config.heartbeat_timeout,
         };
 
+        let cluster = if config.cluster.enabled() {
+            let token = credentials.as_ref().and_then(|c| c.admin_token.clone());
+            Some(Cluster::start(
+                config.cluster.clone(),
+                local_addr,
+                admin_addr,
+                registry.clone(),
+                governance.clone(),
+                heartbeats,
+                token,
+                shutdown.clone(),
+                tracker.clone(),
+            )?)
+        } else {
+            None
+        };
         let service = RegistryService::new(
             registry.clone(),
             heartbeats,
             credentials.clone(),
+            cluster.clone(),
             shutdown.clone(),
             tracker.clone(),
         );
@@ -175,6 +199,10 @@ impl ConfigServer {
             registry: registry.clone(),
             governance: governance.clone(),
             credentials: credentials.unwrap_or_default(),
+            cluster: cluster.clone(),
+            node: cluster
+                .as_ref()
+                .map_or_else(|| local_addr.to_string(), |c| c.node().to_owned()),
         });
         tracker.spawn(async move {
             let served = axum::serve(admin, router)
@@ -191,10 +219,19 @@ impl ConfigServer {
             shutdown.clone(),
         ));
         tracker.spawn(governance.clone().follow(config.rules_poll, shutdown.clone()));
+        // Complete snapshots once the startup grace is over and, in a
+        // cluster, the peers' data is here.
         let (grace_registry, grace, token) = (registry.clone(), config.registry.startup_grace, shutdown.clone());
+        let synced = cluster.clone();
         tracker.spawn(async move {
+            let over = async {
+                tokio::time::sleep(grace).await;
+                if let Some(cluster) = synced {
+                    cluster.ready().await;
+                }
+            };
             tokio::select! {
-                _ = tokio::time::sleep(grace) => grace_registry.end_grace(),
+                _ = over => grace_registry.end_grace(),
                 _ = token.cancelled() => {}
             }
         });
@@ -202,6 +239,7 @@ impl ConfigServer {
         Ok(ConfigServer {
             registry,
             governance,
+            cluster,
             local_addr,
             admin_addr,
             shutdown,
@@ -220,6 +258,11 @@ impl ConfigServer {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The cluster this server is a member of, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The rules: writes, reads and history.

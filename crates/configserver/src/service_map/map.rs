@@ -23,6 +23,8 @@ use tracing::{debug, info};
 use super::answer::RequestError;
 use super::pending::Pending;
 use super::push_queue::PushQueue;
+use super::replicas::Replica;
+use super::replication::Outbound;
 use crate::metrics::Metrics;
 use crate::outgoing::PushedDelta;
 
@@ -82,8 +84,14 @@ pub(super) struct SessionEntry {
 
 #[derive(Debug, Default)]
 pub(super) struct ServiceEntry {
+    /// Each provider and who holds it: one of this server's sessions, or
+    /// the replica of a peer's data (see [`super::replicas`]).
     pub(super) providers: BTreeMap<Addr, (Instance, SessionId)>,
+    /// This server's sessions that subscribe.
     pub(super) consumers: BTreeMap<SessionId, NodeInfo>,
+    /// Peers' sessions that subscribe: by replica, then the session's id
+    /// on its own server.
+    pub(super) remote_consumers: BTreeMap<(SessionId, u64), NodeInfo>,
     pub(super) subscribers: BTreeSet<SessionId>,
     pub(super) revision: u64,
     pub(super) history: VecDeque<Arc<PushedDelta>>,
@@ -106,6 +114,12 @@ pub(super) struct State {
     /// a removed service; revisions restarting at 0 would let it resume (or
     /// a delta flushed for the old one apply) on the new service's numbers.
     pub(super) revision_floor: u64,
+    /// Copies of peers' data, by the id each is held under as a holder of
+    /// providers (ids of the same series as sessions').
+    pub(super) replicas: HashMap<SessionId, Replica>,
+    /// What this server owns, as it is replicated to peers; `None` when
+    /// the server has no peers (nothing is tracked).
+    pub(super) outbound: Option<Outbound>,
 }
 
 impl State {
@@ -113,6 +127,32 @@ impl State {
     pub(super) fn mark_dirty(&mut self, key: &ServiceKey) {
         self.dirty.insert(key.clone());
         self.pending_changes += 1;
+    }
+
+    /// Notes that this server's own provider `addr` of `key` changed, for
+    /// the next batch to peers.
+    pub(super) fn note_owned_provider(&mut self, key: &ServiceKey, addr: &Addr) {
+        if let Some(outbound) = &mut self.outbound {
+            outbound.note_provider(key, addr);
+        }
+    }
+
+    /// Notes that this server's session `id` subscribed to `key` or stopped.
+    pub(super) fn note_owned_consumer(&mut self, key: &ServiceKey, id: SessionId) {
+        if let Some(outbound) = &mut self.outbound {
+            outbound.note_consumer(key, id);
+        }
+    }
+
+    /// Puts `instance` in `key`'s providers, held by `holder` (a session,
+    /// or a replica), as a change for the next flush.
+    pub(super) fn put_provider(&mut self, key: &ServiceKey, addr: Addr, instance: Instance, holder: SessionId) {
+        let entry = self.service(key);
+        let existed_at_flush = entry.providers.contains_key(&addr) && !entry.pending.added.contains_key(&addr)
+            || entry.pending.removed.contains(&addr);
+        entry.pending.add(&addr, instance.clone(), existed_at_flush);
+        entry.providers.insert(addr, (instance, holder));
+        self.mark_dirty(key);
     }
 
     /// The entry of `key`, created (its revisions above the floor) if absent.
@@ -212,8 +252,10 @@ impl Registry {
                 entry.subscribers.remove(&id);
                 entry.consumers.remove(&id);
             }
+            state.note_owned_consumer(key, id);
             remove_if_unused(&mut state, key);
         }
+        changed |= state.outbound.is_some() && !session.subscribed.is_empty();
         drop(state);
         info!(
             session = id,
@@ -266,6 +308,11 @@ impl Registry {
             .map(|(i, owner)| (i.clone(), *owner));
         let unchanged = holder.as_ref().is_some_and(|(existing, _)| *existing == instance);
         match holder {
+            // A peer's copy gives way to the node itself: it is connected
+            // here now (it moved, or its old server died).
+            Some((_, owner)) if state.replicas.contains_key(&owner) => {
+                debug!(session = id, replica = owner, service = %key, %addr, "instance taken over from a peer's copy");
+            }
             Some((_, owner)) if owner != id => {
                 let same_node = state
                     .sessions
@@ -294,17 +341,14 @@ impl Registry {
             if let Some((_, owner)) = state.services.get_mut(&key).and_then(|e| e.providers.get_mut(&addr)) {
                 *owner = id;
             }
+            state.note_owned_provider(&key, &addr);
             if let Some(session) = state.sessions.get_mut(&id) {
                 session.registered.insert((key, addr));
             }
             return Ok(());
         }
-        let entry = state.service(&key);
-        let existed_at_flush = entry.providers.contains_key(&addr) && !entry.pending.added.contains_key(&addr)
-            || entry.pending.removed.contains(&addr);
-        entry.pending.add(&addr, instance.clone(), existed_at_flush);
-        entry.providers.insert(addr.clone(), (instance, id));
-        state.mark_dirty(&key);
+        state.note_owned_provider(&key, &addr);
+        state.put_provider(&key, addr.clone(), instance, id);
         if let Some(session) = state.sessions.get_mut(&id) {
             session.registered.insert((key.clone(), addr.clone()));
         }
@@ -363,16 +407,23 @@ impl Registry {
         let (node, push) = (session.node.clone(), session.push.clone());
         let entry = state.service(&key);
         entry.subscribers.insert(id);
-        entry.consumers.insert(id, node);
+        let new_consumer = entry.consumers.insert(id, node).is_none();
         let resume = known.and_then(|(epoch, revision)| {
             let covered = epoch == self.epoch
                 && revision <= entry.revision
                 && (revision == entry.revision || entry.history.front().is_some_and(|d| d.from_revision <= revision));
             covered.then_some(revision)
         });
+        let replicate = new_consumer && state.outbound.is_some();
+        if replicate {
+            state.note_owned_consumer(&key, id);
+        }
         push.mark(&key, Some(resume));
         drop(state);
         debug!(session = id, service = %key, resume = ?resume, "subscribed");
+        if replicate {
+            self.changed.notify_one();
+        }
         Ok(())
     }
 
@@ -384,7 +435,10 @@ impl Registry {
         }
         if let Some(entry) = state.services.get_mut(key) {
             entry.subscribers.remove(&id);
-            entry.consumers.remove(&id);
+            if entry.consumers.remove(&id).is_some() && state.outbound.is_some() {
+                state.note_owned_consumer(key, id);
+                self.changed.notify_one();
+            }
         }
         remove_if_unused(&mut state, key);
     }
@@ -414,7 +468,11 @@ impl Registry {
 /// that later resumes it from an old revision gets a snapshot.
 pub(super) fn remove_if_unused(state: &mut State, key: &ServiceKey) {
     if state.services.get(key).is_some_and(|e| {
-        e.providers.is_empty() && e.subscribers.is_empty() && e.consumers.is_empty() && e.pending.is_empty()
+        e.providers.is_empty()
+            && e.subscribers.is_empty()
+            && e.consumers.is_empty()
+            && e.remote_consumers.is_empty()
+            && e.pending.is_empty()
     }) && !state.dirty.contains(key)
         && let Some(entry) = state.services.remove(key)
     {
@@ -422,8 +480,10 @@ pub(super) fn remove_if_unused(state: &mut State, key: &ServiceKey) {
     }
 }
 
-/// Removes `addr` from `key` if `owner` holds it; true if something changed.
-fn remove_provider(state: &mut State, key: &ServiceKey, addr: &Addr, owner: SessionId) -> bool {
+/// Removes `addr` from `key` if `owner` holds it; true if something
+/// changed. A peer's copy that also lists it (a node that moved between
+/// servers) then holds it.
+pub(super) fn remove_provider(state: &mut State, key: &ServiceKey, addr: &Addr, owner: SessionId) -> bool {
     let Some(entry) = state.services.get_mut(key) else {
         return false;
     };
@@ -434,5 +494,12 @@ fn remove_provider(state: &mut State, key: &ServiceKey, addr: &Addr, owner: Sess
     entry.providers.remove(addr);
     entry.pending.remove(addr);
     state.mark_dirty(key);
+    // A session's (it may be closing, no longer listed), not a replica's.
+    if !state.replicas.contains_key(&owner) {
+        state.note_owned_provider(key, addr);
+    }
+    if let Some((replica, instance)) = super::replicas::other_claim(state, key, addr, owner) {
+        state.put_provider(key, addr.clone(), instance, replica);
+    }
     true
 }

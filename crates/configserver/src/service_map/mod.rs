@@ -13,6 +13,8 @@
 //! - [`catch_up`]: deltas from the history, or a snapshot, for a subscriber.
 //! - [`push_queue`]: one session's due services, rules and last-sent revisions.
 //! - [`rules`]: governance rules pushed to providers and subscribers.
+//! - [`replication`]: what this server owns, batched for its peers, with a digest.
+//! - [`replicas`]: peers' data held here, merged into the map; orphans of peers gone.
 //! - [`views`]: read-only views for the admin API.
 
 mod answer;
@@ -21,6 +23,8 @@ mod flush;
 mod map;
 mod pending;
 mod push_queue;
+mod replicas;
+mod replication;
 mod rules;
 mod validate;
 mod views;
@@ -29,6 +33,11 @@ pub use answer::{RequestError, ack, error};
 pub use flush::Pushes;
 pub use map::{NodeInfo, Registry, RegistryConfig, SessionId};
 pub use push_queue::{Due, PushQueue, Work};
+pub use replicas::ReplicaView;
+pub use replication::{Batch, Replication, Summary};
+pub use views::ServiceDetail;
 
+#[cfg(test)]
+mod replication_tests;
 #[cfg(test)]
 mod tests;

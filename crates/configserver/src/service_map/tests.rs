@@ -481,7 +481,7 @@ fn the_same_node_on_a_new_stream_takes_its_instance_over() {
     // The old stream expiring later must not remove the instance.
     registry.close_session(old, "expired");
     registry.flush();
-    assert_eq!(registry.detail(&key()).unwrap().1.len(), 1);
+    assert_eq!(registry.detail(&key()).unwrap().providers.len(), 1);
     assert_eq!(
         decoded_catch_up(&registry, &key(), Some(1)).1,
         1,
@@ -667,10 +667,10 @@ mod properties {
             registry.flush();
             subscriber.apply(&registry);
             pushed.push(&registry, &push, &rt);
-            let held: BTreeSet<Addr> = registry.detail(&key()).map(|(_, p, _)| p.iter().map(instance_addr).collect()).unwrap_or_default();
+            let held: BTreeSet<Addr> = registry.detail(&key()).map(|d| d.providers.iter().map(|(i, _)| instance_addr(i)).collect()).unwrap_or_default();
             let seen: BTreeSet<Addr> = subscriber.providers.keys().cloned().collect();
             prop_assert_eq!(seen, held);
-            let weights: BTreeMap<Addr, u32> = registry.detail(&key()).map(|(_, p, _)| p.iter().map(|i| (instance_addr(i), i.weight)).collect()).unwrap_or_default();
+            let weights: BTreeMap<Addr, u32> = registry.detail(&key()).map(|d| d.providers.iter().map(|(i, _)| (instance_addr(i), i.weight)).collect()).unwrap_or_default();
             prop_assert_eq!(&subscriber.providers, &weights);
             prop_assert_eq!(&pushed.providers, &weights, "through the push queue");
         }

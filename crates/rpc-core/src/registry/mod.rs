@@ -17,6 +17,7 @@
 //! # Layout
 //!
 //! - [`config`]: [`SessionConfig`], [`Role`], [`Transport`].
+//! - [`address_server`]: the ConfigServers of a cluster, fetched from an address server URL.
 //! - `handle`: [`RegistrySession`] and [`Follower`].
 //! - `desired`: what this node wants the registry to hold, shared with the task.
 //! - `task`: the session's task (replay, pushes, requests, heartbeats).
@@ -30,6 +31,7 @@
 //! - [`Addr`]: a provider's `host:port`, held inline.
 
 mod addr;
+pub mod address_server;
 mod cache;
 pub mod config;
 pub mod convert;
