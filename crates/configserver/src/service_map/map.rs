@@ -338,12 +338,19 @@ impl Registry {
             session.push.mark_rules(&key);
         }
         if unchanged {
+            let from_replica = holder.as_ref().is_some_and(|(_, o)| state.replicas.contains_key(o));
             if let Some((_, owner)) = state.services.get_mut(&key).and_then(|e| e.providers.get_mut(&addr)) {
                 *owner = id;
             }
             state.note_owned_provider(&key, &addr);
             if let Some(session) = state.sessions.get_mut(&id) {
                 session.registered.insert((key, addr));
+            }
+            drop(state);
+            if from_replica {
+                // Nothing changes for subscribers here, but the peers
+                // must learn that this server holds it now.
+                self.changed.notify_one();
             }
             return Ok(());
         }

@@ -76,6 +76,19 @@ fn providers(registry: &Registry) -> Vec<(String, Option<String>)> {
     list
 }
 
+/// Whether the registry's flusher wake-up was due (taking it).
+fn drain_changed(registry: &Registry) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::ZERO, registry.changed.notified())
+            .await
+            .is_ok()
+    })
+}
+
 fn digest_of(summary: &Summary, owner: &str) -> peer::Digest {
     peer::Digest {
         owner: owner.into(),
@@ -212,9 +225,17 @@ fn the_nodes_own_session_wins_over_a_peers_copy_and_gives_way_back_to_it() {
     b.apply_full(replica, full_of(&a).0).unwrap();
 
     // The provider moved to b before a expired its old session.
+    let (_, mut batches) = full_of(&b);
     let (on_b, _) = b.open_session(node("greeter"));
+    b.apply_full(replica, full_of(&a).0).unwrap();
+    drain_changed(&b);
     b.register(on_b, key(), instance(1)).unwrap();
     assert_eq!(providers(&b), [("127.0.0.1:1".to_owned(), None)]);
+    // Nothing changed for b's subscribers, but b's peers must hear that
+    // b holds it now: the flusher is woken and the batch names it.
+    assert!(drain_changed(&b), "the flusher was not woken to replicate the takeover");
+    b.replicate();
+    assert_eq!(changes_of(&batches.try_recv().unwrap()).providers.len(), 1);
     // a's copy, sent again, does not take it back.
     b.apply_full(replica, full_of(&a).0).unwrap();
     assert_eq!(providers(&b), [("127.0.0.1:1".to_owned(), None)]);

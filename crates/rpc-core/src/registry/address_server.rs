@@ -10,6 +10,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, warn};
+
+use super::SessionConfig;
 
 /// Most bytes of a response read (headers and list).
 pub const MAX_RESPONSE: usize = 64 * 1024;
@@ -163,6 +169,60 @@ impl AddressServer {
         };
         String::from_utf8(body).map_err(|_| malformed("the list is not UTF-8".into()))
     }
+}
+
+/// Follows the address server at `url` for a node's session: a task
+/// (stopped when the handle is dropped, or at `stop`) that fetches the
+/// list at once, again every [`SessionConfig::address_refresh`], and
+/// sooner (with the session's backoff) until a first list comes. The list
+/// is the watch's value; the last one stays while the server is down.
+///
+/// # Errors
+///
+/// `url` is not an address server URL.
+pub(super) fn follow(
+    url: &str,
+    config: &SessionConfig,
+    stop: CancellationToken,
+) -> Result<(watch::Receiver<Vec<String>>, AbortOnDropHandle<()>), AddressServerError> {
+    let server = AddressServer::parse(url)?;
+    let (tx, rx) = watch::channel(Vec::new());
+    let (timeout, refresh, backoff) = (config.connect_timeout, config.address_refresh, config.backoff);
+    let task = tokio::spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            let got_one = !tx.borrow().is_empty();
+            match server.fetch(timeout).await {
+                Ok(list) if !list.is_empty() => {
+                    failures = 0;
+                    tx.send_if_modified(|held| {
+                        let changed = *held != list;
+                        *held = list;
+                        changed
+                    });
+                }
+                Ok(_) => warn!(url = %server.url(), "address server lists no configserver; keeping the last list"),
+                Err(e) if got_one => debug!(error = %e, "address server unreachable; keeping the last list"),
+                Err(e) => {
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        warn!(error = %e, failures, "no configserver list yet: the address server cannot be reached");
+                    }
+                }
+            }
+            let wait = if tx.borrow().is_empty() {
+                backoff.delay(failures.saturating_sub(1), &mut rand::rng()).min(refresh)
+            } else {
+                refresh
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Ok((rx, AbortOnDropHandle::new(task)))
 }
 
 /// The body of a chunked transfer, if well formed.

@@ -32,6 +32,15 @@ impl Role {
 pub struct SessionConfig {
     /// ConfigServer addresses (`host:port`), tried in turn.
     pub servers: Vec<String>,
+    /// Or an address server that lists them, one `host:port` a line
+    /// (`http://host:port/path`; any ConfigServer's
+    /// `/api/cluster/servers` is one). Fetched at start and every
+    /// [`SessionConfig::address_refresh`]; the session starts on a random
+    /// member and keeps the last list while the address server is down.
+    /// `servers`, if any, are used until the first list comes.
+    pub address_server: Option<String>,
+    /// How often the address server is asked again.
+    pub address_refresh: Duration,
     pub app: String,
     pub role: Role,
     /// This node's host as others should reach it.
@@ -65,6 +74,15 @@ pub enum Transport {
 }
 
 impl SessionConfig {
+    /// Servers from the address server at `url` (see
+    /// [`SessionConfig::address_server`]).
+    pub fn from_address_server(url: impl Into<String>, app: impl Into<String>, role: Role) -> SessionConfig {
+        SessionConfig {
+            address_server: Some(url.into()),
+            ..SessionConfig::new(Vec::<String>::new(), app, role)
+        }
+    }
+
     pub fn new(
         servers: impl IntoIterator<Item = impl Into<String>>,
         app: impl Into<String>,
@@ -72,6 +90,8 @@ impl SessionConfig {
     ) -> SessionConfig {
         SessionConfig {
             servers: servers.into_iter().map(Into::into).collect(),
+            address_server: None,
+            address_refresh: Duration::from_secs(30),
             app: app.into(),
             role,
             host: "127.0.0.1".to_owned(),

@@ -51,6 +51,26 @@ impl Reconnect {
         }
     }
 
+    /// Takes a new list of servers (from an address server): the next
+    /// attempt goes to a random one of them, so that nodes spread over the
+    /// cluster.
+    pub(super) fn set_servers(&mut self, servers: Vec<String>, rng: &mut impl Rng) {
+        if servers == self.servers {
+            return;
+        }
+        self.next = if servers.is_empty() {
+            0
+        } else {
+            rng.random_range(0..servers.len())
+        };
+        self.servers = servers;
+    }
+
+    /// The servers it takes turns over.
+    pub(super) fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
     /// The server to try now; `None` if none is configured.
     pub(super) fn next_server(&mut self) -> Option<String> {
         let server = self.servers.get(self.next % self.servers.len().max(1))?.clone();

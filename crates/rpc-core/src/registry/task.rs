@@ -75,7 +75,27 @@ fn tell(audience: &Audience, list: &ProviderList, update: &Update<'_>) {
 impl SessionTask {
     pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut reconnect = Reconnect::new(self.config.servers.clone(), self.config.backoff);
+        let mut listed = self.config.address_server.as_deref().and_then(|url| {
+            super::address_server::follow(url, &self.config, self.stop.clone())
+                .inspect_err(|e| warn!(error = %e, "address server ignored; using the configured servers"))
+                .ok()
+        });
         loop {
+            if let Some((servers, _task)) = &mut listed {
+                let list = servers.borrow_and_update().clone();
+                if !list.is_empty() && list != reconnect.servers() {
+                    debug!(servers = ?list, "configserver list from the address server");
+                    reconnect.set_servers(list, &mut self.rng);
+                }
+                if reconnect.servers().is_empty() {
+                    // Nothing to try before the address server's first answer.
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = servers.changed() => {}
+                    }
+                    continue;
+                }
+            }
             let Some(server) = reconnect.next_server() else {
                 warn!("no configserver address configured; registry session idle");
                 self.stop.cancelled().await;

@@ -1,0 +1,708 @@
+//! A ConfigServer cluster, with real processes: three (or two)
+//! `configserver`s replicating to each other, providers and consumers
+//! spread over them.
+//!
+//! - A provider registered on one server is seen and called by consumers
+//!   on the others, both ways; the admin API names the server of each.
+//! - A rule written through one server is enforced by the nodes of
+//!   another at once (the store poll is an hour here).
+//! - One server killed with SIGKILL under load: no call fails, no live
+//!   provider is ever missing from a list a node follows, the killed
+//!   server's nodes register again elsewhere.
+//! - A server restarted empty has its peers' data before `/readyz` says
+//!   ready.
+//! - A replication batch lost where only anti-entropy can see it (the
+//!   test hook `--test-drop-peer-batches`) is repaired by the next digest.
+//! - A partition between two servers (their peer links cut through a
+//!   proxy; the nodes still reach their own server): each side keeps
+//!   serving what it knows, no live provider is dropped, and both converge
+//!   to the same view when it heals.
+//! - An address server that goes down does not keep a node from moving
+//!   to another server when its own dies.
+//! - A peer that speaks another protocol version, is not a member, or
+//!   sends data of another owner: a clear error, the link closed, nothing
+//!   applied.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Proxy, free_port, http, http_get, metric};
+use consumer_sdk::Reference;
+use prost::Message;
+use rpc_core::ServiceKey;
+use rpc_core::registry::{RegistrySession, Role, SessionConfig, Update, framing};
+use tern_e2e::demo::{GreeterClient, HelloRequest};
+use tern_proto::peer::{self, PeerMessage, PeerReply, peer_message, peer_reply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Hard limit on one whole test.
+const TEST_LIMIT: Duration = Duration::from_secs(90);
+
+/// Peer settings that make the tests quick: digests every 200 ms, a gone
+/// peer's data kept whole for 2 s.
+const FAST_PEERS: [&str; 4] = ["--peer-digest-ms", "200", "--peer-grace-ms", "2000"];
+
+async fn within<F: Future<Output = ()>>(test: F) {
+    tokio::time::timeout(TEST_LIMIT, test)
+        .await
+        .unwrap_or_else(|_| panic!("test still running after its limit of {TEST_LIMIT:?}"));
+}
+
+/// Polls `check` every 20 ms until it holds, at most [`LIMIT`].
+async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) -> Duration {
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < LIMIT, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One ConfigServer of a test cluster.
+struct Server {
+    node: Option<Node>,
+    /// Its registry port, where nodes connect.
+    addr: SocketAddr,
+    admin: SocketAddr,
+    /// Its member address (the registry port, or a proxy in front of it).
+    member: String,
+    flags: Vec<String>,
+}
+
+impl Server {
+    fn start(addr: SocketAddr, flags: Vec<String>) -> Server {
+        let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let (node, started, admin) = Node::configserver(&addr.to_string(), &args);
+        assert_eq!(started, addr);
+        let member = flags
+            .iter()
+            .position(|f| f == "--advertise")
+            .map_or_else(|| addr.to_string(), |at| flags[at + 1].clone());
+        Server {
+            node: Some(node),
+            addr,
+            admin,
+            member,
+            flags,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut node) = self.node.take() {
+            node.kill_hard();
+        }
+    }
+
+    /// Starts it again, empty, on the same ports and flags (a new admin port).
+    fn restart(&mut self) {
+        self.kill();
+        let again = Server::start(self.addr, self.flags.clone());
+        *self = again;
+    }
+
+    async fn ready(&self) -> bool {
+        matches!(http(self.admin, "GET", "/readyz", "").await, Ok((200, _)))
+    }
+
+    /// `(address, server)` of each provider of demo.Greeter 1.0.0 it lists.
+    async fn greeter_providers(&self) -> BTreeSet<(String, String)> {
+        let Ok((200, body)) = http(self.admin, "GET", "/api/services/demo.Greeter:1.0.0", "").await else {
+            return BTreeSet::new();
+        };
+        let json: serde_json::Value = serde_json::from_str(&body).expect("service JSON");
+        json["providers"]
+            .as_array()
+            .expect("providers")
+            .iter()
+            .map(|p| {
+                (
+                    p["address"].as_str().unwrap().to_owned(),
+                    p["server"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Its epoch, from `/api/cluster`.
+    async fn epoch(&self) -> String {
+        let body = http_get(self.admin, "/api/cluster").await.unwrap();
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        json["members"][0]["epoch"]
+            .as_str()
+            .expect("this server's epoch")
+            .to_owned()
+    }
+
+    async fn greeter_addresses(&self) -> BTreeSet<String> {
+        self.greeter_providers().await.into_iter().map(|(a, _)| a).collect()
+    }
+}
+
+/// `n` ConfigServers on fixed loopback ports, each listing all as peers,
+/// with fast heartbeats and `extra` flags; ready.
+async fn cluster(n: usize, extra: &[&str]) -> Vec<Server> {
+    let addrs: Vec<SocketAddr> = (0..n)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    let members = addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let servers: Vec<Server> = addrs
+        .iter()
+        .map(|addr| Server::start(*addr, flags(&members, extra)))
+        .collect();
+    for s in &servers {
+        eventually("every server is ready", || s.ready()).await;
+    }
+    servers
+}
+
+fn flags(members: &str, extra: &[&str]) -> Vec<String> {
+    let mut flags: Vec<String> = FAST_HEARTBEAT
+        .iter()
+        .chain(&FAST_PEERS)
+        .map(|f| f.to_string())
+        .collect();
+    flags.extend(["--peers".to_owned(), members.to_owned()]);
+    flags.extend(extra.iter().map(|f| f.to_string()));
+    flags
+}
+
+/// A provider process of demo.Greeter on `servers` (its first, then the rest).
+fn provider(servers: &[&Server], name: &str) -> (Node, SocketAddr) {
+    let list = servers.iter().map(|s| s.addr.to_string()).collect::<Vec<_>>().join(",");
+    let node = Node::spawn(&["provider", "--registry", &list, "--name", name]);
+    let addr = node.first_line[1].parse().expect("provider address");
+    (node, addr)
+}
+
+/// A consumer of demo.Greeter whose session goes to `servers` in turn.
+fn consumer_on(servers: &[&Server]) -> GreeterClient<Reference> {
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
+    let consumer = consumer_sdk::Consumer::new(consumer_sdk::ConsumerConfig::with_registry("test-consumer", addrs));
+    consumer
+        .reference::<GreeterClient<_>>()
+        .version("1.0.0")
+        .timeout(Duration::from_secs(2))
+        .retries(2)
+        .build()
+        .unwrap()
+}
+
+async fn wait_providers(client: &GreeterClient<Reference>, what: &str, want: &[SocketAddr]) {
+    let ok = client
+        .invoker()
+        .wait_for_providers(LIMIT, |p| want.iter().all(|w| p.contains(w)))
+        .await;
+    assert!(
+        ok,
+        "timed out waiting until {what}; providers: {:?}",
+        client.invoker().providers()
+    );
+}
+
+fn greeter_key() -> ServiceKey {
+    ServiceKey::new("demo.Greeter", "1.0.0", "")
+}
+
+/// A session following demo.Greeter on `servers` that records, after every
+/// change once `want` were all seen, any moment one of them was missing.
+struct Watch {
+    session: RegistrySession,
+    _follower: rpc_core::registry::Follower,
+    seen: Arc<Mutex<BTreeSet<String>>>,
+    missing: Arc<Mutex<Vec<BTreeSet<String>>>>,
+}
+
+impl Watch {
+    fn start(servers: &[&Server], want: &[SocketAddr]) -> Watch {
+        let addrs: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
+        let mut config = SessionConfig::new(addrs, "test-watch", Role::Consumer);
+        config.backoff.max = Duration::from_millis(200);
+        let session = RegistrySession::start(config);
+        let want: BTreeSet<String> = want.iter().map(ToString::to_string).collect();
+        let seen = Arc::new(Mutex::new(BTreeSet::new()));
+        let missing = Arc::new(Mutex::new(Vec::new()));
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (held, gaps) = (seen.clone(), missing.clone());
+        let follower = session.follow(&greeter_key(), move |update| {
+            let mut held = held.lock().unwrap();
+            match update {
+                Update::Reset(list) => {
+                    *held = list.iter().map(|i| format!("{}:{}", i.host, i.port)).collect();
+                }
+                Update::Change {
+                    added,
+                    updated,
+                    removed,
+                } => {
+                    for i in added.iter().chain(updated.iter()) {
+                        held.insert(format!("{}:{}", i.host, i.port));
+                    }
+                    for r in *removed {
+                        held.remove(*r);
+                    }
+                }
+            }
+            let all = want.is_subset(&held);
+            if all {
+                armed.store(true, std::sync::atomic::Ordering::SeqCst);
+            } else if armed.load(std::sync::atomic::Ordering::SeqCst) {
+                gaps.lock().unwrap().push(held.clone());
+            }
+        });
+        Watch {
+            session,
+            _follower: follower,
+            seen,
+            missing,
+        }
+    }
+
+    fn holds(&self, want: &[SocketAddr]) -> bool {
+        let seen = self.seen.lock().unwrap();
+        want.iter().all(|w| seen.contains(&w.to_string()))
+    }
+
+    fn gaps(&self) -> Vec<BTreeSet<String>> {
+        self.missing.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_on_one_server_is_called_by_consumers_on_the_others_both_ways() {
+    within(async {
+        let servers = cluster(3, &[]).await;
+        let [a, b, c] = [&servers[0], &servers[1], &servers[2]];
+        let (_p1, p1) = provider(&[a], "p1");
+        for (name, on) in [("b", b), ("c", c)] {
+            let client = consumer_on(&[on]);
+            wait_providers(&client, &format!("a consumer on {name} has the provider on a"), &[p1]).await;
+            let reply = client.say_hello(HelloRequest { name: "x".into() }).await.unwrap();
+            assert_eq!(reply.served_by, "p1");
+        }
+        let (_p3, p3) = provider(&[c], "p3");
+        let on_a = consumer_on(&[a]);
+        wait_providers(&on_a, "a consumer on a has both", &[p1, p3]).await;
+        // Every server lists both, each with the server it is connected to.
+        let want: BTreeSet<(String, String)> =
+            [(p1.to_string(), a.member.clone()), (p3.to_string(), c.member.clone())].into();
+        for s in &servers {
+            eventually("the admin API lists the cluster's providers", || async {
+                s.greeter_providers().await == want
+            })
+            .await;
+        }
+        // Consumers too: the one on a is listed by b, served by a.
+        let body = http_get(b.admin, "/api/services/demo.Greeter:1.0.0").await.unwrap();
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let consumers = json["consumers"].as_array().unwrap();
+        assert!(
+            consumers.iter().any(|c| c["server"] == a.member.as_str()),
+            "b does not list a's consumer: {body}"
+        );
+        let servers_text = http_get(a.admin, "/api/cluster/servers").await.unwrap();
+        let listed: BTreeSet<&str> = servers_text.lines().collect();
+        assert_eq!(listed, servers.iter().map(|s| s.member.as_str()).collect());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_written_through_one_server_is_enforced_by_the_nodes_of_another_at_once() {
+    within(async {
+        let dir = std::env::temp_dir().join(format!("tern-cluster-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = format!("sqlite://{}?mode=rwc", dir.join("rules.db").display());
+        // The store is polled once an hour: only the peers' announcement
+        // can bring the rule to b in time.
+        let servers = cluster(2, &["--store", &store, "--rules-poll-ms", "3600000"]).await;
+        let (a, b) = (&servers[0], &servers[1]);
+        let (_p, p) = provider(&[b], "p");
+        let client = consumer_on(&[b]);
+        wait_providers(&client, "the consumer has the provider", &[p]).await;
+        client.say_hello(HelloRequest { name: "x".into() }).await.unwrap();
+        let deny = r#"{"kind": "access", "deny_apps": ["test-consumer"]}"#;
+        let (status, body) = http(a.admin, "PUT", "/api/rule?service=demo.Greeter:1.0.0&name=deny", deny)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let written = Instant::now();
+        let took = eventually("b's provider refuses the denied consumer", || async {
+            client.say_hello(HelloRequest { name: "x".into() }).await.is_err()
+        })
+        .await;
+        assert!(
+            took < Duration::from_secs(2),
+            "the rule took {took:?} (written {:?} ago)",
+            written.elapsed()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_server_under_load_fails_no_call_and_loses_no_provider() {
+    within(async {
+        let mut servers = cluster(3, &[]).await;
+        let (p1, p2);
+        let (_n1, _n2);
+        {
+            let [a, b, c] = [&servers[0], &servers[1], &servers[2]];
+            (_n1, p1) = provider(&[a, b, c], "p1");
+            (_n2, p2) = provider(&[b, c, a], "p2");
+        }
+        let want = [p1, p2];
+        let (a, b, c) = (&servers[0], &servers[1], &servers[2]);
+        let watches = [Watch::start(&[a, b, c], &want), Watch::start(&[c, a, b], &want)];
+        let clients = [consumer_on(&[a, b, c]), consumer_on(&[c, a, b])];
+        for client in &clients {
+            wait_providers(client, "both providers", &want).await;
+        }
+        for w in &watches {
+            eventually("each watch holds both", || async { w.holds(&want) }).await;
+        }
+        let loads: Vec<Load> = clients.iter().map(|c| Load::start(c, 4)).collect();
+        for load in &loads {
+            load.run_for_calls(200).await;
+        }
+        let killed_member = servers[0].member.clone();
+        let killed_at = Instant::now();
+        servers[0].kill();
+        // The killed server's nodes connect elsewhere and register again:
+        // p1 is held by a live server's session, not a's copy.
+        let (b, c) = (&servers[1], &servers[2]);
+        eventually("p1 registered again on b or c", || async {
+            b.greeter_providers()
+                .await
+                .iter()
+                .any(|(addr, server)| *addr == p1.to_string() && *server != killed_member)
+        })
+        .await;
+        let rehomed = killed_at.elapsed();
+        // Past the grace period, a's copy is gone from b and c.
+        for s in [b, c] {
+            eventually("the dead server's copy is gone", || async {
+                let cluster = http_get(s.admin, "/api/cluster").await.unwrap_or_default();
+                let json: serde_json::Value = serde_json::from_str(&cluster).unwrap_or_default();
+                json["members"].as_array().is_some_and(|m| {
+                    m.iter()
+                        .filter(|m| m["node"] == killed_member.as_str())
+                        .all(|m| m["copies"].as_array().is_some_and(|c| c.is_empty()))
+                })
+            })
+            .await;
+        }
+        for load in &loads {
+            load.run_for_calls(200).await;
+        }
+        for s in [b, c] {
+            assert_eq!(
+                s.greeter_addresses().await,
+                want.iter().map(ToString::to_string).collect()
+            );
+        }
+        let mut failed = 0;
+        for load in loads {
+            failed += load.finish().await.1;
+        }
+        assert_eq!(failed, 0, "calls failed while a server died");
+        for w in &watches {
+            assert!(
+                w.gaps().is_empty(),
+                "a live provider went missing from a list: {:?}",
+                w.gaps()
+            );
+            assert!(w.holds(&want));
+            w.session.shutdown();
+        }
+        eprintln!("re-registered on another server {rehomed:?} after the kill");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restarted_empty_has_its_peers_data_before_it_is_ready() {
+    within(async {
+        let mut servers = cluster(2, &[]).await;
+        let (_p, p) = provider(&[&servers[0]], "p");
+        eventually("b lists a's provider", || async {
+            servers[1].greeter_addresses().await.contains(&p.to_string())
+        })
+        .await;
+        servers[1].restart();
+        let b = &servers[1];
+        eventually("the restarted server is ready", || b.ready()).await;
+        assert!(
+            b.greeter_addresses().await.contains(&p.to_string()),
+            "ready without its peer's providers"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_replication_batch_is_repaired_by_anti_entropy() {
+    within(async {
+        let servers = cluster(2, &["--test-drop-peer-batches", "1"]).await;
+        let (a, b) = (&servers[0], &servers[1]);
+        let (_p, p) = provider(&[a], "p");
+        // Its two services are registered in one batch or two: whichever
+        // batch was lost, b lists both only once it is repaired.
+        eventually("b lists the provider of both services", || async {
+            let Ok(body) = http_get(b.admin, "/api/services").await else {
+                return false;
+            };
+            let services: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            services
+                .as_array()
+                .is_some_and(|s| s.iter().filter(|s| s["providers"] == 1).count() == 2)
+        })
+        .await;
+        let on_b = consumer_on(&[b]);
+        wait_providers(&on_b, "the consumer on b has the provider despite the lost batch", &[p]).await;
+        let metrics = http_get(b.admin, "/metrics").await.unwrap();
+        assert!(
+            metric(&metrics, "configserver_peer_repairs_total") >= 1,
+            "repaired otherwise than by a digest"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_between_two_servers_drops_no_live_provider_and_heals_to_one_view() {
+    within(async {
+        // Each server's member address is a proxy in front of it: cutting
+        // both cuts the servers from each other, not from their nodes.
+        let addrs = [
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
+        ];
+        let proxies = [Proxy::start(addrs[0]).await, Proxy::start(addrs[1]).await];
+        let members = format!("{},{}", proxies[0].addr, proxies[1].addr);
+        let servers: Vec<Server> = (0..2)
+            .map(|i| {
+                let advertise = proxies[i].addr.to_string();
+                Server::start(addrs[i], flags(&members, &["--advertise", &advertise]))
+            })
+            .collect();
+        for s in &servers {
+            eventually("ready", || s.ready()).await;
+        }
+        let (a, b) = (&servers[0], &servers[1]);
+        let (_p1, p1) = provider(&[a], "p1");
+        let (mut p2_node, p2) = provider(&[a], "p2");
+        let watch_b = Watch::start(&[b], &[p1, p2]);
+        eventually("b's watch has a's providers", || async { watch_b.holds(&[p1, p2]) }).await;
+
+        for proxy in &proxies {
+            proxy.cut();
+        }
+        // Longer than the grace period: b probes a's providers and keeps
+        // the live ones. Meanwhile one provider on a stops and one starts.
+        p2_node.kill_hard();
+        let (_p3, p3) = provider(&[a], "p3");
+        eventually("a sees the change", || async {
+            a.greeter_addresses().await == [p1.to_string(), p3.to_string()].into()
+        })
+        .await;
+        let cut_at = Instant::now();
+        eventually("b has probed a's copy", || async {
+            !b.greeter_addresses().await.contains(&p2.to_string()) || cut_at.elapsed() > Duration::from_secs(6)
+        })
+        .await;
+        assert!(
+            b.greeter_addresses().await.contains(&p1.to_string()),
+            "b dropped a live provider of a during the partition"
+        );
+        assert!(
+            watch_b.gaps().iter().all(|held| held.contains(&p1.to_string())),
+            "{:?}",
+            watch_b.gaps()
+        );
+
+        for proxy in &proxies {
+            proxy.restore();
+        }
+        let want: BTreeSet<String> = [p1.to_string(), p3.to_string()].into();
+        for s in [a, b] {
+            eventually("both sides converge", || async { s.greeter_addresses().await == want }).await;
+        }
+        assert_eq!(a.greeter_providers().await, b.greeter_providers().await);
+        watch_b.session.shutdown();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_moves_to_another_server_while_the_address_server_is_down() {
+    within(async {
+        let mut servers = cluster(2, &[]).await;
+        // The address server: any member's list, served here so it can go down.
+        let list = http_get(servers[0].admin, "/api/cluster/servers").await.unwrap();
+        assert_eq!(list.lines().count(), 2, "{list}");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/servers", listener.local_addr().unwrap());
+        let serving = tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut request = [0u8; 1024];
+                let _ = socket.read(&mut request).await;
+                let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{list}", list.len());
+                let _ = socket.write_all(response.as_bytes()).await;
+            }
+        });
+        let mut config = SessionConfig::from_address_server(&url, "test-mover", Role::Consumer);
+        config.backoff.max = Duration::from_millis(200);
+        config.address_refresh = Duration::from_millis(100);
+        let session = RegistrySession::start(config);
+        let mut connected = session.connected();
+        let first = tokio::time::timeout(LIMIT, connected.wait_for(Option::is_some))
+            .await
+            .expect("connected through the address server's list")
+            .unwrap()
+            .clone()
+            .unwrap();
+        serving.abort();
+        let _ = serving.await;
+        // `connected` names the server's epoch.
+        let mut epochs = Vec::new();
+        for s in &servers {
+            epochs.push(s.epoch().await);
+        }
+        let dying = epochs
+            .iter()
+            .position(|e| *e == first)
+            .expect("connected to one of the two");
+        let other = 1 - dying;
+        servers[dying].kill();
+        let moved = tokio::time::timeout(
+            LIMIT,
+            connected.wait_for(|c| c.as_deref() == Some(epochs[other].as_str())),
+        )
+        .await;
+        assert!(
+            moved.is_ok(),
+            "the node did not move to {} with the address server down",
+            servers[other].addr
+        );
+        session.shutdown();
+    })
+    .await;
+}
+
+/// Opens a peer link to `server` as `node`: `(reader, writer)` after Hello.
+async fn fake_peer(server: SocketAddr, version: u32, node: &str) -> TcpStream {
+    let mut socket = TcpStream::connect(server).await.unwrap();
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&[0xC7, b'T', b'P', 1]);
+    let hello = peer::Hello {
+        protocol_version: version,
+        node: node.into(),
+        epoch: "fake".into(),
+        ..peer::Hello::default()
+    };
+    framing::put_frame(
+        &mut out,
+        &PeerMessage {
+            body: Some(peer_message::Body::Hello(hello)),
+        },
+    );
+    socket.write_all(&out).await.unwrap();
+    socket
+}
+
+/// The next reply on a peer link; `None` once it is closed.
+async fn next_reply(socket: &mut TcpStream) -> Option<peer_reply::Body> {
+    let mut len = [0u8; 4];
+    tokio::time::timeout(LIMIT, socket.read_exact(&mut len))
+        .await
+        .unwrap()
+        .ok()?;
+    let mut body = vec![0; u32::from_be_bytes(len) as usize];
+    socket.read_exact(&mut body).await.ok()?;
+    PeerReply::decode(body.as_slice()).unwrap().body
+}
+
+fn expect_error(reply: Option<peer_reply::Body>, kind: &str, text: &str) {
+    match reply {
+        Some(peer_reply::Body::Error(e)) => {
+            assert_eq!(e.kind, kind, "{}", e.message);
+            assert!(e.message.contains(text), "{:?} does not name {text:?}", e.message);
+        }
+        other => panic!("expected a {kind} error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_peer_gets_a_clear_error_and_nothing_of_it_is_applied() {
+    within(async {
+        // A server whose other member is the test, at an address nobody serves.
+        let fake = format!("127.0.0.1:{}", free_port());
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let server = Server::start(addr, flags(&format!("{addr},{fake}"), &["--peer-sync-timeout-ms", "0"]));
+
+        let mut old = fake_peer(addr, 0, &fake).await;
+        expect_error(next_reply(&mut old).await, "version", "version 0");
+        assert!(next_reply(&mut old).await.is_none(), "the link stayed open");
+
+        let mut stranger = fake_peer(addr, 1, "127.0.0.1:1").await;
+        expect_error(
+            next_reply(&mut stranger).await,
+            "unknown_member",
+            "\"127.0.0.1:1\" is not a member",
+        );
+        assert!(next_reply(&mut stranger).await.is_none());
+
+        // A member sending what another owns.
+        let mut member = fake_peer(addr, 1, &fake).await;
+        assert!(matches!(
+            next_reply(&mut member).await,
+            Some(peer_reply::Body::Welcome(_))
+        ));
+        let instance = tern_proto::registry::Instance {
+            host: "127.0.0.1".into(),
+            port: 7777,
+            weight: 100,
+            ..Default::default()
+        };
+        let full = peer::Full {
+            owner: "127.0.0.1:2".into(),
+            seq: 1,
+            providers: vec![peer::Provider {
+                service: Some((&greeter_key()).into()),
+                instance: Some(instance),
+                session: 1,
+            }],
+            ..peer::Full::default()
+        };
+        let mut out = BytesMut::new();
+        framing::put_frame(
+            &mut out,
+            &PeerMessage {
+                body: Some(peer_message::Body::Full(full)),
+            },
+        );
+        member.write_all(&out).await.unwrap();
+        expect_error(next_reply(&mut member).await, "not_owner", "\"127.0.0.1:2\"");
+        assert!(next_reply(&mut member).await.is_none());
+        assert!(
+            server.greeter_addresses().await.is_empty(),
+            "a refused message was applied"
+        );
+        // The server serves on.
+        assert!(server.ready().await);
+    })
+    .await;
+}
