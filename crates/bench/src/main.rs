@@ -9,10 +9,14 @@
 //!   (see [`rules`]).
 //! - `bench peers`: the ConfigServer against ZooKeeper and etcd on the same
 //!   discovery workload (see [`peers`]).
+//! - `bench cluster`: three ConfigServers replicating to each other:
+//!   cross-server push, a storm, a server killed under load (see
+//!   [`cluster`]).
 //!
 //! Each system under test runs in its own process (`bench serve ...`,
 //! started by the driver); the driver process generates the load.
 
+mod cluster;
 mod convergence;
 mod failover;
 mod load;
@@ -57,6 +61,8 @@ enum Command {
     Rules(rules::RulesArgs),
     /// ConfigServer vs ZooKeeper vs etcd: push latency, storm, bytes, CPU, memory.
     Peers(peers::PeersArgs),
+    /// A cluster of three ConfigServers: cross-server push, storm, a server killed under load.
+    Cluster(cluster::ClusterArgs),
     /// Runs one system's echo server (started by the driver).
     #[command(hide = true)]
     Serve(systems::ServeArgs),
@@ -85,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         Command::Registry(args) => runtime.block_on(registry::run(args)),
         Command::Rules(args) => runtime.block_on(rules::run(args)),
         Command::Peers(args) => runtime.block_on(peers::run(args)),
+        Command::Cluster(args) => runtime.block_on(cluster::run(args)),
         Command::Failover(args) => runtime.block_on(failover::run(args)),
         Command::Serve(args) => runtime.block_on(systems::serve(args)),
         Command::ServeConfigserver(_) => unreachable!("handled above"),

@@ -74,12 +74,18 @@ impl Server {
 
     /// Starts it with `extra` flags after the bench's own.
     pub fn start_with(extra: &[String]) -> anyhow::Result<Server> {
+        Server::start_on("127.0.0.1:0".parse()?, extra)
+    }
+
+    /// Starts it on `listen` (a cluster's members are known ahead), with
+    /// `extra` flags after the bench's own.
+    pub fn start_on(listen: SocketAddr, extra: &[String]) -> anyhow::Result<Server> {
         let mut command = Command::new(std::env::current_exe()?);
         command
             .args([
                 "serve-configserver",
                 "--listen",
-                "127.0.0.1:0",
+                &listen.to_string(),
                 "--admin-listen",
                 "127.0.0.1:0",
             ])
@@ -104,12 +110,35 @@ impl Server {
         crate::proc_stats::rss_kb(self.pid())
     }
 
-    async fn metric(&self, name: &str) -> anyhow::Result<u64> {
+    /// `GET path` on its admin port: `(status, body)`.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(self.admin).await?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
-        let mut page = String::new();
-        stream.read_to_string(&mut page).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    pub fn kill_hard(&mut self) -> anyhow::Result<()> {
+        self.process.kill_hard()?;
+        Ok(())
+    }
+
+    pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
+        let (_, page) = self.get("/metrics").await?;
         let value = page
             .lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))

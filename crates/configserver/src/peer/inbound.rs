@@ -17,7 +17,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{debug, info, warn};
 
 use super::{Cluster, MAX_PEER_FRAME, PROTOCOL_VERSION};
-use crate::service_map::RequestError;
+use crate::service_map::{MAX_PEER_NAME, RequestError};
+
+/// Largest first message (`Hello`) accepted from a peer.
+const MAX_HELLO: usize = 4 * 1024;
 
 /// Serves one peer's link; the preface has been read. `cluster` is
 /// `None` on a server without peers, which refuses every peer.
@@ -28,7 +31,8 @@ pub(crate) async fn serve(
     from: SocketAddr,
     timeout: std::time::Duration,
 ) {
-    let mut messages = MessageReader::new(read, MAX_PEER_FRAME, 4096, "PeerMessage");
+    // Small frames until the peer has said who it is.
+    let mut messages = MessageReader::new(read, MAX_HELLO, 1024, "PeerMessage");
     let hello = match tokio::time::timeout(timeout, messages.next(|b: &[u8]| PeerMessage::decode(b))).await {
         Ok(Some(Ok(PeerMessage {
             body: Some(peer_message::Body::Hello(hello)),
@@ -47,6 +51,12 @@ pub(crate) async fn serve(
         Ok(None) => return,
         Err(_) => return debug!(%from, "peer sent no Hello; closing"),
     };
+    for (field, value) in [("node", &hello.node), ("epoch", &hello.epoch), ("admin", &hello.admin)] {
+        if value.len() > MAX_PEER_NAME {
+            let why = format!("Hello's {field} is {} bytes, more than {MAX_PEER_NAME}", value.len());
+            return refuse(&mut write, from, "invalid", why, timeout).await;
+        }
+    }
     let Some(cluster) = cluster else {
         let why = format!("{} is not a member: this server has no peers", hello.node);
         return refuse(&mut write, from, "unknown_member", why, timeout).await;
@@ -72,6 +82,7 @@ pub(crate) async fn serve(
         );
         return refuse(&mut write, from, "unknown_member", why, timeout).await;
     }
+    messages.set_max_frame(MAX_PEER_FRAME);
     let registry = cluster.registry().clone();
     let id = registry.open_replica(&hello.node, &hello.epoch, &hello.admin);
     cluster.peer_seen(&hello.node);
@@ -127,7 +138,14 @@ pub(crate) async fn serve(
                     }
                     Err(e) => return Err(refused(&mut write, &mut out, e, timeout).await),
                 },
-                Some(peer_message::Body::Heartbeat(hb)) => peer_reply::Body::Heartbeat(hb),
+                Some(peer_message::Body::Heartbeat(hb)) => {
+                    if !cluster.is_member(&hello.node) {
+                        let why = format!("{} is no longer a member of this cluster", hello.node);
+                        let _ = reply(&mut write, &mut out, error("unknown_member", why.clone()), timeout).await;
+                        return Err(why);
+                    }
+                    peer_reply::Body::Heartbeat(hb)
+                }
                 Some(peer_message::Body::RulesChanged(rules)) => {
                     debug!(peer = %hello.node, revision = rules.revision, "cluster: peer changed rules; reloading");
                     if let Err(e) = cluster.governance().reload().await {

@@ -306,7 +306,12 @@ impl Cluster {
             .iter()
             .filter(|(name, m)| {
                 let status = m.status.lock().expect("link status lock");
-                let unreachable = !status.connected && status.attempts > 0;
+                // Nothing listens there (or nothing answers): the member
+                // is down, and it has nothing to give. A member that
+                // answered but did not take the link is waited for.
+                let unreachable = !status.connected
+                    && status.attempts > 0
+                    && status.last_error.as_deref().is_some_and(|e| e.starts_with("connect:"));
                 !unreachable && !self.registry.synced_with(name)
             })
             .map(|(name, _)| name.clone())

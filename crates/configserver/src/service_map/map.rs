@@ -117,6 +117,8 @@ pub(super) struct State {
     /// Copies of peers' data, by the id each is held under as a holder of
     /// providers (ids of the same series as sessions').
     pub(super) replicas: HashMap<SessionId, Replica>,
+    /// Links of peers opened so far (each feeds its copy under its number).
+    pub(super) replica_links: u64,
     /// What this server owns, as it is replicated to peers; `None` when
     /// the server has no peers (nothing is tracked).
     pub(super) outbound: Option<Outbound>,

@@ -33,7 +33,7 @@ pub use answer::{RequestError, ack, error};
 pub use flush::Pushes;
 pub use map::{NodeInfo, Registry, RegistryConfig, SessionId};
 pub use push_queue::{Due, PushQueue, Work};
-pub use replicas::ReplicaView;
+pub use replicas::{MAX_PEER_NAME, ReplicaLink, ReplicaView};
 pub use replication::{Batch, Replication, Summary};
 pub use views::ServiceDetail;
 

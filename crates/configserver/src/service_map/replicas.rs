@@ -42,6 +42,9 @@ pub(crate) struct Replica {
     pub(super) admin: String,
     /// Since when its link is down; `None` while it is up.
     pub(super) orphaned: Option<Instant>,
+    /// Which of the peer's links feeds it now: an older link of the same
+    /// run (still ending) may neither apply nor orphan it.
+    pub(super) link: u64,
     /// A full copy has been applied since the link came up.
     pub(super) synced: bool,
     /// As applied: what the peer's digests are compared with.
@@ -70,6 +73,16 @@ pub struct ReplicaView {
     pub last_applied_ago: Option<Duration>,
 }
 
+/// One link's hold on a peer's copy: what the link applies through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaLink {
+    pub id: SessionId,
+    link: u64,
+}
+
+/// Longest member address, epoch or admin address a peer may name.
+pub const MAX_PEER_NAME: usize = 256;
+
 /// A provider, or a consumer, as a peer sent it: checked before anything
 /// of its message is applied.
 enum Entry {
@@ -81,9 +94,11 @@ impl Registry {
     /// A peer's link is up: the replica its data goes to. The same run of
     /// the same peer (its epoch) finds its copy again; a new run gets a new
     /// one, and the copy of the old run is orphaned.
-    pub fn open_replica(&self, node: &str, epoch: &str, admin: &str) -> SessionId {
+    pub fn open_replica(&self, node: &str, epoch: &str, admin: &str) -> ReplicaLink {
         let mut state = self.lock();
         let now = Instant::now();
+        state.replica_links += 1;
+        let link = state.replica_links;
         let mut found = None;
         for (id, replica) in &mut state.replicas {
             if replica.node != node {
@@ -100,8 +115,9 @@ impl Registry {
             let replica = state.replicas.get_mut(&id).expect("found above");
             replica.orphaned = None;
             replica.synced = false;
+            replica.link = link;
             replica.admin = admin.to_owned();
-            return id;
+            return ReplicaLink { id, link };
         }
         state.next_session += 1;
         let id = state.next_session;
@@ -112,6 +128,7 @@ impl Registry {
                 epoch: epoch.to_owned(),
                 admin: admin.to_owned(),
                 orphaned: None,
+                link,
                 synced: false,
                 summary: Summary::default(),
                 providers: HashMap::new(),
@@ -120,13 +137,15 @@ impl Registry {
                 last_applied: None,
             },
         );
-        id
+        ReplicaLink { id, link }
     }
 
-    /// A peer's link ended: its copy is orphaned from now.
-    pub fn close_replica(&self, id: SessionId) {
+    /// A peer's link ended: its copy is orphaned from now (unless a newer
+    /// link of the peer feeds it).
+    pub fn close_replica(&self, link: ReplicaLink) {
         let mut state = self.lock();
-        if let Some(replica) = state.replicas.get_mut(&id)
+        if let Some(replica) = state.replicas.get_mut(&link.id)
+            && replica.link == link.link
             && replica.orphaned.is_none()
         {
             replica.orphaned = Some(Instant::now());
@@ -140,7 +159,8 @@ impl Registry {
     ///
     /// An entry that is not valid, or names an owner other than the peer:
     /// nothing is applied.
-    pub fn apply_full(&self, id: SessionId, full: peer::Full) -> Result<(), RequestError> {
+    pub fn apply_full(&self, link: ReplicaLink, full: peer::Full) -> Result<(), RequestError> {
+        let id = link.id;
         let mut entries = Vec::with_capacity(full.providers.len() + full.consumers.len());
         for p in full.providers {
             entries.push(self.checked_provider(p)?);
@@ -149,7 +169,7 @@ impl Registry {
             entries.push(checked_consumer(c)?);
         }
         let mut state = self.lock();
-        let replica = state.replicas.get_mut(&id).ok_or_else(|| gone(id))?;
+        let replica = linked(&mut state, link)?;
         check_owner(replica, &full.owner)?;
         // What the full copy leaves out goes; the rest is claimed again.
         let mut listed_providers = std::collections::HashSet::new();
@@ -184,6 +204,9 @@ impl Registry {
         }
         let changed = apply(&mut state, id, entries);
         let replica = state.replicas.get_mut(&id).expect("checked above");
+        // Summed up again from what it holds now: the copy is the owner's
+        // whole data, whatever was dropped from it before.
+        replica.summary = summarize(replica);
         replica.summary.seq = full.seq;
         replica.summary.sessions = full.sessions;
         replica.synced = true;
@@ -202,7 +225,8 @@ impl Registry {
     /// # Errors
     ///
     /// As [`Registry::apply_full`]: nothing is applied.
-    pub fn apply_changes(&self, id: SessionId, changes: peer::Changes) -> Result<bool, RequestError> {
+    pub fn apply_changes(&self, link: ReplicaLink, changes: peer::Changes) -> Result<bool, RequestError> {
+        let id = link.id;
         let mut entries = Vec::with_capacity(changes.providers.len() + changes.consumers.len());
         for p in changes.providers {
             entries.push(self.checked_provider(p)?);
@@ -213,17 +237,24 @@ impl Registry {
         let mut gone_providers = Vec::with_capacity(changes.providers_gone.len());
         for g in changes.providers_gone {
             let key = checked_key(g.service)?;
-            let addr: std::net::SocketAddr = g.addr.parse().map_err(|_| {
-                RequestError::Invalid(format!("peer sent a removed provider with bad address {:?}", g.addr))
-            })?;
-            gone_providers.push((key, Addr::new(&addr.ip().to_string(), u32::from(addr.port()))));
+            // As the owner wrote it (`host:port`, the instance's own
+            // text), so that it names the very entry it claimed.
+            let addr = g
+                .addr
+                .rsplit_once(':')
+                .filter(|(host, _)| !host.is_empty() && host.len() <= 253)
+                .and_then(|(host, port)| Some(Addr::new(host, port.parse::<u16>().ok()?.into())))
+                .ok_or_else(|| {
+                    RequestError::Invalid(format!("peer sent a removed provider with bad address {:?}", g.addr))
+                })?;
+            gone_providers.push((key, addr));
         }
         let mut gone_consumers = Vec::with_capacity(changes.consumers_gone.len());
         for g in changes.consumers_gone {
             gone_consumers.push((checked_key(g.service)?, g.session));
         }
         let mut state = self.lock();
-        let replica = state.replicas.get_mut(&id).ok_or_else(|| gone(id))?;
+        let replica = linked(&mut state, link)?;
         check_owner(replica, &changes.owner)?;
         let in_sequence = changes.seq == replica.summary.seq + 1;
         replica.summary.seq = changes.seq;
@@ -245,8 +276,8 @@ impl Registry {
 
     /// Counts a batch as applied without applying it: the test hook that
     /// loses a replication message where only anti-entropy can see it.
-    pub fn skip_changes(&self, id: SessionId, seq: u64) {
-        if let Some(replica) = self.lock().replicas.get_mut(&id) {
+    pub fn skip_changes(&self, link: ReplicaLink, seq: u64) {
+        if let Ok(replica) = linked(&mut self.lock(), link) {
             replica.summary.seq = seq;
         }
     }
@@ -254,9 +285,9 @@ impl Registry {
     /// Compares a peer's digest with its copy here; why they differ, if
     /// they do. A digest of another point in the peer's sequence than the
     /// copy's is not compared (gaps are caught by [`Registry::apply_changes`]).
-    pub fn check_digest(&self, id: SessionId, digest: &peer::Digest) -> Result<Option<String>, RequestError> {
-        let state = self.lock();
-        let replica = state.replicas.get(&id).ok_or_else(|| gone(id))?;
+    pub fn check_digest(&self, link: ReplicaLink, digest: &peer::Digest) -> Result<Option<String>, RequestError> {
+        let mut state = self.lock();
+        let replica = linked(&mut state, link)?;
         check_owner(replica, &digest.owner)?;
         let held = replica.summary;
         if held.seq != digest.seq {
@@ -305,10 +336,9 @@ impl Registry {
                 let holder = state.services.get(&key).and_then(|e| e.providers.get(&addr));
                 match holder {
                     Some((instance, h)) if *h == id => held.push((key, instance.clone())),
+                    // Someone else holds it: this claim is let go.
                     _ => {
-                        if let Some(r) = state.replicas.get_mut(&id) {
-                            r.providers.remove(&(key, addr));
-                        }
+                        unclaim(&mut state, id, &key, &addr);
                     }
                 }
             }
@@ -330,6 +360,11 @@ impl Registry {
     /// once it holds nothing.
     pub fn settle_orphan(&self, id: SessionId, dead: &[(ServiceKey, Addr)]) {
         let mut state = self.lock();
+        if state.replicas.get(&id).is_none_or(|r| r.orphaned.is_none()) {
+            // Its link came back while the probes ran: the peer's own
+            // data says what is alive.
+            return;
+        }
         let mut changed = false;
         for (key, addr) in dead {
             changed |= unclaim(&mut state, id, key, addr);
@@ -420,8 +455,27 @@ fn check_owner(replica: &Replica, owner: &str) -> Result<(), RequestError> {
     Ok(())
 }
 
-fn gone(id: SessionId) -> RequestError {
-    RequestError::NotFound(format!("replica {id}"))
+/// The copy `link` feeds, if that link still does.
+fn linked(state: &mut State, link: ReplicaLink) -> Result<&mut Replica, RequestError> {
+    state
+        .replicas
+        .get_mut(&link.id)
+        .filter(|r| r.link == link.link)
+        .ok_or_else(|| RequestError::NotFound("this link was replaced by a newer one of the same peer".into()))
+}
+
+/// A copy's counts and hash, from what it holds.
+fn summarize(replica: &Replica) -> Summary {
+    let mut summary = Summary {
+        providers: replica.providers.len() as u64,
+        consumers: replica.consumers.len() as u64,
+        ..replica.summary
+    };
+    summary.hash = replica.providers.values().map(|(_, h)| *h).fold(0, |a, h| a ^ h);
+    for ((key, session), node) in &replica.consumers {
+        summary.hash ^= consumer_hash(key, *session, node);
+    }
+    summary
 }
 
 /// Claims every entry for replica `id`; whether the live map changed.
@@ -502,8 +556,9 @@ fn drop_consumer(state: &mut State, id: SessionId, key: &ServiceKey, session: u6
     remove_if_unused(state, key);
 }
 
-/// Another replica's claim on `addr` of `key` (a connected peer's first),
-/// to hold it when `except` lets go.
+/// A connected peer's claim on `addr` of `key`, to hold it when `except`
+/// lets go. An orphan's claim never takes a provider back: its peer is
+/// gone, and the provider may have been unregistered since it moved.
 pub(super) fn other_claim(
     state: &State,
     key: &ServiceKey,
@@ -518,7 +573,8 @@ pub(super) fn other_claim(
         .replicas
         .iter()
         .filter(|(id, _)| **id != except)
-        .filter_map(|(id, r)| r.providers.get(&wanted).map(|(i, _)| (r.orphaned.is_some(), *id, i)))
-        .min_by_key(|(orphaned, id, _)| (*orphaned, *id))
-        .map(|(_, id, i)| (id, i.clone()))
+        .filter(|(_, r)| r.orphaned.is_none())
+        .filter_map(|(id, r)| r.providers.get(&wanted).map(|(i, _)| (*id, i)))
+        .min_by_key(|(id, _)| *id)
+        .map(|(id, i)| (id, i.clone()))
 }

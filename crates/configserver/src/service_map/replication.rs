@@ -137,9 +137,9 @@ impl Registry {
     /// A full copy of what this server owns and the batches that will
     /// follow it, for a peer link that (re)connects; `None` without peers.
     pub fn replication(&self) -> Option<Replication> {
-        let mut state = self.lock();
-        make_batch(&mut state);
-        let state = &*state;
+        let mut guard = self.lock();
+        make_batch(&mut guard);
+        let state = &*guard;
         let outbound = state.outbound.as_ref()?;
         let mut full = peer::Full {
             owner: outbound.node.clone(),
@@ -159,10 +159,13 @@ impl Registry {
         }
         let mut summary = outbound.summary;
         summary.sessions = full.sessions;
+        let batches = outbound.batches.subscribe();
+        // Encoded once the registry is free again.
+        drop(guard);
         Some(Replication {
             summary,
             full: encode(peer_message::Body::Full(full)),
-            batches: outbound.batches.subscribe(),
+            batches,
         })
     }
 }

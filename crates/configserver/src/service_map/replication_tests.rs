@@ -305,9 +305,9 @@ fn an_orphan_keeps_its_providers_until_found_dead_and_a_restarted_peer_gets_a_ne
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].1.len(), 2);
     // One answered its probe, one did not.
-    b.settle_orphan(replica, &[(key(), Addr::new("127.0.0.1", 2))]);
+    b.settle_orphan(replica.id, &[(key(), Addr::new("127.0.0.1", 2))]);
     assert_eq!(providers(&b), [("127.0.0.1:1".to_owned(), Some("a:9600".to_owned()))]);
-    b.settle_orphan(replica, &[(key(), Addr::new("127.0.0.1", 1))]);
+    b.settle_orphan(replica.id, &[(key(), Addr::new("127.0.0.1", 1))]);
     assert!(providers(&b).is_empty());
     assert!(
         b.replicas().iter().all(|r| r.epoch != a.epoch()),
@@ -327,4 +327,92 @@ fn subscribers_here_are_pushed_a_peers_changes() {
     b.apply_full(replica, full_of(&a).0).unwrap();
     assert_eq!(b.flush(), 1, "the subscriber was not pushed the peer's provider");
     drop(push);
+}
+
+#[test]
+fn a_provider_that_moved_here_and_left_is_not_taken_back_by_the_dead_peers_copy() {
+    let (a, b) = (server("a:9600"), server("b:9600"));
+    let (on_a, _) = a.open_session(node("greeter"));
+    a.register(on_a, key(), instance(1)).unwrap();
+    let replica = b.open_replica("a:9600", a.epoch(), "");
+    b.apply_full(replica, full_of(&a).0).unwrap();
+    // a dies; the provider moves to b, then unregisters (it goes offline
+    // with its port still open).
+    b.close_replica(replica);
+    let (on_b, _) = b.open_session(node("greeter"));
+    b.register(on_b, key(), instance(1)).unwrap();
+    b.unregister(on_b, &key(), "127.0.0.1", 1).unwrap();
+    assert!(providers(&b).is_empty(), "the dead peer's copy took the provider back");
+    // Past the grace, the orphan holds nothing and goes.
+    assert!(b.orphans_due(Duration::ZERO).is_empty());
+    assert!(b.replicas().is_empty());
+}
+
+#[test]
+fn a_removal_names_a_provider_registered_by_host_name() {
+    let (a, b) = (server("a:9600"), server("b:9600"));
+    let (on_a, _) = a.open_session(node("greeter"));
+    let named = Instance {
+        host: "greeter-1.internal".into(),
+        ..instance(7)
+    };
+    a.register(on_a, key(), named).unwrap();
+    let (full, mut batches) = full_of(&a);
+    let replica = b.open_replica("a:9600", a.epoch(), "");
+    b.apply_full(replica, full).unwrap();
+    assert_eq!(providers(&b).len(), 1);
+    a.unregister(on_a, &key(), "greeter-1.internal", 7).unwrap();
+    a.replicate();
+    assert!(
+        b.apply_changes(replica, changes_of(&batches.try_recv().unwrap()))
+            .unwrap()
+    );
+    assert!(
+        providers(&b).is_empty(),
+        "the removal of a host-named provider was not applied"
+    );
+}
+
+#[test]
+fn an_older_link_of_a_peer_can_neither_apply_nor_orphan_the_copy_its_successor_feeds() {
+    let (a, b) = (server("a:9600"), server("b:9600"));
+    let old = b.open_replica("a:9600", a.epoch(), "");
+    let new = b.open_replica("a:9600", a.epoch(), "");
+    assert_eq!(old.id, new.id, "the same run of the peer has one copy");
+    let (on_a, _) = a.open_session(node("greeter"));
+    a.register(on_a, key(), instance(1)).unwrap();
+    let e = b.apply_full(old, full_of(&a).0).unwrap_err();
+    assert!(e.to_string().contains("replaced by a newer one"), "{e}");
+    b.apply_full(new, full_of(&a).0).unwrap();
+    b.close_replica(old);
+    assert!(b.replicas()[0].connected, "the old link's end orphaned the live copy");
+    b.close_replica(new);
+    assert!(!b.replicas()[0].connected);
+}
+
+#[test]
+fn a_full_copy_makes_the_copys_summary_right_again_after_claims_were_dropped() {
+    let (a, b) = (server("a:9600"), server("b:9600"));
+    let (on_a, _) = a.open_session(node("greeter"));
+    a.register(on_a, key(), instance(1)).unwrap();
+    let replica = b.open_replica("a:9600", a.epoch(), "");
+    b.apply_full(replica, full_of(&a).0).unwrap();
+    // Cut off past the grace while the provider moved to b: the orphan
+    // lets its claim go.
+    b.close_replica(replica);
+    let (on_b, _) = b.open_session(node("greeter"));
+    b.register(on_b, key(), instance(1)).unwrap();
+    assert!(b.orphans_due(Duration::ZERO).is_empty());
+    // The link comes back (same run): a's full copy and digest agree.
+    let again = b.open_replica("a:9600", a.epoch(), "");
+    let replication = a.replication().unwrap();
+    let peer_message::Body::Full(full) = decoded(&replication.full) else {
+        panic!("expected Full")
+    };
+    b.apply_full(again, full).unwrap();
+    assert_eq!(
+        b.check_digest(again, &digest_of(&replication.summary, "a:9600"))
+            .unwrap(),
+        None
+    );
 }

@@ -132,6 +132,12 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         }
     }
 
+    /// Changes the largest frame accepted from here on (a peer is read
+    /// with a small limit until it has said who it is).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.decoder = FrameDecoder::new(max_frame);
+    }
+
     /// The next message, decoded by `decode`; `None` at a clean end of the
     /// stream; why the stream broke otherwise (it must not be read again).
     /// Cancel-safe: bytes read stay in the buffer for the next call.
