@@ -343,6 +343,36 @@ mod tests {
     }
 
     #[test]
+    fn peers_come_from_a_flag_or_a_file_as_a_list_or_comma_separated() {
+        use clap::Parser;
+        let cli = Cli::parse_from([
+            "configserver",
+            "--peers",
+            "10.0.0.1:9600,10.0.0.2:9600",
+            "--peer-grace-ms",
+            "7000",
+        ]);
+        let config = cli.settings.into_config();
+        assert_eq!(config.cluster.peers, ["10.0.0.1:9600", "10.0.0.2:9600"]);
+        assert_eq!(config.cluster.grace, Some(Duration::from_secs(7)));
+        for text in [
+            "peers = \"10.0.0.1:9600, 10.0.0.2:9600\"",
+            "peers = [\"10.0.0.1:9600\", \"10.0.0.2:9600\"]",
+        ] {
+            let file: Settings = toml::from_str(text).unwrap();
+            assert_eq!(
+                file.into_config().cluster.peers,
+                ["10.0.0.1:9600", "10.0.0.2:9600"],
+                "{text}"
+            );
+        }
+        assert!(
+            !Settings::default().into_config().cluster.enabled(),
+            "a lone server by default"
+        );
+    }
+
+    #[test]
     fn unknown_file_key_is_named() {
         let err = toml::from_str::<Settings>("heartbeat-intervl-ms = 5").unwrap_err();
         assert!(err.to_string().contains("heartbeat-intervl-ms"), "{err}");

@@ -32,9 +32,11 @@ pub(crate) async fn serve(service: &RegistryService, socket: TcpStream, peer: So
     match tokio::time::timeout(timeout, read.read_exact(&mut preface)).await {
         Ok(Ok(_)) if preface == framing::PREFACE => {}
         // Another ConfigServer of the cluster (any version: a peer of
-        // another is told so).
+        // another is told so). Boxed: its state would otherwise be part of
+        // every node session's task.
         Ok(Ok(_)) if preface[..3] == crate::peer::PREFACE[..3] => {
-            return crate::peer::inbound::serve(service.cluster(), read, write, peer, timeout).await;
+            let link = crate::peer::inbound::serve(service.cluster(), read, write, peer, timeout);
+            return Box::pin(link).await;
         }
         Ok(Ok(_)) => {
             warn!(%peer, preface = ?preface, expected = ?framing::PREFACE, "refusing connection: unknown control preface (unsupported version?)");

@@ -18,7 +18,8 @@
 //!   proxy; the nodes still reach their own server): each side keeps
 //!   serving what it knows, no live provider is dropped, and both converge
 //!   to the same view when it heals.
-//! - An address server that goes down does not keep a node from moving
+//! - Servers that take their members from an address server replicate;
+//!   an address server that goes down does not keep a node from moving
 //!   to another server when its own dies.
 //! - A peer that speaks another protocol version, is not a member, or
 //!   sends data of another owner: a clear error, the link closed, nothing
@@ -577,19 +578,7 @@ async fn a_node_moves_to_another_server_while_the_address_server_is_down() {
         // The address server: any member's list, served here so it can go down.
         let list = http_get(servers[0].admin, "/api/cluster/servers").await.unwrap();
         assert_eq!(list.lines().count(), 2, "{list}");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/servers", listener.local_addr().unwrap());
-        let serving = tokio::spawn(async move {
-            loop {
-                let Ok((mut socket, _)) = listener.accept().await else {
-                    return;
-                };
-                let mut request = [0u8; 1024];
-                let _ = socket.read(&mut request).await;
-                let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{list}", list.len());
-                let _ = socket.write_all(response.as_bytes()).await;
-            }
-        });
+        let (url, serving) = address_server(list).await;
         let mut config = SessionConfig::from_address_server(&url, "test-mover", Role::Consumer);
         config.backoff.max = Duration::from_millis(200);
         config.address_refresh = Duration::from_millis(100);
@@ -625,6 +614,55 @@ async fn a_node_moves_to_another_server_while_the_address_server_is_down() {
             servers[other].addr
         );
         session.shutdown();
+    })
+    .await;
+}
+
+/// An address server answering `list` to every GET: its URL, and the task
+/// serving it (abort it to take the address server down).
+async fn address_server(list: String) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/servers", listener.local_addr().unwrap());
+    let serving = tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await;
+            let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{list}", list.len());
+            let _ = socket.write_all(response.as_bytes()).await;
+        }
+    });
+    (url, serving)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_that_take_their_members_from_an_address_server_replicate() {
+    within(async {
+        let addrs = [
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
+        ];
+        let (url, _serving) = address_server(format!("# members\n{}\n{}\n", addrs[0], addrs[1])).await;
+        let servers: Vec<Server> = addrs
+            .iter()
+            .map(|addr| {
+                let mut flags: Vec<String> = FAST_HEARTBEAT
+                    .iter()
+                    .chain(&FAST_PEERS)
+                    .map(|f| f.to_string())
+                    .collect();
+                flags.extend(["--address-server".to_owned(), url.clone()]);
+                Server::start(*addr, flags)
+            })
+            .collect();
+        for s in &servers {
+            eventually("ready", || s.ready()).await;
+        }
+        let (_p, p) = provider(&[&servers[0]], "p");
+        let on_b = consumer_on(&[&servers[1]]);
+        wait_providers(&on_b, "a consumer on b has the provider on a", &[p]).await;
     })
     .await;
 }
