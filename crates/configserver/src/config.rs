@@ -65,7 +65,7 @@ pub struct Settings {
     #[arg(long, env = "CONFIGSERVER_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: Option<u64>,
     /// Longest a change is held after a flush (until its pushes are out,
-    /// then, while changes come fast enough to be merged, 4x as long as
+    /// then, while changes come fast enough to be merged, 16x as long as
     /// the pushes took); changes held together go out as one delta
     /// [default: 5].
     #[arg(long, env = "CONFIGSERVER_COALESCE_MS")]

@@ -60,7 +60,7 @@ use crate::service_map::{Pushes, Registry};
 /// that holding them merges some (a burst), holds them for
 /// [`HOLD_PER_ROUND`] times as long as the pushes took, never past the
 /// coalescing window, and they go out as one delta per service. In a
-/// burst, push rounds take at most about a fifth of the time, and the
+/// burst, push rounds take at most about a seventeenth of the time, and the
 /// registrations of a storm keep the rest. A lone change waits for
 /// nothing, however long the last push round was: a round to a thousand
 /// subscribers takes milliseconds, and holding each of a series of
@@ -176,7 +176,13 @@ const PARALLEL_PUSH_MIN: usize = 256;
 
 /// In a burst, after a push round, the flusher holds changes this many
 /// times as long as the round took (within the coalescing window).
-const HOLD_PER_ROUND: u32 = 4;
+///
+/// Sixteen rather than four: a storm of 400 changes then reaches each of
+/// 100 subscribers as fewer deltas (each a wake-up, a read and a write on
+/// both sides), and converged in 14 ms rather than 17 (medians of 15 runs
+/// each, alternating, 2026-12-06); a lone change is not held at all, and
+/// no hold passes the coalescing window.
+const HOLD_PER_ROUND: u32 = 16;
 
 /// A shorter hold is skipped.
 const MIN_HOLD: Duration = Duration::from_millis(1);
