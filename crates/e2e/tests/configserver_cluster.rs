@@ -14,10 +14,14 @@
 //!   with that data once it can.
 //! - A replication batch lost where only anti-entropy can see it (the
 //!   test hook `--test-drop-peer-batches`) is repaired by the next digest.
-//! - A partition between two servers (their peer links cut through a
-//!   proxy; the nodes still reach their own server): each side keeps
-//!   serving what it knows, no live provider is dropped, and both converge
-//!   to the same view when it heals.
+//! - A partition between two servers: in a network namespace the test
+//!   makes (one server and its providers inside, the veth link taken
+//!   down; `SKIPPED` where namespaces cannot be made), each side keeps
+//!   serving what it knows and changes meanwhile, and both converge to
+//!   the same view when it heals; and, with the peer links cut through a
+//!   proxy while every provider stays reachable, a partition longer than
+//!   the grace period drops no live provider (the probe keeps it) and
+//!   drops a dead one.
 //! - Servers that take their members from an address server replicate;
 //!   an address server that goes down does not keep a node from moving
 //!   to another server when its own dies.
@@ -34,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Proxy, free_port, http, http_get, metric};
+use common::{FAST_HEARTBEAT, LIMIT, Load, Netns, Node, Proxy, free_port, http, http_get, metric};
 use consumer_sdk::Reference;
 use prost::Message;
 use rpc_core::ServiceKey;
@@ -167,11 +171,13 @@ async fn cluster(n: usize, extra: &[&str]) -> Vec<Server> {
 }
 
 fn flags(members: &str, extra: &[&str]) -> Vec<String> {
-    let mut flags: Vec<String> = FAST_HEARTBEAT
-        .iter()
-        .chain(&FAST_PEERS)
-        .map(|f| f.to_string())
-        .collect();
+    let mut flags: Vec<String> = FAST_HEARTBEAT.iter().map(|f| f.to_string()).collect();
+    // FAST_PEERS, unless `extra` sets one of them itself.
+    for pair in FAST_PEERS.chunks(2) {
+        if !extra.contains(&pair[0]) {
+            flags.extend(pair.iter().map(|f| f.to_string()));
+        }
+    }
     flags.extend(["--peers".to_owned(), members.to_owned()]);
     flags.extend(extra.iter().map(|f| f.to_string()));
     flags
@@ -507,7 +513,7 @@ async fn a_lost_replication_batch_is_repaired_by_anti_entropy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partition_between_two_servers_drops_no_live_provider_and_heals_to_one_view() {
+async fn a_partition_longer_than_the_grace_keeps_live_providers_drops_dead_ones_and_heals() {
     within(async {
         // Each server's member address is a proxy in front of it: cutting
         // both cuts the servers from each other, not from their nodes.
@@ -567,6 +573,108 @@ async fn a_partition_between_two_servers_drops_no_live_provider_and_heals_to_one
         }
         assert_eq!(a.greeter_providers().await, b.greeter_providers().await);
         watch_b.session.shutdown();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_partition_between_two_servers_keeps_both_serving_and_heals_to_one_view() {
+    // Server b and its providers in a network namespace the test makes;
+    // server a and its nodes here. Taking the veth link down cuts a from b
+    // while each still reaches its own nodes.
+    let netns = match Netns::create() {
+        Ok(netns) => netns,
+        Err(why) => {
+            common::skipped(&format!(
+                "cluster partition test: cannot make a network namespace here: {why}"
+            ));
+            return;
+        }
+    };
+    within(async {
+        let a_addr = SocketAddr::new(netns.host_ip.parse().unwrap(), free_port());
+        let b_addr = SocketAddr::new(netns.ns_ip.parse().unwrap(), free_port());
+        let members = format!("{a_addr},{b_addr}");
+        // The partition stays shorter than the grace period: what a peer
+        // cut off has is kept whole meanwhile.
+        let a = Server::start(a_addr, flags(&members, &["--peer-grace-ms", "10000"]));
+        let b_flags = flags(&members, &["--peer-grace-ms", "10000"]);
+        let mut args: Vec<String> = [
+            "configserver",
+            "--listen",
+            &b_addr.to_string(),
+            "--admin-listen",
+            &format!("{}:0", netns.ns_ip),
+            "--store",
+            "sqlite::memory:",
+        ]
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+        args.extend(b_flags);
+        let b_node = Node::spawn_wrapped(&netns.wrapper(), &args);
+        let b = Server {
+            addr: b_addr,
+            admin: b_node.first_line[4].parse().unwrap(),
+            member: b_addr.to_string(),
+            flags: Vec::new(),
+            node: Some(b_node),
+        };
+        for s in [&a, &b] {
+            eventually("ready", || s.ready()).await;
+        }
+        let in_b = |name: &str| {
+            let (registry, bind) = (b_addr.to_string(), format!("{}:0", netns.ns_ip));
+            let node = Node::spawn_wrapped(
+                &netns.wrapper(),
+                &["provider", "--bind", &bind, "--registry", &registry, "--name", name],
+            );
+            let addr: SocketAddr = node.first_line[1].parse().unwrap();
+            (node, addr)
+        };
+        let (_a1, a1) = provider(&[&a], "a1");
+        let (_b1, b1) = in_b("b1");
+        let watch_a = Watch::start(&[&a], &[a1, b1]);
+        eventually("a's watch has both", || async { watch_a.holds(&[a1, b1]) }).await;
+        eventually("b lists both", || async { b.greeter_addresses().await.len() == 2 }).await;
+
+        netns.set_link(false);
+        // Each side changes meanwhile.
+        let (_a2, a2) = provider(&[&a], "a2");
+        let (_b2, b2) = in_b("b2");
+        eventually("a lists its new provider", || async {
+            a.greeter_addresses().await.contains(&a2.to_string())
+        })
+        .await;
+        // Once a has seen b's link end, it still lists b's provider.
+        eventually("a sees b's link end", || async {
+            let Ok(body) = http_get(a.admin, "/api/cluster").await else {
+                return false;
+            };
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            json["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["node"] == b_addr.to_string().as_str() && m["copies"][0]["connected"] == false)
+            })
+        })
+        .await;
+        assert!(
+            a.greeter_addresses().await.contains(&b1.to_string()),
+            "a dropped b's provider during the partition"
+        );
+        netns.set_link(true);
+
+        let want: BTreeSet<String> = [a1, a2, b1, b2].iter().map(ToString::to_string).collect();
+        for s in [&a, &b] {
+            eventually("both sides converge", || async { s.greeter_addresses().await == want }).await;
+        }
+        assert_eq!(a.greeter_providers().await, b.greeter_providers().await);
+        assert!(
+            watch_a.gaps().is_empty(),
+            "a live provider left a's list: {:?}",
+            watch_a.gaps()
+        );
+        watch_a.session.shutdown();
     })
     .await;
 }

@@ -29,7 +29,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{FAST_HEARTBEAT, LIMIT, Load, Node, Signal, consumer, free_port, greeter, http_get, metric, wait_for};
+use common::{
+    FAST_HEARTBEAT, LIMIT, Load, Netns, Node, Signal, consumer, free_port, greeter, http_get, metric, wait_for,
+};
 use consumer_sdk::Reference;
 use tern_e2e::demo::{GreeterClient, HelloRequest};
 
@@ -141,113 +143,6 @@ async fn configserver_killed_and_restarted_under_load_loses_no_call_and_gets_reg
 }
 
 // === network partition ===
-
-/// Runs `ip args`; the error says which command failed and why.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `ip {}`: {e} (install iproute2)", args.join(" ")))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
-}
-
-/// A network namespace joined to this one by a veth pair, with addresses of
-/// its own (10.231.N.1 here, 10.231.N.2 inside); only the test's own
-/// processes are on either end. Deleted, with its veth pair, when dropped,
-/// whatever the outcome of the test.
-struct Netns {
-    name: String,
-    host_if: String,
-    ns_if: String,
-    host_ip: String,
-    ns_ip: String,
-}
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        Netns::remove_stale();
-        // Names unique per test process; interface names stay under 16 bytes.
-        let id = std::process::id();
-        let subnet = id % 200 + 20;
-        let netns = Netns {
-            name: format!("tern-fault-{id}"),
-            host_if: format!("tfh{id}"),
-            ns_if: format!("tfn{id}"),
-            host_ip: format!("10.231.{subnet}.1"),
-            ns_ip: format!("10.231.{subnet}.2"),
-        };
-        ip(&["netns", "add", &netns.name])?;
-        // From here on, dropping `netns` removes what was made.
-        ip(&[
-            "link",
-            "add",
-            &netns.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &netns.ns_if,
-        ])?;
-        ip(&["link", "set", &netns.ns_if, "netns", &netns.name])?;
-        ip(&["addr", "add", &format!("{}/24", netns.host_ip), "dev", &netns.host_if])?;
-        ip(&["link", "set", &netns.host_if, "up"])?;
-        netns.exec(&["ip", "link", "set", "lo", "up"])?;
-        netns.exec(&["ip", "addr", "add", &format!("{}/24", netns.ns_ip), "dev", &netns.ns_if])?;
-        netns.exec(&["ip", "link", "set", &netns.ns_if, "up"])?;
-        Ok(netns)
-    }
-
-    /// Deletes namespaces left by test processes that died without
-    /// unwinding (SIGKILL), so that a rerun starts clean.
-    fn remove_stale() {
-        let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
-            return;
-        };
-        for line in String::from_utf8_lossy(&output.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or_default();
-            let Some(pid) = name.strip_prefix("tern-fault-") else {
-                continue;
-            };
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = ip(&["netns", "del", name]);
-                let _ = ip(&["link", "del", &format!("tfh{pid}")]);
-            }
-        }
-    }
-
-    fn wrapper(&self) -> [&str; 4] {
-        ["ip", "netns", "exec", &self.name]
-    }
-
-    fn exec(&self, command: &[&str]) -> Result<(), String> {
-        ip(&[&["netns", "exec", &self.name][..], command].concat())
-    }
-
-    /// Takes the namespace's end of the link down (a partition: packets
-    /// are dropped, nothing is refused or reset) or up again.
-    fn set_link(&self, up: bool) {
-        self.exec(&["ip", "link", "set", &self.ns_if, if up { "up" } else { "down" }])
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.name]) {
-            eprintln!("cleaning up: {e}");
-        }
-        // Normally gone with the namespace; this covers a half-made one.
-        let _ = ip(&["link", "del", &self.host_if]);
-    }
-}
 
 /// A consumer that retries a timed-out try elsewhere (SayHello is
 /// idempotent) and sets a provider aside after two failures.

@@ -339,3 +339,112 @@ impl Load {
         (self.calls.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
     }
 }
+
+// === network partitions ===
+
+/// Runs `ip args`; the error says which command failed and why.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `ip {}`: {e} (install iproute2)", args.join(" ")))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// A network namespace joined to this one by a veth pair, with addresses of
+/// its own (10.231.N.1 here, 10.231.N.2 inside); only the test's own
+/// processes are on either end. Deleted, with its veth pair, when dropped,
+/// whatever the outcome of the test.
+pub struct Netns {
+    name: String,
+    host_if: String,
+    ns_if: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+}
+
+impl Netns {
+    pub fn create() -> Result<Netns, String> {
+        Netns::remove_stale();
+        // Names unique per test process; interface names stay under 16 bytes.
+        let id = std::process::id();
+        let subnet = id % 200 + 20;
+        let netns = Netns {
+            name: format!("tern-fault-{id}"),
+            host_if: format!("tfh{id}"),
+            ns_if: format!("tfn{id}"),
+            host_ip: format!("10.231.{subnet}.1"),
+            ns_ip: format!("10.231.{subnet}.2"),
+        };
+        ip(&["netns", "add", &netns.name])?;
+        // From here on, dropping `netns` removes what was made.
+        ip(&[
+            "link",
+            "add",
+            &netns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &netns.ns_if,
+        ])?;
+        ip(&["link", "set", &netns.ns_if, "netns", &netns.name])?;
+        ip(&["addr", "add", &format!("{}/24", netns.host_ip), "dev", &netns.host_if])?;
+        ip(&["link", "set", &netns.host_if, "up"])?;
+        netns.exec(&["ip", "link", "set", "lo", "up"])?;
+        netns.exec(&["ip", "addr", "add", &format!("{}/24", netns.ns_ip), "dev", &netns.ns_if])?;
+        netns.exec(&["ip", "link", "set", &netns.ns_if, "up"])?;
+        Ok(netns)
+    }
+
+    /// Deletes namespaces left by test processes that died without
+    /// unwinding (SIGKILL), so that a rerun starts clean.
+    fn remove_stale() {
+        let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            let Some(pid) = name.strip_prefix("tern-fault-") else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = ip(&["netns", "del", name]);
+                let _ = ip(&["link", "del", &format!("tfh{pid}")]);
+            }
+        }
+    }
+
+    pub fn wrapper(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.name]
+    }
+
+    fn exec(&self, command: &[&str]) -> Result<(), String> {
+        ip(&[&["netns", "exec", &self.name][..], command].concat())
+    }
+
+    /// Takes the namespace's end of the link down (a partition: packets
+    /// are dropped, nothing is refused or reset) or up again.
+    pub fn set_link(&self, up: bool) {
+        self.exec(&["ip", "link", "set", &self.ns_if, if up { "up" } else { "down" }])
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("cleaning up: {e}");
+        }
+        // Normally gone with the namespace; this covers a half-made one.
+        let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
