@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::node_session::RegistryService;
+use crate::peer::Cluster;
 use crate::session_outbox::SessionOutbox;
 
 /// Read buffer a native session starts with; it grows for larger frames.
@@ -25,7 +26,13 @@ const READ_BUFFER: usize = 256;
 /// Serves one natively framed session: checks the preface, then runs the
 /// session over the frames while its outbox is written as the socket
 /// drains.
-pub(crate) async fn serve(service: &RegistryService, socket: TcpStream, peer: SocketAddr, max_message_bytes: usize) {
+pub(crate) async fn serve(
+    service: &RegistryService,
+    peers: Option<&Arc<Cluster>>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    max_message_bytes: usize,
+) {
     let timeout = service.heartbeats().timeout;
     let (mut read, write) = socket.into_split();
     let mut preface = [0u8; framing::PREFACE.len()];
@@ -35,7 +42,7 @@ pub(crate) async fn serve(service: &RegistryService, socket: TcpStream, peer: So
         // another is told so). Boxed: its state would otherwise be part of
         // every node session's task.
         Ok(Ok(_)) if preface[..3] == crate::peer::PREFACE[..3] => {
-            let link = crate::peer::inbound::serve(service.cluster(), read, write, peer, timeout);
+            let link = crate::peer::inbound::serve(peers, read, write, peer, timeout);
             return Box::pin(link).await;
         }
         Ok(Ok(_)) => {

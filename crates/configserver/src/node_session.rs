@@ -21,7 +21,6 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Credentials;
 use crate::outgoing::{Deliver, Outgoing};
-use crate::peer::Cluster;
 use crate::service_map::{self, NodeInfo, PushQueue, Registry, SessionId};
 
 /// Heartbeat timings announced to nodes.
@@ -38,8 +37,6 @@ pub struct RegistryService {
     heartbeats: Heartbeats,
     /// `None`: access control is off.
     credentials: Option<Arc<Credentials>>,
-    /// The cluster, whose peers connect on the same port.
-    cluster: Option<Arc<Cluster>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -49,7 +46,6 @@ impl RegistryService {
         registry: Arc<Registry>,
         heartbeats: Heartbeats,
         credentials: Option<Arc<Credentials>>,
-        cluster: Option<Arc<Cluster>>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
@@ -57,7 +53,6 @@ impl RegistryService {
             registry,
             heartbeats,
             credentials,
-            cluster,
             shutdown,
             tracker,
         }
@@ -77,11 +72,6 @@ impl RegistryService {
             shutdown: self.shutdown.cancelled(),
             session,
         }
-    }
-
-    /// The cluster, if this server has peers.
-    pub(crate) fn cluster(&self) -> Option<&Arc<Cluster>> {
-        self.cluster.as_ref()
     }
 
     /// The server's tasks: a transport spawns a session's task here.

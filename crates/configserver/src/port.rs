@@ -32,6 +32,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, warn};
 
 use crate::node_session::RegistryService;
+use crate::peer::Cluster;
 use crate::service_map::Registry;
 
 /// Connections accepted but not yet taken by the gRPC server; at the bound
@@ -192,15 +193,27 @@ impl Warning {
     }
 }
 
+/// Where the registry port hands each connection it accepts.
+#[derive(Debug, Clone)]
+pub struct Handlers {
+    /// Natively framed node sessions.
+    pub sessions: RegistryService,
+    /// Largest node message accepted.
+    pub max_message_bytes: usize,
+    /// Everything else (HTTP/2) goes to the gRPC server.
+    pub grpc: mpsc::Sender<std::io::Result<Held>>,
+    /// Links of other ConfigServers (`None`: this server has no peers, and
+    /// refuses them).
+    pub peers: Option<Arc<Cluster>>,
+}
+
 /// Accepts connections on the registry port until `shutdown`, serving
-/// native sessions and passing the rest to `grpc`, at most `limit` at once.
-/// Every connection's task is in `tracker`.
+/// native sessions and peers' links and passing the rest to gRPC, at most
+/// `limit` at once. Every connection's task is in `tracker`.
 pub async fn accept(
     listener: TcpListener,
-    service: RegistryService,
-    max_message_bytes: usize,
+    handlers: Handlers,
     limit: ConnectionLimit,
-    grpc: mpsc::Sender<std::io::Result<Held>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -236,23 +249,29 @@ pub async fn accept(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let (service, grpc, shutdown) = (service.clone(), grpc.clone(), shutdown.clone());
+        let (handlers, shutdown) = (handlers.clone(), shutdown.clone());
         tracker.spawn(async move {
             let mut first = [0u8; 1];
-            let timeout = service.heartbeats().timeout;
+            let timeout = handlers.sessions.heartbeats().timeout;
             let peeked = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 peeked = tokio::time::timeout(timeout, socket.peek(&mut first)) => peeked,
             };
             match peeked {
                 Ok(Ok(1)) if first[0] == framing::PREFACE[0] => {
-                    service
-                        .until_shutdown(crate::native::serve(&service, socket, peer, max_message_bytes))
-                        .await;
+                    let service = &handlers.sessions;
+                    let serve = crate::native::serve(
+                        service,
+                        handlers.peers.as_ref(),
+                        socket,
+                        peer,
+                        handlers.max_message_bytes,
+                    );
+                    service.until_shutdown(serve).await;
                     drop(slot);
                 }
                 Ok(Ok(1)) => {
-                    let _ = grpc.send(Ok(Held::new(socket, slot, timeout))).await;
+                    let _ = handlers.grpc.send(Ok(Held::new(socket, slot, timeout))).await;
                 }
                 Ok(Ok(_)) => debug!(%peer, "registry port: closed before sending anything"),
                 Ok(Err(e)) => debug!(%peer, error = %e, "registry port: read failed"),

@@ -165,19 +165,22 @@ impl ConfigServer {
             registry.clone(),
             heartbeats,
             credentials.clone(),
-            cluster.clone(),
             shutdown.clone(),
             tracker.clone(),
         );
         // One port, two transports: the accept loop serves natively framed
         // sessions itself and hands the rest to the gRPC server.
         let (to_grpc, grpc_incoming) = mpsc::channel(crate::port::GRPC_HANDOFF);
+        let handlers = crate::port::Handlers {
+            sessions: service.clone(),
+            max_message_bytes: config.max_message_bytes,
+            grpc: to_grpc,
+            peers: cluster.clone(),
+        };
         tracker.spawn(crate::port::accept(
             registry_port,
-            service.clone(),
-            config.max_message_bytes,
+            handlers,
             crate::port::ConnectionLimit::new(max_connections, registry.clone()),
-            to_grpc,
             shutdown.clone(),
             tracker.clone(),
         ));

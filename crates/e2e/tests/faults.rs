@@ -26,7 +26,6 @@ mod common;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{

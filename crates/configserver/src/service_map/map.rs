@@ -1,17 +1,21 @@
 //! The live map itself: sessions, services, and each service's providers,
 //! consumers and subscribers, as the sessions' requests change it
-//! (register, unregister, subscribe, unsubscribe, close).
+//! (register, unregister, subscribe, unsubscribe, close); with peers, the
+//! copies of their data that hold providers beside the sessions
+//! ([`Replica`], changed by `replicas.rs`) and what this server replicates
+//! ([`Outbound`], by `replication.rs`).
 //!
 //! All state sits behind one `std::sync::Mutex` ([`Registry::lock`]), never
 //! held across an `.await`. Lock order: the registry, then a session's
 //! [`PushQueue`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rpc_core::ServiceKey;
 use rpc_core::governance::RuleSet;
 use rpc_core::registry::Addr;
@@ -23,8 +27,6 @@ use tracing::{debug, info};
 use super::answer::RequestError;
 use super::pending::Pending;
 use super::push_queue::PushQueue;
-use super::replicas::Replica;
-use super::replication::Outbound;
 use crate::metrics::Metrics;
 use crate::outgoing::PushedDelta;
 
@@ -165,6 +167,64 @@ impl State {
             ..ServiceEntry::default()
         })
     }
+}
+
+// === peers' copies and this server's replication (operations in
+// `replicas.rs` and `replication.rs`) ===
+
+/// One peer's data as this server holds it.
+#[derive(Debug)]
+pub(crate) struct Replica {
+    pub(super) node: String,
+    pub(super) epoch: String,
+    pub(super) admin: String,
+    /// Since when its link is down; `None` while it is up.
+    pub(super) orphaned: Option<Instant>,
+    /// Which of the peer's links feeds it now: an older link of the same
+    /// run (still ending) may neither apply nor orphan it.
+    pub(super) link: u64,
+    /// A full copy has been applied since the link came up.
+    pub(super) synced: bool,
+    /// As applied: what the peer's digests are compared with.
+    pub(super) summary: Summary,
+    pub(super) providers: HashMap<(ServiceKey, Addr), (Instance, u64)>,
+    pub(super) consumers: HashMap<(ServiceKey, u64), NodeInfo>,
+    /// Between the peer making its last batch and this server applying it.
+    pub(super) last_lag_ms: Option<i64>,
+    pub(super) last_applied: Option<Instant>,
+}
+
+/// What this server owns, as replicated so far.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    /// This server's member address: the owner named in what it sends.
+    pub(super) node: String,
+    pub(super) dirty_providers: HashSet<(ServiceKey, Addr)>,
+    pub(super) dirty_consumers: HashSet<(ServiceKey, SessionId)>,
+    /// The hash of each entry as last batched, by a hash of its identity.
+    pub(super) sent: HashMap<u64, u64>,
+    pub(super) summary: Summary,
+    pub(super) batches: tokio::sync::broadcast::Sender<Batch>,
+}
+
+/// The owner's data as of one batch, summed up (what a `Digest` says).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub seq: u64,
+    /// XOR of the hash of every entry ([`provider_hash`], [`consumer_hash`]).
+    pub hash: u64,
+    pub providers: u64,
+    pub consumers: u64,
+    /// The owner's sessions when the batch was made.
+    pub sessions: u64,
+}
+
+/// One batch of changes, encoded once for every peer link.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub summary: Summary,
+    /// A `PeerMessage` carrying `Changes`.
+    pub encoded: Bytes,
 }
 
 /// The registry of one ConfigServer.
@@ -507,8 +567,31 @@ pub(super) fn remove_provider(state: &mut State, key: &ServiceKey, addr: &Addr, 
     if !state.replicas.contains_key(&owner) {
         state.note_owned_provider(key, addr);
     }
-    if let Some((replica, instance)) = super::replicas::other_claim(state, key, addr, owner) {
+    if let Some((replica, instance)) = other_claim(state, key, addr, owner) {
         state.put_provider(key, addr.clone(), instance, replica);
     }
     true
+}
+
+/// A connected peer's claim on `addr` of `key`, to hold it when `except`
+/// lets go. An orphan's claim never takes a provider back: its peer is
+/// gone, and the provider may have been unregistered since it moved.
+pub(super) fn other_claim(
+    state: &State,
+    key: &ServiceKey,
+    addr: &Addr,
+    except: SessionId,
+) -> Option<(SessionId, Instance)> {
+    if state.replicas.is_empty() {
+        return None;
+    }
+    let wanted = (key.clone(), addr.clone());
+    state
+        .replicas
+        .iter()
+        .filter(|(id, _)| **id != except)
+        .filter(|(_, r)| r.orphaned.is_none())
+        .filter_map(|(id, r)| r.providers.get(&wanted).map(|(i, _)| (*id, i)))
+        .min_by_key(|(id, _)| *id)
+        .map(|(id, i)| (id, i.clone()))
 }

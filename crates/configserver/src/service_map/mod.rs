@@ -31,10 +31,11 @@ mod views;
 
 pub use answer::{RequestError, ack, error};
 pub use flush::Pushes;
+pub use map::{Batch, Summary};
 pub use map::{NodeInfo, Registry, RegistryConfig, SessionId};
 pub use push_queue::{Due, PushQueue, Work};
 pub use replicas::{MAX_PEER_NAME, ReplicaLink, ReplicaView};
-pub use replication::{Batch, Replication, Summary};
+pub use replication::Replication;
 pub use views::ServiceDetail;
 
 #[cfg(test)]

@@ -28,33 +28,11 @@ use tern_proto::registry::Instance;
 use tracing::{debug, info};
 
 use super::answer::RequestError;
-use super::map::{NodeInfo, Registry, SessionId, State, remove_if_unused, remove_provider};
-use super::replication::{Summary, consumer_hash, provider_hash};
+use super::map::{NodeInfo, Registry, Replica, SessionId, State, Summary, remove_if_unused, remove_provider};
+use super::replication::{consumer_hash, provider_hash};
 
 /// Longest app, host or zone of a peer's consumer entry.
 const MAX_FIELD: usize = 1024;
-
-/// One peer's data as this server holds it.
-#[derive(Debug)]
-pub(crate) struct Replica {
-    pub(super) node: String,
-    pub(super) epoch: String,
-    pub(super) admin: String,
-    /// Since when its link is down; `None` while it is up.
-    pub(super) orphaned: Option<Instant>,
-    /// Which of the peer's links feeds it now: an older link of the same
-    /// run (still ending) may neither apply nor orphan it.
-    pub(super) link: u64,
-    /// A full copy has been applied since the link came up.
-    pub(super) synced: bool,
-    /// As applied: what the peer's digests are compared with.
-    pub(super) summary: Summary,
-    pub(super) providers: HashMap<(ServiceKey, Addr), (Instance, u64)>,
-    pub(super) consumers: HashMap<(ServiceKey, u64), NodeInfo>,
-    /// Between the peer making its last batch and this server applying it.
-    pub(super) last_lag_ms: Option<i64>,
-    pub(super) last_applied: Option<Instant>,
-}
 
 /// A replica as the admin API shows it.
 #[derive(Debug, Clone)]
@@ -554,27 +532,4 @@ fn drop_consumer(state: &mut State, id: SessionId, key: &ServiceKey, session: u6
         entry.remote_consumers.remove(&(id, session));
     }
     remove_if_unused(state, key);
-}
-
-/// A connected peer's claim on `addr` of `key`, to hold it when `except`
-/// lets go. An orphan's claim never takes a provider back: its peer is
-/// gone, and the provider may have been unregistered since it moved.
-pub(super) fn other_claim(
-    state: &State,
-    key: &ServiceKey,
-    addr: &Addr,
-    except: SessionId,
-) -> Option<(SessionId, Instance)> {
-    if state.replicas.is_empty() {
-        return None;
-    }
-    let wanted = (key.clone(), addr.clone());
-    state
-        .replicas
-        .iter()
-        .filter(|(id, _)| **id != except)
-        .filter(|(_, r)| r.orphaned.is_none())
-        .filter_map(|(id, r)| r.providers.get(&wanted).map(|(i, _)| (*id, i)))
-        .min_by_key(|(id, _)| *id)
-        .map(|(id, i)| (id, i.clone()))
 }

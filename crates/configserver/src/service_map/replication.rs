@@ -16,43 +16,10 @@ use tern_proto::peer::{self, PeerMessage, peer_message};
 use tern_proto::registry::Instance;
 use tokio::sync::broadcast;
 
-use super::map::{NodeInfo, Registry, SessionId, State};
+use super::map::{Batch, NodeInfo, Outbound, Registry, SessionId, State, Summary};
 
 /// Batches a peer link may fall behind by before it resyncs with a full copy.
 const BATCHES_BUFFERED: usize = 1024;
-
-/// What this server owns, as replicated so far.
-#[derive(Debug)]
-pub(crate) struct Outbound {
-    /// This server's member address: the owner named in what it sends.
-    node: String,
-    dirty_providers: HashSet<(ServiceKey, Addr)>,
-    dirty_consumers: HashSet<(ServiceKey, SessionId)>,
-    /// The hash of each entry as last batched, by a hash of its identity.
-    sent: HashMap<u64, u64>,
-    summary: Summary,
-    batches: broadcast::Sender<Batch>,
-}
-
-/// The owner's data as of one batch, summed up (what a `Digest` says).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Summary {
-    pub seq: u64,
-    /// XOR of the hash of every entry ([`provider_hash`], [`consumer_hash`]).
-    pub hash: u64,
-    pub providers: u64,
-    pub consumers: u64,
-    /// The owner's sessions when the batch was made.
-    pub sessions: u64,
-}
-
-/// One batch of changes, encoded once for every peer link.
-#[derive(Debug, Clone)]
-pub struct Batch {
-    pub summary: Summary,
-    /// A `PeerMessage` carrying `Changes`.
-    pub encoded: Bytes,
-}
 
 /// What a peer link starts from: a full copy, then the batches after it.
 #[derive(Debug)]

@@ -20,6 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub mod cluster;
+
 /// A `tern-node` child process; killed (SIGKILL) when dropped.
 pub struct Node {
     pub process: Process,
