@@ -62,7 +62,7 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("rule store: {0}")]
     Query(#[from] sqlx::Error),
-    #[error("rule store: gave up after {WRITE_TRIES} revision conflicts")]
+    #[error("rule store: gave up after {WRITE_TRIES} tries (revision conflicts with other servers, or the database stayed locked); try again")]
     Contended,
     #[error(
         "rule store {url}: the {scheme}: driver is not built in; build configserver with the cargo feature {feature:?} (--features {feature})"
@@ -106,6 +106,12 @@ pub struct RuleStore {
     pool: AnyPool,
     postgres: bool,
     url: String,
+    /// This server's writes take turns: on SQLite, two transactions that
+    /// read and then both want to write would otherwise fail one of them
+    /// at once with `database is locked` (a lock upgrade no busy timeout
+    /// waits out). Other servers sharing a store are told apart by the
+    /// revision race, and a store busy with them is retried.
+    writing: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl RuleStore {
@@ -150,6 +156,7 @@ impl RuleStore {
             pool,
             postgres: url.starts_with("postgres"),
             url: shown,
+            writing: Default::default(),
         })
     }
 
@@ -239,9 +246,14 @@ impl RuleStore {
         after: Option<&str>,
         actor: &str,
     ) -> Result<Option<u64>, StoreError> {
-        for _ in 0..WRITE_TRIES {
+        let _turn = self.writing.lock().await;
+        for attempt in 0..WRITE_TRIES {
             match self.try_change(service, name, after, actor).await {
                 Err(StoreError::Query(e)) if is_conflict(&e) => continue,
+                Err(StoreError::Query(e)) if is_busy(&e) => {
+                    // Another process holds the database: wait a little longer each time.
+                    tokio::time::sleep(Duration::from_millis(10 << attempt.min(6))).await;
+                }
                 other => return other,
             }
         }
@@ -391,6 +403,14 @@ fn optional_text(row: &AnyRow, index: usize) -> Result<Option<String>, sqlx::Err
 
 fn is_conflict(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| d.is_unique_violation())
+}
+
+/// SQLite's `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6): another connection
+/// (another server sharing the file) holds the database.
+fn is_busy(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "5" || code == "6")
 }
 
 fn now_ms() -> i64 {

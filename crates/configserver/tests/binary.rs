@@ -143,3 +143,44 @@ fn bad_configuration_is_refused_naming_the_value() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `PUT path` with `body` over HTTP/1.0: the status code and body.
+fn put(admin: &str, path: &str, body: &str) -> (u16, String) {
+    let mut http = TcpStream::connect(admin).unwrap();
+    let request = format!(
+        "PUT {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    http.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, response)
+}
+
+#[test]
+fn concurrent_rule_writes_on_the_default_store_all_succeed() {
+    let dir = temp_dir("concurrent-writes");
+    let (server, admin) = start(&dir);
+    let writers: Vec<_> = (0..40)
+        .map(|i| {
+            let admin = admin.clone();
+            std::thread::spawn(move || {
+                let rule = format!(r#"{{"kind":"weight","overrides":[{{"address":"10.0.0.{i}:1","weight":50}}]}}"#);
+                put(&admin, &format!("/api/rule?service=demo.Greeter:1.0.0&name=w{i}"), &rule)
+            })
+        })
+        .collect();
+    let failed: Vec<String> = writers
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .filter(|(status, _)| *status != 200)
+        .map(|(_, response)| response)
+        .collect();
+    assert!(failed.is_empty(), "{} of 40 writes failed: {:?}", failed.len(), failed.first());
+    let (ok, listed, _) = rules(&admin, &["list", "--service", "demo.Greeter:1.0.0"]);
+    assert!(ok);
+    assert_eq!(listed.matches("\"name\"").count(), 40, "{listed}");
+    assert!(stop(server).success());
+    std::fs::remove_dir_all(dir).unwrap();
+}
