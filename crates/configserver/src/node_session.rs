@@ -112,6 +112,17 @@ impl RegistryService {
                 return;
             }
         };
+        if let Err(why) = check_hello(&hello) {
+            warn!(?peer, reason = %why, "refusing session");
+            registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
+            let _ = tx
+                .send(
+                    Outgoing::from(service_map::error(request_id, "invalid", why)),
+                    heartbeats.timeout,
+                )
+                .await;
+            return;
+        }
         if let Some(credentials) = credentials
             && let Err(why) = credentials.authenticate(&hello.app, &hello.token)
         {
@@ -170,6 +181,50 @@ impl RegistryService {
     pub(crate) fn heartbeats(&self) -> Heartbeats {
         self.heartbeats
     }
+}
+
+/// Longest app name a node may give in its Hello.
+pub const MAX_APP: usize = 128;
+/// Longest host.
+pub const MAX_HOST: usize = 253;
+/// Longest zone.
+pub const MAX_ZONE: usize = 128;
+/// Longest token.
+pub const MAX_TOKEN: usize = 1024;
+/// Most labels, and the longest key and value of one.
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_KEY: usize = 128;
+pub const MAX_LABEL_VALUE: usize = 256;
+
+/// Whether every field of `hello` is within its bound; which is not.
+fn check_hello(hello: &tern_proto::registry::Hello) -> Result<(), String> {
+    for (field, value, max) in [
+        ("app", &hello.app, MAX_APP),
+        ("host", &hello.host, MAX_HOST),
+        ("zone", &hello.zone, MAX_ZONE),
+        ("token", &hello.token, MAX_TOKEN),
+    ] {
+        if value.len() > max {
+            return Err(format!("Hello's {field} is {} bytes, more than {max}", value.len()));
+        }
+    }
+    if hello.labels.len() > MAX_LABELS {
+        return Err(format!(
+            "Hello has {} labels, more than {MAX_LABELS}",
+            hello.labels.len()
+        ));
+    }
+    for (key, value) in &hello.labels {
+        if key.len() > MAX_LABEL_KEY || value.len() > MAX_LABEL_VALUE {
+            return Err(format!(
+                "Hello's labels: {:?} (key {} bytes, value {} bytes) is longer than {MAX_LABEL_KEY} / {MAX_LABEL_VALUE}",
+                key.chars().take(32).collect::<String>(),
+                key.len(),
+                value.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 pin_project_lite::pin_project! {

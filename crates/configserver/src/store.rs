@@ -62,7 +62,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("rule store: {0}")]
     Query(#[from] sqlx::Error),
-    #[error("rule store: gave up after {WRITE_TRIES} tries (revision conflicts with other servers, or the database stayed locked); try again")]
+    #[error(
+        "rule store: gave up after {WRITE_TRIES} tries (revision conflicts with other servers, or the database stayed locked); try again"
+    )]
     Contended,
     #[error(
         "rule store {url}: the {scheme}: driver is not built in; build configserver with the cargo feature {feature:?} (--features {feature})"

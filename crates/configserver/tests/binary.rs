@@ -154,7 +154,11 @@ fn put(admin: &str, path: &str, body: &str) -> (u16, String) {
     http.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     http.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     (status, response)
 }
 
@@ -167,7 +171,11 @@ fn concurrent_rule_writes_on_the_default_store_all_succeed() {
             let admin = admin.clone();
             std::thread::spawn(move || {
                 let rule = format!(r#"{{"kind":"weight","overrides":[{{"address":"10.0.0.{i}:1","weight":50}}]}}"#);
-                put(&admin, &format!("/api/rule?service=demo.Greeter:1.0.0&name=w{i}"), &rule)
+                put(
+                    &admin,
+                    &format!("/api/rule?service=demo.Greeter:1.0.0&name=w{i}"),
+                    &rule,
+                )
             })
         })
         .collect();
@@ -177,7 +185,12 @@ fn concurrent_rule_writes_on_the_default_store_all_succeed() {
         .filter(|(status, _)| *status != 200)
         .map(|(_, response)| response)
         .collect();
-    assert!(failed.is_empty(), "{} of 40 writes failed: {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} of 40 writes failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
     let (ok, listed, _) = rules(&admin, &["list", "--service", "demo.Greeter:1.0.0"]);
     assert!(ok);
     assert_eq!(listed.matches("\"name\"").count(), 40, "{listed}");

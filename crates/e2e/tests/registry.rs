@@ -248,6 +248,39 @@ async fn bad_control_messages(transport: Transport) {
         ..Default::default()
     };
 
+    // A Hello with a field past its bound (a 1 MB zone would otherwise be
+    // copied into every subscription of the session).
+    for (field, hello) in [
+        (
+            "zone",
+            pb::Hello {
+                app: "app-z".into(),
+                zone: "z".repeat(1_000_000),
+                ..Default::default()
+            },
+        ),
+        (
+            "app",
+            pb::Hello {
+                app: "a".repeat(300),
+                ..Default::default()
+            },
+        ),
+        (
+            "labels",
+            pb::Hello {
+                app: "app-l".into(),
+                labels: (0..100).map(|i| (format!("k{i}"), "v".into())).collect(),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let mut big = RawSession::open(registry, transport).await;
+        big.send(1, node_message::Body::Hello(hello)).await;
+        expect_error(big.answer().await, "invalid", field);
+        assert!(big.answer().await.is_none(), "the session with a bad Hello stays open");
+    }
+
     // Register before Hello.
     let mut early = RawSession::open(registry, transport).await;
     early.send(1, register(instance.clone(), greeter_key())).await;

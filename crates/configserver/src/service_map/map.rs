@@ -78,7 +78,8 @@ pub struct NodeInfo {
 
 #[derive(Debug)]
 pub(super) struct SessionEntry {
-    pub(super) node: NodeInfo,
+    /// Shared with every subscription of the session (never copied).
+    pub(super) node: Arc<NodeInfo>,
     pub(super) registered: BTreeSet<(ServiceKey, Addr)>,
     pub(super) subscribed: BTreeSet<ServiceKey>,
     pub(super) push: Arc<PushQueue>,
@@ -90,7 +91,7 @@ pub(super) struct ServiceEntry {
     /// the replica of a peer's data (see [`super::replicas`]).
     pub(super) providers: BTreeMap<Addr, (Instance, SessionId)>,
     /// This server's sessions that subscribe.
-    pub(super) consumers: BTreeMap<SessionId, NodeInfo>,
+    pub(super) consumers: BTreeMap<SessionId, Arc<NodeInfo>>,
     /// Peers' sessions that subscribe: by replica, then the session's id
     /// on its own server.
     pub(super) remote_consumers: BTreeMap<(SessionId, u64), NodeInfo>,
@@ -284,7 +285,7 @@ impl Registry {
         state.sessions.insert(
             id,
             SessionEntry {
-                node,
+                node: Arc::new(node),
                 registered: BTreeSet::new(),
                 subscribed: BTreeSet::new(),
                 push: push.clone(),

@@ -42,7 +42,7 @@ impl Registry {
         let state = self.lock();
         let entry = state.services.get(key)?;
         let server = |id: &SessionId| peer_of(&state, *id);
-        let mut consumers: Vec<_> = entry.consumers.values().map(|n| (n.clone(), None)).collect();
+        let mut consumers: Vec<_> = entry.consumers.values().map(|n| (NodeInfo::clone(n), None)).collect();
         consumers.extend(
             entry
                 .remote_consumers
