@@ -12,9 +12,12 @@
 //! - `GET /api/rules/history[?service=KEY][&name=NAME][&limit=N]`: audited
 //!   changes, newest first
 //!
-//! With an admin token configured (see [`crate::auth`]) the rule endpoints
-//! need `Authorization: Bearer <token>`; `X-Tern-Actor` names who made a
-//! change in the audit log (default `admin`).
+//! With an admin token configured (see [`crate::auth`]) the rule endpoints,
+//! the service listings, `/api/cluster` and `/metrics` need
+//! `Authorization: Bearer <token>` (the reads unless `--admin-open-reads`);
+//! `/healthz`, `/readyz` and `/api/cluster/servers` never do.
+//! `X-Tern-Actor` names who made a change in the audit log (default
+//! `admin`).
 //! - `GET /healthz`: `ok`
 //! - `GET /readyz`: `200 ready` once a cluster member has its peers' data
 //!   (at once without peers); `503` naming what it waits for before
@@ -52,6 +55,9 @@ pub struct AdminState {
     pub cluster: Option<Arc<Cluster>>,
     /// This server's member address (its registry port without peers).
     pub node: String,
+    /// With an admin token, the listings and metrics are still open to
+    /// anyone (`--admin-open-reads`).
+    pub open_reads: bool,
 }
 
 impl FromRef<AdminState> for Arc<Registry> {
@@ -61,17 +67,24 @@ impl FromRef<AdminState> for Arc<Registry> {
 }
 
 pub fn router(state: AdminState) -> Router {
-    Router::new()
+    // What the live map holds, for operators: behind the admin token when
+    // there is one, unless opened.
+    let reads = Router::new()
         .route("/api/services", get(services))
         .route("/api/services/{*key}", get(service))
+        .route("/api/cluster", get(cluster))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard_reads));
+    Router::new()
+        .merge(reads)
         .route("/api/rules", get(list_rules))
         .route("/api/rules/history", get(rule_history))
         .route("/api/rule", get(get_rule).put(put_rule).delete(delete_rule))
+        // Open: probes, and the address server's list (nodes fetch it with
+        // no token; it names only the servers' registry ports).
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/api/cluster", get(cluster))
         .route("/api/cluster/servers", get(cluster_servers))
-        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -109,6 +122,21 @@ fn rule_error(e: RuleError) -> Response {
         _ => StatusCode::BAD_REQUEST,
     };
     error(status, e.to_string(), field)
+}
+
+/// The listings and metrics: only with the admin token when one is set,
+/// unless they were opened.
+async fn guard_reads(
+    State(state): State<AdminState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !state.open_reads
+        && let Err(refused) = admin_only(&state, request.headers())
+    {
+        return refused.into_response();
+    }
+    next.run(request).await
 }
 
 /// `Err` unless the request carries the admin token (when one is set).

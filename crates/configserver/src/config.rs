@@ -55,7 +55,8 @@ pub struct Settings {
     /// Address nodes connect to (gRPC) [default: 0.0.0.0:9600].
     #[arg(long, env = "CONFIGSERVER_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Address of the admin HTTP API [default: 0.0.0.0:9601].
+    /// Address of the admin HTTP API [default: 127.0.0.1:9601, this
+    /// machine only].
     #[arg(long, env = "CONFIGSERVER_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
     /// How often nodes send heartbeats [default: 1000].
@@ -101,6 +102,10 @@ pub struct Settings {
     /// App credentials and admin token (TOML); access control is off without it.
     #[arg(long, env = "CONFIGSERVER_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
+    /// With credentials, let anyone read the service listings, the
+    /// cluster and the metrics (by default they need the admin token).
+    #[arg(long, env = "CONFIGSERVER_ADMIN_OPEN_READS", num_args = 0..=1, default_missing_value = "true")]
+    pub admin_open_reads: Option<bool>,
     /// This server's member address in a cluster: its registry port as
     /// the members list names it [default: the listen address].
     #[arg(long, env = "CONFIGSERVER_ADVERTISE")]
@@ -177,6 +182,7 @@ impl Settings {
             store: self.store.or(fallback.store),
             rules_poll_ms: self.rules_poll_ms.or(fallback.rules_poll_ms),
             credentials: self.credentials.or(fallback.credentials),
+            admin_open_reads: self.admin_open_reads.or(fallback.admin_open_reads),
             advertise: self.advertise.or(fallback.advertise),
             peers: self.peers.or(fallback.peers),
             address_server: self.address_server.or(fallback.address_server),
@@ -225,6 +231,7 @@ impl Settings {
         if let Some(v) = self.rules_poll_ms {
             config.rules_poll = ms(v.max(10));
         }
+        config.admin_open_reads = self.admin_open_reads.unwrap_or(false);
         let cluster = &mut config.cluster;
         cluster.advertise = self.advertise;
         cluster.peers = self.peers.unwrap_or_default();
@@ -370,6 +377,16 @@ mod tests {
             !Settings::default().into_config().cluster.enabled(),
             "a lone server by default"
         );
+    }
+
+    #[test]
+    fn the_admin_api_listens_on_loopback_unless_told_otherwise() {
+        let config = Settings::default().into_config();
+        assert!(config.admin_listen.ip().is_loopback(), "{}", config.admin_listen);
+        assert!(!config.admin_open_reads);
+        use clap::Parser;
+        let cli = Cli::parse_from(["configserver", "--admin-open-reads"]);
+        assert!(cli.settings.into_config().admin_open_reads);
     }
 
     #[test]

@@ -48,8 +48,13 @@ pub struct ConfigServerConfig {
     pub store: Option<String>,
     /// How often the store is checked for rules written by other servers.
     pub rules_poll: Duration,
-    /// App credentials and admin token; `None`: access control off.
+    /// App credentials and admin token; `None`: access control off. With
+    /// credentials an admin token is required (the server will not start
+    /// without one).
     pub credentials: Option<Credentials>,
+    /// With an admin token, the service listings and metrics are open to
+    /// anyone all the same.
+    pub admin_open_reads: bool,
     /// Peers, if this server is one of a cluster (none by default).
     pub cluster: ClusterConfig,
 }
@@ -58,7 +63,9 @@ impl Default for ConfigServerConfig {
     fn default() -> ConfigServerConfig {
         ConfigServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 9600)),
-            admin_listen: SocketAddr::from(([0, 0, 0, 0], 9601)),
+            // Loopback: the admin API is reached from this machine unless
+            // it is bound elsewhere on purpose.
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9601)),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(3),
             coalesce: Duration::from_millis(5),
@@ -68,6 +75,7 @@ impl Default for ConfigServerConfig {
             store: None,
             rules_poll: Duration::from_secs(1),
             credentials: None,
+            admin_open_reads: false,
             cluster: ClusterConfig::default(),
         }
     }
@@ -87,6 +95,10 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(
+        "the credentials have no admin token: with access control on, the admin API needs one (add admin-token = \"...\" to the credentials file)"
+    )]
+    NoAdminToken,
 }
 
 /// A running ConfigServer.
@@ -114,6 +126,9 @@ impl ConfigServer {
                 interval: config.heartbeat_interval,
                 timeout: config.heartbeat_timeout,
             });
+        }
+        if config.credentials.as_ref().is_some_and(|c| c.admin_token.is_none()) {
+            return Err(StartError::NoAdminToken);
         }
         let max_connections = connection_limit(config.max_connections)?;
         let bind = |addr: SocketAddr| async move {
@@ -202,6 +217,7 @@ impl ConfigServer {
             registry: registry.clone(),
             governance: governance.clone(),
             credentials: credentials.unwrap_or_default(),
+            open_reads: config.admin_open_reads,
             cluster: cluster.clone(),
             node: cluster
                 .as_ref()

@@ -197,3 +197,27 @@ fn concurrent_rule_writes_on_the_default_store_all_succeed() {
     assert!(stop(server).success());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn credentials_without_an_admin_token_are_refused_at_start() {
+    let dir = temp_dir("no-admin-token");
+    let file = dir.join("credentials.toml");
+    std::fs::write(&file, "[apps.web]\ntoken = \"t\"\n").unwrap();
+    let output = configserver()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--store",
+            "sqlite::memory:",
+        ])
+        .arg("--credentials")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "started without an admin token");
+    assert!(stderr.contains("no admin token"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -574,5 +574,22 @@ async fn with_credentials_apps_must_authenticate_and_provide_only_their_services
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
+    // So do the listings and metrics; probes and the address server's
+    // list stay open.
+    for path in [
+        "/api/services",
+        "/api/services/demo.Greeter:1.0.0",
+        "/api/cluster",
+        "/metrics",
+    ] {
+        let (status, _) = http(admin, "GET", path, "").await.unwrap();
+        assert_eq!(status, 401, "{path} answered without the admin token");
+        let (status, body) = http_with(admin, "GET", path, "", admin_token).await.unwrap();
+        assert!(status == 200 || status == 404, "{path} with the token: {status} {body}");
+    }
+    for path in ["/healthz", "/readyz", "/api/cluster/servers"] {
+        let (status, _) = http(admin, "GET", path, "").await.unwrap();
+        assert_eq!(status, 200, "{path} needs no token");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
