@@ -706,3 +706,60 @@ async fn a_grpc_connection_that_goes_quiet_is_closed_after_the_heartbeat_timeout
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_claiming_a_live_providers_address_cannot_take_it_away() {
+    let (_cs, registry, admin) = Node::configserver("127.0.0.1:0", &["--startup-grace-ms", "0"]);
+    let (_provider, addr) = Node::provider_with(registry, "live", &["--app", "greeter"]);
+    let client = consumer(registry, 0);
+    wait_for(&client, "the live provider", |p| p == [addr]).await;
+
+    // An impostor says it is the same node (app and host), registers the
+    // live provider's address, and goes away.
+    let mut impostor = RawSession::open(registry, Transport::Native).await;
+    let hello = pb::Hello {
+        app: "greeter".into(),
+        host: "127.0.0.1".into(),
+        ..Default::default()
+    };
+    impostor.send(0, node_message::Body::Hello(hello)).await;
+    assert!(matches!(
+        impostor.answer().await,
+        Some(server_message::Body::Welcome(_))
+    ));
+    let instance = pb::Instance {
+        host: addr.ip().to_string().into(),
+        port: u32::from(addr.port()),
+        weight: 100,
+        ..Default::default()
+    };
+    impostor.send(1, register(instance, greeter_key())).await;
+    assert!(matches!(impostor.answer().await, Some(server_message::Body::Ack(_))));
+    let closed_before = metric(
+        &http_get(admin, "/metrics").await.unwrap(),
+        "configserver_sessions_closed_total",
+    );
+    drop(impostor);
+    let start = Instant::now();
+    while metric(
+        &http_get(admin, "/metrics").await.unwrap(),
+        "configserver_sessions_closed_total",
+    ) == closed_before
+    {
+        assert!(start.elapsed() < LIMIT, "the impostor's session never closed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The live provider's own session holds it again: still listed.
+    let listed = http_get(admin, "/api/services/demo.Greeter:1.0.0").await.unwrap();
+    assert!(
+        listed.contains(&addr.to_string()),
+        "the live provider was taken away: {listed}"
+    );
+    client
+        .say_hello(HelloRequest {
+            name: "still here".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(client.invoker().providers(), [addr]);
+}

@@ -122,6 +122,12 @@ pub(super) struct State {
     pub(super) replicas: HashMap<SessionId, Replica>,
     /// Links of peers opened so far (each feeds its copy under its number).
     pub(super) replica_links: u64,
+    /// Sessions of this server that held an instance before another
+    /// session of the same node took it over, with what they registered,
+    /// newest last: when the new holder lets go while an earlier one still
+    /// lives, the earlier one holds it again. A session that says it is
+    /// the same node can take an instance over, not take it away.
+    pub(super) handed_over: HashMap<(ServiceKey, Addr), Vec<(SessionId, Instance)>>,
     /// What this server owns, as it is replicated to peers; `None` when
     /// the server has no peers (nothing is tracked).
     pub(super) outbound: Option<Outbound>,
@@ -308,6 +314,7 @@ impl Registry {
         };
         let mut changed = false;
         for (key, addr) in &session.registered {
+            forget_handover(&mut state, key, addr, id);
             changed |= remove_provider(&mut state, key, addr, id);
         }
         for key in &session.subscribed {
@@ -387,10 +394,13 @@ impl Registry {
                     )));
                 }
                 // The same node on a new stream (its old one not expired
-                // yet): the new session takes the instance over.
-                if let Some(old) = state.sessions.get_mut(&owner) {
-                    old.registered.remove(&(key.clone(), addr.clone()));
-                }
+                // yet): the new session takes the instance over; the old
+                // one keeps its claim, and holds it again if the new one
+                // goes first.
+                let existing = holder.as_ref().map(|(i, _)| i.clone()).expect("matched Some");
+                let earlier = state.handed_over.entry((key.clone(), addr.clone())).or_default();
+                earlier.retain(|(s, _)| *s != owner && *s != id);
+                earlier.push((owner, existing));
                 debug!(session = id, previous = owner, service = %key, %addr, "instance handed over to the node's new session");
             }
             _ => {}
@@ -443,6 +453,18 @@ impl Registry {
             return Err(RequestError::NotFound(format!(
                 "{key} provider {addr} is not registered by this session"
             )));
+        }
+        let holds = state
+            .services
+            .get(key)
+            .and_then(|e| e.providers.get(&addr))
+            .is_some_and(|(_, holder)| *holder == id);
+        if holds {
+            // The node asked for its removal: no earlier session of it
+            // holds the instance again.
+            state.handed_over.remove(&(key.clone(), addr.clone()));
+        } else {
+            forget_handover(&mut state, key, &addr, id);
         }
         remove_provider(&mut state, key, &addr, id);
         drop(state);
@@ -568,10 +590,51 @@ pub(super) fn remove_provider(state: &mut State, key: &ServiceKey, addr: &Addr, 
     if !state.replicas.contains_key(&owner) {
         state.note_owned_provider(key, addr);
     }
+    if let Some((session, instance)) = earlier_holder(state, key, addr) {
+        state.put_provider(key, addr.clone(), instance, session);
+        return true;
+    }
     if let Some((replica, instance)) = other_claim(state, key, addr, owner) {
         state.put_provider(key, addr.clone(), instance, replica);
     }
     true
+}
+
+/// The latest earlier holder of `addr` of `key` (see
+/// [`State::handed_over`]) that still lives and still registers it.
+fn earlier_holder(state: &mut State, key: &ServiceKey, addr: &Addr) -> Option<(SessionId, Instance)> {
+    let wanted = (key.clone(), addr.clone());
+    let earlier = state.handed_over.get_mut(&wanted)?;
+    let found = loop {
+        let Some((session, instance)) = earlier.pop() else {
+            break None;
+        };
+        let still = state
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.registered.contains(&wanted));
+        if still {
+            break Some((session, instance));
+        }
+    };
+    if earlier.is_empty() {
+        state.handed_over.remove(&wanted);
+    }
+    found
+}
+
+/// Session `id` no longer claims `addr` of `key` as an earlier holder.
+fn forget_handover(state: &mut State, key: &ServiceKey, addr: &Addr, id: SessionId) {
+    if state.handed_over.is_empty() {
+        return;
+    }
+    let wanted = (key.clone(), addr.clone());
+    if let Some(earlier) = state.handed_over.get_mut(&wanted) {
+        earlier.retain(|(s, _)| *s != id);
+        if earlier.is_empty() {
+            state.handed_over.remove(&wanted);
+        }
+    }
 }
 
 /// A connected peer's claim on `addr` of `key`, to hold it when `except`
