@@ -39,13 +39,15 @@ pub enum CredentialsError {
     EmptyAppToken { path: PathBuf, app: String },
 }
 
-/// Why a session's Hello was refused; the message names the app.
+/// Why a session's Hello was refused. Both say the same to the node, so
+/// that its answer does not tell which app names exist; the server's log
+/// says which (`{:?}`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {
-    #[error("unknown app {app:?}")]
+    #[error("app {app:?} is unknown here or its token is wrong")]
     UnknownApp { app: String },
-    #[error("wrong or missing token for app {app:?}")]
+    #[error("app {app:?} is unknown here or its token is wrong")]
     WrongToken { app: String },
 }
 
@@ -158,9 +160,15 @@ mod tests {
         let c = credentials();
         c.authenticate("greeter", "greeter-secret").unwrap();
         let wrong = c.authenticate("greeter", "web-secret").unwrap_err();
-        assert_eq!(wrong.to_string(), r#"wrong or missing token for app "greeter""#);
+        assert_eq!(wrong, AuthError::WrongToken { app: "greeter".into() });
         let unknown = c.authenticate("rogue", "x").unwrap_err();
-        assert_eq!(unknown.to_string(), r#"unknown app "rogue""#);
+        assert_eq!(unknown, AuthError::UnknownApp { app: "rogue".into() });
+        // The node is told the same either way (no app enumeration).
+        assert_eq!(
+            wrong.to_string().replace("greeter", "rogue"),
+            unknown.to_string(),
+            "the answers tell an unknown app from a wrong token"
+        );
     }
 
     #[test]

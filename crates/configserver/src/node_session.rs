@@ -126,7 +126,7 @@ impl RegistryService {
         if let Some(credentials) = credentials
             && let Err(why) = credentials.authenticate(&hello.app, &hello.token)
         {
-            warn!(?peer, app = %hello.app, reason = %why, "refusing session");
+            warn!(?peer, app = %hello.app, reason = ?why, "refusing session");
             registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
             let _ = tx
                 .send(
