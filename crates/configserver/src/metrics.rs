@@ -21,6 +21,8 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Full copies asked of peers because a digest did not match.
     pub peer_repairs: AtomicU64,
+    /// Times the server found it had not been running (stopped or starved).
+    pub stalls: AtomicU64,
 }
 
 impl Metrics {
@@ -42,6 +44,11 @@ impl Metrics {
                 "configserver_peer_repairs_total",
                 "Full copies asked of peers because a digest did not match (anti-entropy)",
                 &self.peer_repairs,
+            ),
+            (
+                "configserver_stalls_total",
+                "Times the server found it had not been running for over a second (stopped or starved); no node is expired for that time",
+                &self.stalls,
             ),
             (
                 "configserver_sessions_opened_total",

@@ -238,6 +238,7 @@ impl ConfigServer {
             shutdown.clone(),
         ));
         tracker.spawn(governance.clone().follow(config.rules_poll, shutdown.clone()));
+        tracker.spawn(crate::service_map::stall::watch(registry.clone(), shutdown.clone()));
         // Complete snapshots once the startup grace is over and, in a
         // cluster, the peers' data is here.
         let (grace_registry, grace, token) = (registry.clone(), config.registry.startup_grace, shutdown.clone());

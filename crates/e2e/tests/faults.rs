@@ -233,3 +233,75 @@ async fn a_provider_cut_off_by_a_network_partition_fails_over_is_dropped_and_ret
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configserver_stopped_for_longer_than_the_heartbeat_timeout_drops_no_live_provider() {
+    within(async {
+        // FAST_HEARTBEAT, with a startup grace (which a stall starts again).
+        let args = [&FAST_HEARTBEAT[2..], &["--startup-grace-ms", "3000"]].concat();
+        let (cs, registry, admin) = Node::configserver("127.0.0.1:0", &args);
+        let providers = [Node::provider(registry, "a"), Node::provider(registry, "b")];
+        let want: Vec<SocketAddr> = providers.iter().map(|(_, addr)| *addr).collect();
+        let client = consumer(registry, 2);
+        wait_for(&client, "2 providers", |p| p.len() == 2).await;
+        // Every list the consumer's directory held, from here on.
+        let missing = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let watcher = {
+            let (client, missing, want) = (client.clone(), missing.clone(), want.clone());
+            tokio::spawn(async move {
+                loop {
+                    let held = client.invoker().providers();
+                    if !want.iter().all(|w| held.contains(w)) {
+                        missing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        };
+
+        // Stopped for well over the heartbeat timeout (1.5 s): every node's
+        // heartbeats wait in its socket, and the nodes give up on it.
+        cs.signal(Signal::STOP);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        cs.signal(Signal::CONT);
+
+        let start = Instant::now();
+        loop {
+            let page = http_get(admin, "/metrics").await.unwrap_or_default();
+            if !page.is_empty() && metric(&page, "configserver_stalls_total") >= 1 {
+                assert_eq!(
+                    metric(&page, "configserver_sessions_expired_total"),
+                    0,
+                    "sessions expired for time the server did not run"
+                );
+                break;
+            }
+            assert!(start.elapsed() < LIMIT, "the server never noticed it had been stopped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The nodes are back (they reconnected), and no list lost a provider.
+        wait_for(&client, "both providers after the stall", |p| {
+            want.iter().all(|w| p.contains(w))
+        })
+        .await;
+        let listed = http_get(admin, "/api/services/demo.Greeter:1.0.0").await.unwrap();
+        for addr in &want {
+            assert!(listed.contains(&addr.to_string()), "{addr} missing: {listed}");
+        }
+        load_ok(&client).await;
+        watcher.abort();
+        assert_eq!(
+            missing.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "a live provider left the consumer's list"
+        );
+    })
+    .await;
+}
+
+/// A few calls succeed.
+async fn load_ok(client: &GreeterClient<Reference>) {
+    for _ in 0..20 {
+        client.say_hello(HelloRequest { name: "after".into() }).await.unwrap();
+    }
+}

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,13 @@ pub(super) struct SessionEntry {
     pub(super) push: Arc<PushQueue>,
 }
 
+/// A session that ended after a stall, and what it still holds.
+#[derive(Debug)]
+pub(super) struct Lingering {
+    pub(super) node: Arc<NodeInfo>,
+    pub(super) registered: BTreeSet<(ServiceKey, Addr)>,
+}
+
 #[derive(Debug, Default)]
 pub(super) struct ServiceEntry {
     /// Each provider and who holds it: one of this server's sessions, or
@@ -128,6 +135,11 @@ pub(super) struct State {
     /// lives, the earlier one holds it again. A session that says it is
     /// the same node can take an instance over, not take it away.
     pub(super) handed_over: HashMap<(ServiceKey, Addr), Vec<(SessionId, Instance)>>,
+    /// Sessions that ended in the grace after a stall of this server
+    /// (`stall.rs`), whose instances stay listed until the grace ends or
+    /// the node registers them again: its nodes gave up on the stalled
+    /// server and reconnect, as after a restart.
+    pub(super) lingering: HashMap<SessionId, Lingering>,
     /// What this server owns, as it is replicated to peers; `None` when
     /// the server has no peers (nothing is tracked).
     pub(super) outbound: Option<Outbound>,
@@ -242,6 +254,12 @@ pub struct Registry {
     pub(super) epoch: String,
     pub(super) started: Instant,
     pub(super) grace_over: AtomicBool,
+    /// The stall watchdog's last tick, and since when the server has run
+    /// without a stall (milliseconds since `started`; see `stall.rs`).
+    pub(super) last_tick_ms: AtomicU64,
+    pub(super) awake_since_ms: AtomicU64,
+    /// In the grace that follows a stall: ending sessions linger.
+    pub(super) after_stall: AtomicBool,
     /// Woken on every change; the flusher waits on it.
     pub changed: Notify,
     /// Pushes of the last flush not yet sent (approximately: see
@@ -263,6 +281,9 @@ impl Registry {
             config,
             epoch,
             started: Instant::now(),
+            last_tick_ms: AtomicU64::new(0),
+            awake_since_ms: AtomicU64::new(0),
+            after_stall: AtomicBool::new(false),
             changed: Notify::new(),
             outstanding: AtomicUsize::new(0),
             drained: Notify::new(),
@@ -313,9 +334,21 @@ impl Registry {
             return;
         };
         let mut changed = false;
-        for (key, addr) in &session.registered {
-            forget_handover(&mut state, key, addr, id);
-            changed |= remove_provider(&mut state, key, addr, id);
+        let linger = self.after_stall.load(Ordering::Relaxed) && !session.registered.is_empty();
+        if linger {
+            // Its instances stay until the grace ends or the node is back.
+            state.lingering.insert(
+                id,
+                Lingering {
+                    node: session.node.clone(),
+                    registered: session.registered.clone(),
+                },
+            );
+        } else {
+            for (key, addr) in &session.registered {
+                forget_handover(&mut state, key, addr, id);
+                changed |= remove_provider(&mut state, key, addr, id);
+            }
         }
         for key in &session.subscribed {
             if let Some(entry) = state.services.get_mut(key) {
@@ -387,7 +420,9 @@ impl Registry {
                 let same_node = state
                     .sessions
                     .get(&owner)
-                    .is_some_and(|o| o.node.app == node.app && o.node.host == node.host);
+                    .map(|o| &o.node)
+                    .or_else(|| state.lingering.get(&owner).map(|l| &l.node))
+                    .is_some_and(|o| o.app == node.app && o.host == node.host);
                 if !same_node {
                     return Err(RequestError::Duplicate(format!(
                         "{key} provider {addr} is already registered by session {owner}"
@@ -543,6 +578,10 @@ impl Registry {
     /// When the startup grace period ends: every subscriber gets a complete
     /// snapshot, so removals the grace period held back now apply.
     pub fn end_grace(&self) {
+        let lingered = self.after_stall.swap(false, Ordering::Relaxed);
+        if lingered {
+            self.let_go_of_lingering();
+        }
         if self.grace_over.swap(true, Ordering::Relaxed) {
             return;
         }
@@ -553,6 +592,32 @@ impl Registry {
             }
         }
         info!(after = ?self.started.elapsed(), "startup grace period over; sending complete snapshots");
+    }
+}
+
+impl Registry {
+    /// The grace after a stall is over: what sessions that ended in it
+    /// still hold goes (their nodes registered what lives elsewhere).
+    fn let_go_of_lingering(&self) {
+        let mut state = self.lock();
+        let lingering = std::mem::take(&mut state.lingering);
+        let mut changed = false;
+        for (id, l) in &lingering {
+            for (key, addr) in &l.registered {
+                forget_handover(&mut state, key, addr, *id);
+                changed |= remove_provider(&mut state, key, addr, *id);
+            }
+        }
+        drop(state);
+        if !lingering.is_empty() {
+            info!(
+                sessions = lingering.len(),
+                "grace after the stall over: instances of sessions that did not come back removed"
+            );
+        }
+        if changed {
+            self.changed.notify_one();
+        }
     }
 }
 

@@ -16,6 +16,7 @@
 //! - [`replication`]: what this server owns, batched for its peers, with a digest.
 //! - [`replicas`]: peers' data held here, merged into the map; orphans of peers gone.
 //! - [`views`]: read-only views for the admin API.
+//! - [`stall`]: a server that was not running judges no node by that time.
 
 mod answer;
 mod catch_up;
@@ -26,6 +27,7 @@ mod push_queue;
 mod replicas;
 mod replication;
 mod rules;
+pub mod stall;
 mod validate;
 mod views;
 
