@@ -493,3 +493,61 @@ async fn unknown_service_and_method_get_their_status() {
     assert!(!conn.is_closed());
     provider.shutdown().await;
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_never_reads_its_answers_cannot_grow_a_provider_without_bound() {
+    // A provider process (default dispatch), and a connection that sends
+    // 4,000 requests of 64 KiB (250 MiB) and never reads an answer.
+    let provider = Node::spawn(&["provider", "--name", "p"]);
+    let addr: SocketAddr = provider.first_line[1].parse().unwrap();
+    let before = rss_kib(provider.pid());
+    let key = ServiceKey::new("demo.Echo", "1.0.0", "");
+    let attachments = std::collections::HashMap::new();
+    let head = RequestHead {
+        service: &key,
+        method: "Echo",
+        timeout_ms: 0,
+        attachments: &attachments,
+        extra: &[],
+    };
+    let payload = prost::Message::encode_to_vec(&EchoRequest {
+        id: 1,
+        payload: Bytes::from(vec![7u8; 64 * 1024]),
+        delay_ms: 0,
+    });
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (_unread, mut write) = stream.into_split();
+    let mut sent = 0u64;
+    let started = Instant::now();
+    for id in 1..=4_000u64 {
+        let mut frame = BytesMut::new();
+        frame::encode_request(&mut frame, id, &head, &payload);
+        // Once the provider stops reading, writes stop going through.
+        match tokio::time::timeout(Duration::from_millis(500), write.write_all(&frame)).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(_)) | Err(_) => break,
+        }
+        assert!(started.elapsed() < LIMIT, "sending took too long");
+    }
+    let grown_mib = rss_kib(provider.pid()).saturating_sub(before) / 1024;
+    eprintln!("{sent} requests sent before the provider stopped reading; provider RSS grew {grown_mib} MiB");
+    assert!(
+        sent < 4_000,
+        "the provider read all 250 MiB of requests whose answers were never read"
+    );
+    assert!(
+        grown_mib < 96,
+        "the provider grew {grown_mib} MiB for one connection that does not read"
+    );
+}

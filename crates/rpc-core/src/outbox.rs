@@ -14,10 +14,16 @@
 //!
 //! The lock is a `std::sync::Mutex`, never held across an `.await`.
 
-use std::sync::Mutex;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 /// The writer went away; nothing more can be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +87,27 @@ impl Outbox {
 
     /// Waits for frames, then swaps them into `out` (which must be empty).
     /// Returns false once the outbox is closed and drained.
+    /// Waits until a push would not wait (or the outbox closed): a reader
+    /// that calls this before taking more requests stops reading while its
+    /// answers are not being written.
+    pub(crate) async fn room(&self) -> Result<(), Closed> {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let state = self.state.lock().expect("outbox lock");
+                if state.closed {
+                    return Err(Closed);
+                }
+                if state.buf.len() < self.high_water {
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
+    }
+
     pub(crate) async fn take(&self, out: &mut BytesMut) -> bool {
         debug_assert!(out.is_empty());
         loop {
@@ -110,6 +137,59 @@ impl Outbox {
         self.ready.notify_one();
         self.room.notify_waiters();
     }
+}
+
+/// Writes all of `bytes`, failing if the socket takes nothing for `stall`
+/// (a peer that stopped reading).
+async fn write_making_progress(wr: &mut OwnedWriteHalf, mut bytes: &[u8], stall: Duration) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match tokio::time::timeout(stall, wr.write(bytes)).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => bytes = &bytes[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer took no answer bytes for {stall:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A provider connection's writer: writes what the outbox holds until it
+/// closes or `force`; on a failed write, or one that made no progress for
+/// `stall`, closes the outbox (handlers waiting for room give up) and
+/// drops the connection.
+pub(crate) async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    outbox: Arc<Outbox>,
+    force: CancellationToken,
+    peer: SocketAddr,
+    stall: Duration,
+) {
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let more = tokio::select! {
+            _ = force.cancelled() => break,
+            more = outbox.take(&mut out) => more,
+        };
+        if !more {
+            break;
+        }
+        let written = tokio::select! {
+            _ = force.cancelled() => break,
+            written = write_making_progress(&mut wr, &out, stall) => written,
+        };
+        if let Err(e) = written {
+            debug!(%peer, error = %e, "write failed; dropping connection");
+            outbox.close();
+            break;
+        }
+        out.clear();
+    }
+    let _ = wr.shutdown().await;
 }
 
 #[cfg(test)]

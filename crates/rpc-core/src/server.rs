@@ -19,7 +19,11 @@
 //!
 //! At most `max_connections` connections (the accept loop waits for a free
 //! slot). Per connection about `write_buffer` bytes of answers wait for the
-//! writer.
+//! writer; while they wait, or while `max_pending_per_connection` of its
+//! requests are being handled, the connection is not read (a peer that
+//! does not read its answers feels TCP back-pressure instead of growing the
+//! provider), and a connection whose answers make no progress for
+//! `write_timeout` is closed.
 //! `all` waits for a free slot (TCP back-pressure on the sender) when
 //! `max_concurrent` requests run; `execution` and `connection` answer `Busy`.
 //!
@@ -36,11 +40,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -49,7 +52,7 @@ use tern_proto::rpc::RequestBody;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -193,6 +196,14 @@ pub struct ServerConfig {
     /// Answer bytes buffered per connection before handlers wait for the
     /// writer.
     pub write_buffer: usize,
+    /// Requests of one connection being handled or waiting for room to
+    /// answer; past it the connection is not read (its peer feels TCP
+    /// back-pressure), so a peer that does not read its answers holds at
+    /// most this many requests and answers.
+    pub max_pending_per_connection: usize,
+    /// A connection whose answers make no progress into the socket for
+    /// this long is closed.
+    pub write_timeout: Duration,
     /// A connection with no frame for this long is closed (clients ping
     /// every few seconds while idle).
     pub idle_timeout: Duration,
@@ -210,6 +221,8 @@ impl Default for ServerConfig {
             max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
             dispatch: Dispatch::default(),
             write_buffer: 1024 * 1024,
+            max_pending_per_connection: 1024,
+            write_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             grace_period: Duration::from_secs(10),
             drain_quiet: Duration::from_millis(100),
@@ -379,9 +392,15 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     }
 
     let outbox = Arc::new(Outbox::new(ctx.config.write_buffer));
-    ctx.tracker
-        .spawn(write_loop(wr, outbox.clone(), ctx.force.clone(), peer));
+    ctx.tracker.spawn(crate::outbox::write_loop(
+        wr,
+        outbox.clone(),
+        ctx.force.clone(),
+        peer,
+        ctx.config.write_timeout,
+    ));
     let answers = Arc::new(Answers(outbox));
+    let pending = Arc::new(Semaphore::new(ctx.config.max_pending_per_connection.max(1)));
 
     // `connection` dispatch: one ordered worker for this connection.
     let ordered = match ctx.dispatch {
@@ -401,7 +420,12 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         _ => None,
     };
 
-    while let Some(frame) = next_request(&ctx, &mut frames, peer).await {
+    // Back-pressure: nothing more is read while the answers wait for the
+    // writer, or while this connection has its most requests pending.
+    while answers.0.room().await.is_ok()
+        && let Ok(permit) = pending.clone().acquire_owned().await
+        && let Some(frame) = next_request(&ctx, &mut frames, peer).await
+    {
         let sent = match frame.header.kind {
             Kind::Heartbeat => {
                 let id = frame.header.request_id;
@@ -411,7 +435,7 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
                     .await
                     .is_ok()
             }
-            _ => dispatch(&ctx, peer, frame, &answers, ordered.as_ref()).await,
+            _ => dispatch(&ctx, peer, frame, &answers, ordered.as_ref(), permit).await,
         };
         if !sent {
             break;
@@ -539,6 +563,7 @@ async fn dispatch(
     frame: Frame,
     answers: &Arc<Answers>,
     ordered: Option<&mpsc::Sender<Frame>>,
+    pending: OwnedSemaphorePermit,
 ) -> bool {
     let id = frame.header.request_id;
     match &ctx.dispatch {
@@ -551,7 +576,10 @@ async fn dispatch(
             ctx.tracker.spawn(async move {
                 let answer = handle(&ctx2, peer, frame).await;
                 drop(permit);
+                // The connection's place is given back once the answer
+                // is in its outbox.
                 let _ = answers2.send(answer).await;
+                drop(pending);
             });
             true
         }
@@ -568,6 +596,7 @@ async fn dispatch(
                 let answer = handle(&ctx2, peer, frame).await;
                 drop((permit, admission));
                 let _ = answers2.send(answer).await;
+                drop(pending);
             });
             true
         }
@@ -615,7 +644,7 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, frame: Frame) -> Answer {
         peer: Some(peer),
         deadline,
     };
-    let mut call = CatchUnwind(service.call(&body.method, request));
+    let mut call = crate::catch_unwind::CatchUnwind(service.call(&body.method, request));
     // Most methods finish on their first poll; only those that wait get a
     // deadline timer and a shutdown watch.
     let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut call).poll(cx))).await;
@@ -640,53 +669,5 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, force: CancellationToken, peer: SocketAddr) {
-    let mut out = BytesMut::with_capacity(64 * 1024);
-    loop {
-        let more = tokio::select! {
-            _ = force.cancelled() => break,
-            more = outbox.take(&mut out) => more,
-        };
-        if !more {
-            break;
-        }
-        let written = tokio::select! {
-            _ = force.cancelled() => break,
-            written = wr.write_all(&out) => written,
-        };
-        if let Err(e) = written {
-            debug!(%peer, error = %e, "write failed; dropping connection");
-            outbox.close();
-            break;
-        }
-        out.clear();
-    }
-    let _ = wr.shutdown().await;
-}
-
-/// Turns a panic in a service method into an error answer instead of a lost
-/// task (and, in `direct` mode, a lost connection).
-struct CatchUnwind(BoxFuture<Bytes>);
-
-impl Future for CatchUnwind {
-    type Output = Result<Result<Bytes, Status>, String>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = &mut self.0;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic".to_owned());
-                Poll::Ready(Err(message))
-            }
-        }
     }
 }
