@@ -6,16 +6,24 @@
 //!
 //! [apps.greeter]
 //! token = "change-me-greeter"
-//! # Service keys this app may register: exact keys, interface names, or
-//! # prefixes ending in '*'. Leave out to let the app register nothing.
+//! # Service keys this app may register. Leave out to let the app
+//! # register nothing.
 //! provide = ["demo.Greeter:1.0.0", "demo.*"]
 //!
 //! [apps.web]
 //! token = "change-me-web"
+//! # Service keys this app may subscribe to. Leave out: none.
+//! consume = ["demo.Greeter", "payments/billing.*"]
 //! ```
 //!
-//! With credentials, a session's Hello must carry its app's token, and an
-//! app may register only the services its `provide` list names.
+//! With credentials, a session's Hello must carry its app's token, an app
+//! may register only the services its `provide` list names, and subscribe
+//! only to those its `consume` list names.
+//!
+//! A pattern is `[group/]name[:version]`, where `name` is an interface or
+//! a prefix of one ending in `*`, and `version`, when given, must match
+//! exactly. A pattern matches only keys of its own group (no `group/`: the
+//! default, empty group): `demo.*` never matches `demo.x/payments.Api`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -66,6 +74,8 @@ pub struct AppCredential {
     pub token: String,
     #[serde(default)]
     pub provide: Vec<String>,
+    #[serde(default)]
+    pub consume: Vec<String>,
 }
 
 impl Credentials {
@@ -112,17 +122,16 @@ impl Credentials {
 
     /// Whether `app` may register `key`.
     pub fn may_provide(&self, app: &str, key: &ServiceKey) -> bool {
-        let Some(credential) = self.apps.get(app) else {
-            return false;
-        };
-        let text = key.to_string();
-        credential
-            .provide
-            .iter()
-            .any(|pattern| match pattern.strip_suffix('*') {
-                Some(prefix) => text.starts_with(prefix) || key.interface.starts_with(prefix),
-                None => *pattern == text || *pattern == key.interface,
-            })
+        self.apps
+            .get(app)
+            .is_some_and(|c| c.provide.iter().any(|p| pattern_matches(p, key)))
+    }
+
+    /// Whether `app` may subscribe to `key`.
+    pub fn may_consume(&self, app: &str, key: &ServiceKey) -> bool {
+        self.apps
+            .get(app)
+            .is_some_and(|c| c.consume.iter().any(|p| pattern_matches(p, key)))
     }
 
     /// Whether an `Authorization` header value carries the admin token. No
@@ -134,6 +143,26 @@ impl Credentials {
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .is_some_and(|given| eq(given.as_bytes(), token.as_bytes())),
         }
+    }
+}
+
+/// Whether `pattern` (`[group/]name[:version]`, `name` an interface or a
+/// prefix ending in `*`) names `key`; never across groups.
+fn pattern_matches(pattern: &str, key: &ServiceKey) -> bool {
+    let (group, rest) = pattern.split_once('/').unwrap_or(("", pattern));
+    if group != key.group {
+        return false;
+    }
+    let (name, version) = match rest.split_once(':') {
+        Some((name, version)) => (name, Some(version)),
+        None => (rest, None),
+    };
+    if version.is_some_and(|v| v != key.version) {
+        return false;
+    }
+    match name.strip_suffix('*') {
+        Some(prefix) => key.interface.starts_with(prefix),
+        None => name == key.interface,
     }
 }
 
@@ -153,6 +182,26 @@ mod tests {
             "#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn patterns_name_keys_interfaces_and_prefixes_never_across_groups() {
+        let key = |text: &str| text.parse::<ServiceKey>().unwrap();
+        let cases = [
+            ("demo.Greeter:1.0.0", "demo.Greeter:1.0.0", true),
+            ("demo.Greeter:1.0.0", "demo.Greeter:2.0.0", false),
+            ("demo.Greeter", "demo.Greeter:2.0.0", true),
+            ("demo.*", "demo.Echo:1.0.0", true),
+            ("demo.*", "demo.x/payments.Api", false),
+            ("demo.*", "blue/demo.Echo", false),
+            ("blue/demo.*", "blue/demo.Echo:1.0.0", true),
+            ("blue/demo.*:1.0.0", "blue/demo.Echo:2.0.0", false),
+            ("payments.*", "demo.x/payments.Api", false),
+            ("demo.x/payments.*", "demo.x/payments.Api", true),
+        ];
+        for (pattern, text, want) in cases {
+            assert_eq!(pattern_matches(pattern, &key(text)), want, "{pattern} ~ {text}");
+        }
     }
 
     #[test]

@@ -353,8 +353,17 @@ async fn read_loop(
             },
             Some(node_message::Body::Subscribe(s)) => match s.service {
                 Some(key) => {
-                    let known = (!s.known_epoch.is_empty()).then_some((s.known_epoch.as_str(), s.known_revision));
-                    registry.subscribe(id, ServiceKey::from(&key), known)
+                    let key = ServiceKey::from(&key);
+                    match credentials.zip(registry.app_of(id)) {
+                        Some((c, app)) if !c.may_consume(&app, &key) => Err(service_map::RequestError::Forbidden(
+                            format!("app {app:?} may not consume {key}"),
+                        )),
+                        _ => {
+                            let known =
+                                (!s.known_epoch.is_empty()).then_some((s.known_epoch.as_str(), s.known_revision));
+                            registry.subscribe(id, key, known)
+                        }
+                    }
                 }
                 None => Err(service_map::RequestError::Invalid("Subscribe needs a service".into())),
             },

@@ -499,6 +499,7 @@ async fn with_credentials_apps_must_authenticate_and_provide_only_their_services
         [apps.greeter]
         token = "greeter-secret"
         provide = ["demo.Greeter:1.0.0", "demo.Echo:1.0.0"]
+        consume = ["demo.Greeter"]
         [apps.rogue]
         token = "rogue-secret"
         "#,
@@ -557,6 +558,62 @@ async fn with_credentials_apps_must_authenticate_and_provide_only_their_services
         panic!("{answer:?}")
     };
     assert_eq!(error.kind, "unauthenticated", "{error:?}");
+
+    // Subscribing needs the service in the app's consume list.
+    for (app, token, service, refused) in [
+        ("greeter", "greeter-secret", "demo.Greeter", false),
+        ("greeter", "greeter-secret", "demo.Echo", true),
+        ("rogue", "rogue-secret", "demo.Greeter", true),
+    ] {
+        let messages = [
+            NodeMessage {
+                request_id: 1,
+                body: Some(node_message::Body::Hello(pb::Hello {
+                    app: app.into(),
+                    token: token.into(),
+                    ..pb::Hello::default()
+                })),
+            },
+            NodeMessage {
+                request_id: 2,
+                body: Some(node_message::Body::Subscribe(pb::Subscribe {
+                    service: Some(pb::ServiceKey {
+                        interface: service.into(),
+                        version: "1.0.0".into(),
+                        group: String::new(),
+                    }),
+                    ..pb::Subscribe::default()
+                })),
+            },
+        ];
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        for m in messages {
+            tx.send(m).await.unwrap();
+        }
+        let mut answers = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = loop {
+            let message = answers.message().await.unwrap().expect("an answer");
+            if message.request_id == 2 {
+                break message.body;
+            }
+        };
+        match answer {
+            Some(server_message::Body::Error(e)) if refused => {
+                assert_eq!(e.kind, "forbidden", "{e:?}");
+                assert!(
+                    e.message.contains("may not consume") && e.message.contains(app),
+                    "{e:?}"
+                );
+            }
+            Some(server_message::Body::Ack(_)) if !refused => {}
+            other => panic!("{app} subscribing to {service}: {other:?}"),
+        }
+        drop(tx);
+    }
 
     // Admin writes need the admin token.
     let path = format!("/api/rule?service={SERVICE}&name=x");
