@@ -131,17 +131,40 @@ pub(super) fn load(path: &Path) -> Cached {
     }
 }
 
-/// Writes `bytes` as the cache file: to a temporary file first, renamed
-/// over the last one, so a crash never leaves half a file.
+/// Writes `bytes` as the cache file: to a temporary file of this process's
+/// own (so two processes sharing a cache path never write one temporary
+/// file), readable by its owner only (it holds service tokens), synced to
+/// disk, then renamed over the last one, so a crash never leaves half a
+/// file.
 pub(super) async fn save(path: &Path, bytes: Vec<u8>) {
-    let tmp = path.with_extension("tmp");
-    let written = async {
-        tokio::fs::write(&tmp, bytes).await?;
-        tokio::fs::rename(&tmp, path).await
-    };
-    if let Err(e) = written.await {
-        warn!(path = %path.display(), error = %e, "cannot save provider cache");
+    let path = path.to_path_buf();
+    let written = tokio::task::spawn_blocking(move || write_private(&path, &bytes).map_err(|e| (path, e))).await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err((path, e))) => warn!(path = %path.display(), error = %e, "cannot save provider cache"),
+        Err(e) => warn!(error = %e, "saving the provider cache failed"),
     }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.{:x}.tmp", std::process::id(), rand::random::<u32>()));
+    let tmp = path.with_file_name(name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let done = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
 }
 
 #[cfg(test)]

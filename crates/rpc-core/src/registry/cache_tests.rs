@@ -61,7 +61,32 @@ async fn a_saved_file_loads_and_a_missing_or_corrupt_one_is_empty() {
     let (key, list) = (key(), list());
     save(&path, encode([(&key, &list)].into_iter(), std::iter::empty())).await;
     assert_eq!(load(&path).lists[&key], list);
-    assert!(!path.with_extension("tmp").exists(), "the temporary file was renamed");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        [std::ffi::OsString::from("providers.cache")],
+        "a temporary file was left"
+    );
+    // It holds service tokens: its owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "cache file mode {mode:o}");
+
+    // Two savers of one path (two processes sharing a cache file) never
+    // write into each other's temporary file: every save lands whole.
+    let savers: Vec<_> = (0..8)
+        .map(|_| {
+            let (path, bytes) = (path.clone(), encode([(&key, &list)].into_iter(), std::iter::empty()));
+            tokio::spawn(async move { save(&path, bytes).await })
+        })
+        .collect();
+    for saver in savers {
+        saver.await.unwrap();
+    }
+    assert_eq!(load(&path).lists[&key], list);
 
     std::fs::write(&path, b"\xff\xff\xff not a cache").unwrap();
     assert_eq!(load(&path), Cached::default(), "a corrupt file is ignored");
