@@ -15,6 +15,7 @@
 //! The lock is a `std::sync::Mutex`, never held across an `.await`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +38,9 @@ pub(crate) struct Outbox {
     /// Wakes pushers waiting for room.
     room: Notify,
     high_water: usize,
+    /// The buffer holds `high_water` bytes or more (kept under the lock;
+    /// read without it by [`Outbox::room`]'s quick look).
+    full: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -55,6 +59,7 @@ impl Outbox {
             ready: Notify::new(),
             room: Notify::new(),
             high_water: high_water.max(1),
+            full: AtomicBool::new(false),
         }
     }
 
@@ -74,6 +79,9 @@ impl Outbox {
                 if state.buf.len() < self.high_water {
                     let was_empty = state.buf.is_empty();
                     encode(&mut state.buf);
+                    if state.buf.len() >= self.high_water {
+                        self.full.store(true, Ordering::Release);
+                    }
                     drop(state);
                     if was_empty {
                         self.ready.notify_one();
@@ -91,6 +99,10 @@ impl Outbox {
     /// that calls this before taking more requests stops reading while its
     /// answers are not being written.
     pub(crate) async fn room(&self) -> Result<(), Closed> {
+        // The common case costs one load: not full.
+        if !self.full.load(Ordering::Acquire) {
+            return Ok(());
+        }
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
@@ -115,6 +127,7 @@ impl Outbox {
                 let mut state = self.state.lock().expect("outbox lock");
                 if !state.buf.is_empty() {
                     std::mem::swap(&mut state.buf, out);
+                    self.full.store(false, Ordering::Release);
                     drop(state);
                     self.room.notify_waiters();
                     return true;

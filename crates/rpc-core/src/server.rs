@@ -43,6 +43,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -52,7 +53,7 @@ use tern_proto::rpc::RequestBody;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -399,8 +400,12 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
         peer,
         ctx.config.write_timeout,
     ));
-    let answers = Arc::new(Answers(outbox));
-    let pending = Arc::new(Semaphore::new(ctx.config.max_pending_per_connection.max(1)));
+    let answers = Arc::new(Answers {
+        outbox,
+        pending: AtomicUsize::new(0),
+        freed: Notify::new(),
+        max_pending: ctx.config.max_pending_per_connection.max(1),
+    });
 
     // `connection` dispatch: one ordered worker for this connection.
     let ordered = match ctx.dispatch {
@@ -422,20 +427,22 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
 
     // Back-pressure: nothing more is read while the answers wait for the
     // writer, or while this connection has its most requests pending.
-    while answers.0.room().await.is_ok()
-        && let Ok(permit) = pending.clone().acquire_owned().await
+    while answers.outbox.room().await.is_ok()
+        && answers.admit().await
         && let Some(frame) = next_request(&ctx, &mut frames, peer).await
     {
         let sent = match frame.header.kind {
             Kind::Heartbeat => {
                 let id = frame.header.request_id;
-                answers
-                    .0
+                let sent = answers
+                    .outbox
                     .push(|buf| frame::encode_heartbeat(buf, id, true))
                     .await
-                    .is_ok()
+                    .is_ok();
+                answers.done();
+                sent
             }
-            _ => dispatch(&ctx, peer, frame, &answers, ordered.as_ref(), permit).await,
+            _ => dispatch(&ctx, peer, frame, &answers, ordered.as_ref()).await,
         };
         if !sent {
             break;
@@ -448,17 +455,47 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
 /// The answer side of a connection. When the last handle goes (the reader
 /// and every in-flight handler are done) the outbox closes and the writer
 /// drains it and stops.
-struct Answers(Arc<Outbox>);
+struct Answers {
+    outbox: Arc<Outbox>,
+    /// Requests read and not yet answered into the outbox.
+    pending: AtomicUsize,
+    /// Woken when `pending` falls from `max_pending`.
+    freed: Notify,
+    max_pending: usize,
+}
 
 impl Answers {
     async fn send(&self, answer: Answer) -> Result<(), Closed> {
-        self.0.push(|buf| answer.encode(buf)).await
+        self.outbox.push(|buf| answer.encode(buf)).await
+    }
+
+    /// Waits for a place for one more request (only the reader takes
+    /// places, so a look then an add cannot overshoot); `true`.
+    async fn admit(&self) -> bool {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.pending.load(Ordering::Acquire) < self.max_pending {
+                self.pending.fetch_add(1, Ordering::AcqRel);
+                return true;
+            }
+            freed.await;
+        }
+    }
+
+    /// A request's answer is in the outbox (or never will be): its place
+    /// is free.
+    fn done(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == self.max_pending {
+            self.freed.notify_one();
+        }
     }
 }
 
 impl Drop for Answers {
     fn drop(&mut self) {
-        self.0.close();
+        self.outbox.close();
     }
 }
 
@@ -563,13 +600,13 @@ async fn dispatch(
     frame: Frame,
     answers: &Arc<Answers>,
     ordered: Option<&mpsc::Sender<Frame>>,
-    pending: OwnedSemaphorePermit,
 ) -> bool {
     let id = frame.header.request_id;
     match &ctx.dispatch {
         DispatchState::Direct => unreachable!("direct dispatch is served by serve_direct"),
         DispatchState::All { running } => {
             let Ok(permit) = running.clone().acquire_owned().await else {
+                answers.done();
                 return false;
             };
             let (ctx2, answers2) = (ctx.clone(), answers.clone());
@@ -579,28 +616,33 @@ async fn dispatch(
                 // The connection's place is given back once the answer
                 // is in its outbox.
                 let _ = answers2.send(answer).await;
-                drop(pending);
+                answers2.done();
             });
             true
         }
         DispatchState::Execution { admitted, running } => {
             let Ok(admission) = admitted.clone().try_acquire_owned() else {
                 let busy = Answer::busy(id, "execution pool and its queue are full");
-                return answers.send(busy).await.is_ok();
+                let sent = answers.send(busy).await.is_ok();
+                answers.done();
+                return sent;
             };
             let (ctx2, answers2, running) = (ctx.clone(), answers.clone(), running.clone());
             ctx.tracker.spawn(async move {
                 let Ok(permit) = running.acquire_owned().await else {
+                    answers2.done();
                     return;
                 };
                 let answer = handle(&ctx2, peer, frame).await;
                 drop((permit, admission));
                 let _ = answers2.send(answer).await;
-                drop(pending);
+                answers2.done();
             });
             true
         }
         DispatchState::Connection { .. } => {
+            // Bounded by its worker's queue instead.
+            answers.done();
             let ordered = ordered.expect("connection dispatch has a worker");
             match ordered.try_send(frame) {
                 Ok(()) => true,
