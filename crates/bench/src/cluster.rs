@@ -24,7 +24,7 @@
 //! Last line:
 //! `RESULT cluster cross_push_p99_ms=<n> storm_converge_ms=<n> node_kill_failed_calls=<n> node_kill_lost_providers=<n> node_kill_rehome_ms=<n> peer_bytes_per_change=<n>`
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,9 +40,9 @@ use rpc_core::registry::{Follower, RegistrySession, Role, SessionConfig, Update}
 use tern_proto::peer;
 use tokio::task::JoinSet;
 
-use crate::convergence::{AddressSet, Arrivals, follow};
+use crate::convergence::{Arrivals, follow};
 use crate::proto::{EchoClient, EchoRequest, EchoServer};
-use crate::registry::{Server, connected, instance, register_all};
+use crate::registry::{Server, connected, instance, register_all, replace_a_tenth, storm_arrivals};
 use crate::systems::EchoService;
 
 #[derive(Debug, clap::Args)]
@@ -216,23 +216,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         .collect();
     register_all(&storm_sessions, initial).await?;
     let replaced = args.storm_providers / 10;
-    let expected: Arc<AddressSet> = Arc::new(
-        (replaced..args.storm_providers)
-            .map(|k| 20_000 + k as u32)
-            .chain((0..replaced).map(|k| 40_000 + k as u32))
-            .map(|port| format!("127.0.0.1:{port}"))
-            .collect(),
-    );
-    let initial_set: Arc<AddressSet> = Arc::new(
-        (0..args.storm_providers)
-            .map(|k| format!("127.0.0.1:{}", 20_000 + k as u32))
-            .collect(),
-    );
-    let (initial_check, expected_check) = (initial_set.clone(), expected.clone());
-    let mut arrivals = Arrivals::new(move |goal, list, look| {
-        let want = if goal == 1 { &initial_check } else { &expected_check };
-        want.seen_in(list, look)
-    });
+    let mut arrivals = storm_arrivals(args.storm_providers);
     let mut storm_views = Vec::new();
     for s in &subscribers {
         let (follower, view) = follow(s, &storm, arrivals.observer());
@@ -241,34 +225,11 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     }
     arrivals.time(1, &storm_views, async { Ok(()) }).await?;
     let converge = arrivals
-        .time(2, &storm_views, async {
-            let mut tasks = JoinSet::new();
-            for k in 0..replaced {
-                let session = storm_sessions[k % storm_sessions.len()].clone();
-                let key = storm.clone();
-                tasks.spawn(async move { session.unregister(&key, "127.0.0.1", 20_000 + k as u16).await });
-            }
-            let mut by_session: HashMap<usize, Vec<u32>> = HashMap::new();
-            for k in 0..replaced {
-                by_session
-                    .entry(k % storm_sessions.len())
-                    .or_default()
-                    .push(40_000 + k as u32);
-            }
-            for (i, ports) in by_session {
-                let (session, key) = (storm_sessions[i].clone(), storm.clone());
-                tasks.spawn(async move {
-                    for port in ports {
-                        session.register(&key, instance(port)).await?;
-                    }
-                    Ok(())
-                });
-            }
-            while let Some(result) = tasks.join_next().await {
-                result??;
-            }
-            Ok(())
-        })
+        .time(
+            2,
+            &storm_views,
+            replace_a_tenth(&storm_sessions, &storm, args.storm_providers),
+        )
         .await?;
     let storm_ms = converge.as_secs_f64() * 1e3;
     println!(

@@ -25,7 +25,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -324,60 +323,19 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
         .map(|i| session(server.addr, &format!("storm-consumer-{i}"), Role::Consumer))
         .collect();
     connected(&watchers_sessions).await?;
-    // The lowest ports go and the new come above every other: what the
-    // quick look at a view relies on (see `Look::Quick`).
     let replaced = args.storm_providers / 10;
-    let expected: Arc<AddressSet> = Arc::new(
-        (replaced..args.storm_providers)
-            .map(|k| 20_000 + k as u32)
-            .chain((0..replaced).map(|k| 40_000 + k as u32))
-            .map(|port| format!("127.0.0.1:{port}"))
-            .collect(),
-    );
-    let initial_set: Arc<AddressSet> = Arc::new(
-        (0..args.storm_providers)
-            .map(|k| format!("127.0.0.1:{}", 20_000 + k as u32))
-            .collect(),
-    );
-    let (initial_check, expected_check) = (initial_set.clone(), expected.clone());
-    let mut arrivals = Arrivals::new(move |goal, list, look| {
-        let want = if goal == 1 { &initial_check } else { &expected_check };
-        want.seen_in(list, look)
-    });
+    let mut arrivals = storm_arrivals(args.storm_providers);
     let (_followers, receivers): (Vec<_>, Vec<_>) = watchers_sessions
         .iter()
         .map(|s| follow(s, &storm, arrivals.observer()))
         .unzip();
     arrivals.time(1, &receivers, async { Ok(()) }).await?;
     let converge = arrivals
-        .time(2, &receivers, async {
-            let mut tasks = JoinSet::new();
-            for k in 0..replaced {
-                let session = storm_sessions[k % storm_sessions.len()].clone();
-                let key = storm.clone();
-                tasks.spawn(async move { session.unregister(&key, "127.0.0.1", 20_000 + k as u16).await });
-            }
-            let fresh: Vec<_> = (0..replaced)
-                .map(|k| (storm.clone(), instance(40_000 + k as u32)))
-                .collect();
-            let mut by_session: HashMap<usize, Vec<(ServiceKey, Instance)>> = HashMap::new();
-            for (i, item) in fresh.into_iter().enumerate() {
-                by_session.entry(i % storm_sessions.len()).or_default().push(item);
-            }
-            for (i, items) in by_session {
-                let session = storm_sessions[i].clone();
-                tasks.spawn(async move {
-                    for (key, instance) in items {
-                        session.register(&key, instance).await?;
-                    }
-                    Ok(())
-                });
-            }
-            while let Some(result) = tasks.join_next().await {
-                result??;
-            }
-            Ok(())
-        })
+        .time(
+            2,
+            &receivers,
+            replace_a_tenth(&storm_sessions, &storm, args.storm_providers),
+        )
         .await?;
     let storm_ms = converge.as_secs_f64() * 1e3;
     println!(
@@ -389,5 +347,58 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
         "RESULT registry push_p99_ms={push_p99:.1} storm_converge_ms={storm_ms:.0} bytes_per_change={bytes_per_change:.0} rss_kb_per_session={rss_per_session:.1} registrations_per_s={:.0}",
         registrations_per_s
     );
+    Ok(())
+}
+
+/// The storm's goals for subscribers of a service of `providers`
+/// providers at ports 20,000 and up: goal 1, all of them; goal 2, the
+/// lowest tenth replaced by as many at 40,000 and up ([`replace_a_tenth`]).
+/// The lowest ports go and the new come above every other: what the quick
+/// look at a view relies on (see `Look::Quick`).
+pub fn storm_arrivals(providers: usize) -> Arrivals {
+    let replaced = providers / 10;
+    let initial: AddressSet = (0..providers)
+        .map(|k| format!("127.0.0.1:{}", 20_000 + k as u32))
+        .collect();
+    let expected: AddressSet = (replaced..providers)
+        .map(|k| 20_000 + k as u32)
+        .chain((0..replaced).map(|k| 40_000 + k as u32))
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    Arrivals::new(move |goal, list, look| {
+        let want = if goal == 1 { &initial } else { &expected };
+        want.seen_in(list, look)
+    })
+}
+
+/// The storm itself: the lowest tenth of `providers` providers of `key`
+/// unregistered and as many new ones registered, all at once, spread over
+/// `sessions` (each session's registrations one after another).
+pub async fn replace_a_tenth(sessions: &[RegistrySession], key: &ServiceKey, providers: usize) -> anyhow::Result<()> {
+    let replaced = providers / 10;
+    let mut tasks = JoinSet::new();
+    for k in 0..replaced {
+        let (session, key) = (sessions[k % sessions.len()].clone(), key.clone());
+        tasks.spawn(async move { session.unregister(&key, "127.0.0.1", 20_000 + k as u16).await });
+    }
+    let mut by_session: HashMap<usize, Vec<u32>> = HashMap::new();
+    for k in 0..replaced {
+        by_session
+            .entry(k % sessions.len())
+            .or_default()
+            .push(40_000 + k as u32);
+    }
+    for (i, ports) in by_session {
+        let (session, key) = (sessions[i].clone(), key.clone());
+        tasks.spawn(async move {
+            for port in ports {
+                session.register(&key, instance(port)).await?;
+            }
+            Ok(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
     Ok(())
 }
