@@ -130,6 +130,18 @@ pub struct Settings {
     /// ready anyway [default: 10000].
     #[arg(long, env = "CONFIGSERVER_PEER_SYNC_TIMEOUT_MS")]
     pub peer_sync_timeout_ms: Option<u64>,
+    /// TLS on every port: this server's certificate chain (PEM), reloaded
+    /// with its key on SIGHUP. Plain TCP without it.
+    #[arg(long, env = "CONFIGSERVER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "CONFIGSERVER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// mTLS on the registry port: every node (and peer) must present a
+    /// certificate this CA issued, whose subject CN is its app; peers'
+    /// certificates are checked against it too.
+    #[arg(long, env = "CONFIGSERVER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Test hook: drop this many batches received from peers unseen.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -189,6 +201,9 @@ impl Settings {
             peer_grace_ms: self.peer_grace_ms.or(fallback.peer_grace_ms),
             peer_digest_ms: self.peer_digest_ms.or(fallback.peer_digest_ms),
             peer_sync_timeout_ms: self.peer_sync_timeout_ms.or(fallback.peer_sync_timeout_ms),
+            tls_cert: self.tls_cert.or(fallback.tls_cert),
+            tls_key: self.tls_key.or(fallback.tls_key),
+            tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
             test_drop_peer_batches: self.test_drop_peer_batches.or(fallback.test_drop_peer_batches),
         }
     }
@@ -244,6 +259,21 @@ impl Settings {
             cluster.sync_timeout = ms(v);
         }
         cluster.drop_changes = self.test_drop_peer_batches.unwrap_or(0);
+        config.tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(rpc_core::net::tls::ServerTlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            // A file with one of them: ConfigServer::start names what is missing.
+            (cert, key) => (cert.is_some() || key.is_some() || self.tls_client_ca.is_some()).then(|| {
+                rpc_core::net::tls::ServerTlsFiles {
+                    cert: cert.unwrap_or_default(),
+                    key: key.unwrap_or_default(),
+                    client_ca: self.tls_client_ca,
+                }
+            }),
+        };
         config
     }
 }
@@ -314,15 +344,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         // Handlers first: a signal right after the ready line must not kill us.
         use tokio::signal::unix::{SignalKind, signal};
         let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        let mut hup = signal(SignalKind::hangup())?;
         let server = crate::ConfigServer::start(config).await?;
         println!(
             "configserver listening {} admin {}",
             server.local_addr(),
             server.admin_addr()
         );
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
+        loop {
+            tokio::select! {
+                _ = int.recv() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => server.reload_tls(),
+            }
         }
         tracing::info!("signal received; shutting down");
         server.shutdown().await;

@@ -114,7 +114,9 @@ impl ToNode for mpsc::Sender<Outgoing> {
 
 /// Starts a node's session on a new gRPC stream; the stream of messages to it.
 fn open_session(service: &RegistryService, request: Request<Streaming<NodeMessage>>) -> Response<OutboundStream> {
-    let peer = request.remote_addr();
+    let info = request.extensions().get::<crate::port::ConnectInfo>();
+    let peer = info.and_then(|info| info.remote_addr);
+    let verified_app = info.and_then(|info| info.app.clone());
     let inbound = request
         .into_inner()
         .map(|message| message.map_err(|status| format!("stream error: {}", status.message())));
@@ -122,7 +124,7 @@ fn open_session(service: &RegistryService, request: Request<Streaming<NodeMessag
     let session = service.clone();
     service
         .tracker()
-        .spawn(async move { session.until_shutdown(session.run(inbound, tx, peer)).await });
+        .spawn(async move { session.until_shutdown(session.run(inbound, tx, peer, verified_app)).await });
     Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)))
 }
 

@@ -18,6 +18,7 @@
 //! - [`store`]: the durable rule store (SQLite, PostgreSQL, MySQL: cargo features) and its audit log.
 //! - [`auth`]: optional app credentials and the admin token.
 //! - [`admin`]: the admin HTTP API (services, rules, health, metrics).
+//! - [`tls_listener`]: the admin port's listener under TLS.
 //! - [`admin_client`]: `configserver rules ...`, the admin API from the command line ([`admin_client::AdminClient`]).
 //! - [`server`]: a running server ([`ConfigServer`]) with one shutdown.
 //! - [`config`]: the binary's flags, environment and TOML file.
@@ -40,6 +41,7 @@ pub mod server;
 pub mod service_map;
 pub mod session_outbox;
 pub mod store;
+pub mod tls_listener;
 
 pub use server::{ConfigServer, ConfigServerConfig};
 pub use service_map::{Registry, RegistryConfig};

@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 
+use rpc_core::net::Stream;
 use rpc_core::registry::framing;
 use tern_proto::registry::NodeMessage;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::node_session::RegistryService;
@@ -29,11 +29,12 @@ const READ_BUFFER: usize = 256;
 pub(crate) async fn serve(
     service: &RegistryService,
     peers: Option<&Arc<Cluster>>,
-    socket: TcpStream,
+    socket: Stream,
     peer: SocketAddr,
     max_message_bytes: usize,
 ) {
     let timeout = service.heartbeats().timeout;
+    let verified_app = socket.peer_app().cloned();
     let (mut read, write) = socket.into_split();
     let mut preface = [0u8; framing::PREFACE.len()];
     match tokio::time::timeout(timeout, read.read_exact(&mut preface)).await {
@@ -60,7 +61,7 @@ pub(crate) async fn serve(
         <NodeMessage as prost::Message>::decode
     ));
     let outbox = Arc::new(SessionOutbox::new(write));
-    let session = service.run(inbound, outbox.clone(), Some(peer));
+    let session = service.run(inbound, outbox.clone(), Some(peer), verified_app);
     let drain = outbox.drain();
     tokio::pin!(session, drain);
     let mut drained = false;

@@ -86,6 +86,7 @@ impl RegistryService {
         mut inbound: impl Stream<Item = Result<NodeMessage, String>> + Unpin,
         tx: impl ToNode,
         peer: Option<SocketAddr>,
+        verified_app: Option<Arc<str>>,
     ) {
         let (registry, heartbeats, credentials) = (&*self.registry, self.heartbeats, self.credentials.as_deref());
         // The first message must be Hello.
@@ -118,6 +119,23 @@ impl RegistryService {
             let _ = tx
                 .send(
                     Outgoing::from(service_map::error(request_id, "invalid", why)),
+                    heartbeats.timeout,
+                )
+                .await;
+            return;
+        }
+        if let Some(certified) = verified_app
+            && *certified != *hello.app
+        {
+            let why = format!(
+                "the client certificate names app {certified:?}, the Hello says app {:?}",
+                hello.app
+            );
+            warn!(?peer, reason = %why, "refusing session");
+            registry.metrics.refused_requests.fetch_add(1, Ordering::Relaxed);
+            let _ = tx
+                .send(
+                    Outgoing::from(service_map::error(request_id, "unauthenticated", why)),
                     heartbeats.timeout,
                 )
                 .await;

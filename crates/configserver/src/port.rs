@@ -1,6 +1,8 @@
 //! The registry port: one listener for both transports of a node's stream.
 //!
-//! Each accepted connection is told apart by its first byte: the native
+//! With TLS on, each connection's handshake comes first (the node's
+//! verified app, under mTLS, goes with the connection to its session).
+//! Each accepted connection is then told apart by its first byte: the native
 //! framing's preface (see [`rpc_core::registry::framing`]) starts a native
 //! session ([`crate::native`]) on the connection's own task; anything else
 //! (HTTP/2's preface starts with `P`) is handed to the gRPC server
@@ -22,13 +24,16 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
+use rpc_core::net::{ServerTls, Stream};
 use rpc_core::registry::framing;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
 use crate::node_session::RegistryService;
@@ -93,7 +98,7 @@ impl Drop for Slot {
 /// handshake) open, and its place taken, for as long as the peer does.
 #[derive(Debug)]
 pub struct Held {
-    stream: TcpStream,
+    stream: Stream,
     _slot: Slot,
     idle_limit: Duration,
     /// When reads fail unless bytes come first.
@@ -101,7 +106,7 @@ pub struct Held {
 }
 
 impl Held {
-    fn new(stream: TcpStream, slot: Slot, idle_limit: Duration) -> Held {
+    fn new(stream: Stream, slot: Slot, idle_limit: Duration) -> Held {
         Held {
             stream,
             _slot: slot,
@@ -161,11 +166,23 @@ impl AsyncWrite for Held {
     }
 }
 
-impl Connected for Held {
-    type ConnectInfo = TcpConnectInfo;
+/// What a gRPC session learns of its connection (in the request's
+/// extensions).
+#[derive(Debug, Clone)]
+pub struct ConnectInfo {
+    pub remote_addr: Option<SocketAddr>,
+    /// The app its verified client certificate names (mTLS).
+    pub app: Option<Arc<str>>,
+}
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+impl Connected for Held {
+    type ConnectInfo = ConnectInfo;
+
+    fn connect_info(&self) -> ConnectInfo {
+        ConnectInfo {
+            remote_addr: self.stream.peer_addr().ok(),
+            app: self.stream.peer_app().cloned(),
+        }
     }
 }
 
@@ -205,6 +222,8 @@ pub struct Handlers {
     /// Links of other ConfigServers (`None`: this server has no peers, and
     /// refuses them).
     pub peers: Option<Arc<Cluster>>,
+    /// TLS on every connection, before it is told apart (`None`: plain).
+    pub tls: Option<ServerTls>,
 }
 
 /// Accepts connections on the registry port until `shutdown`, serving
@@ -251,14 +270,29 @@ pub async fn accept(
         let _ = socket.set_nodelay(true);
         let (handlers, shutdown) = (handlers.clone(), shutdown.clone());
         tracker.spawn(async move {
-            let mut first = [0u8; 1];
             let timeout = handlers.sessions.heartbeats().timeout;
+            // The handshake and the first byte, within one heartbeat timeout.
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut socket = match &handlers.tls {
+                None => Stream::from(socket),
+                Some(tls) => {
+                    let handshake = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        handshake = tokio::time::timeout_at(deadline, tls.accept(socket)) => handshake,
+                    };
+                    match handshake {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => return warn!(%peer, error = %e, "registry port: TLS handshake failed"),
+                        Err(_) => return debug!(%peer, ?timeout, "registry port: TLS handshake unfinished; closing"),
+                    }
+                }
+            };
             let peeked = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                peeked = tokio::time::timeout(timeout, socket.peek(&mut first)) => peeked,
+                peeked = tokio::time::timeout_at(deadline, socket.peek_byte()) => peeked,
             };
             match peeked {
-                Ok(Ok(1)) if first[0] == framing::PREFACE[0] => {
+                Ok(Ok(Some(first))) if first == framing::PREFACE[0] => {
                     let service = &handlers.sessions;
                     let serve = crate::native::serve(
                         service,
@@ -270,10 +304,10 @@ pub async fn accept(
                     service.until_shutdown(serve).await;
                     drop(slot);
                 }
-                Ok(Ok(1)) => {
+                Ok(Ok(Some(_))) => {
                     let _ = handlers.grpc.send(Ok(Held::new(socket, slot, timeout))).await;
                 }
-                Ok(Ok(_)) => debug!(%peer, "registry port: closed before sending anything"),
+                Ok(Ok(None)) => debug!(%peer, "registry port: closed before sending anything"),
                 Ok(Err(e)) => debug!(%peer, error = %e, "registry port: read failed"),
                 Err(_) => debug!(%peer, ?timeout, "registry port: nothing sent; closing"),
             }

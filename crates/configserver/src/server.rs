@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rpc_core::net::tls::ServerTlsFiles;
+use rpc_core::net::{ClientTls, ServerTls, TlsError};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -57,6 +59,10 @@ pub struct ConfigServerConfig {
     pub admin_open_reads: bool,
     /// Peers, if this server is one of a cluster (none by default).
     pub cluster: ClusterConfig,
+    /// TLS on every port (`None`: plain TCP). With a client CA, nodes and
+    /// peers must present a certificate from it on the registry port
+    /// (mTLS); the admin port asks for none (it has its token).
+    pub tls: Option<ServerTlsFiles>,
 }
 
 impl Default for ConfigServerConfig {
@@ -77,6 +83,7 @@ impl Default for ConfigServerConfig {
             credentials: None,
             admin_open_reads: false,
             cluster: ClusterConfig::default(),
+            tls: None,
         }
     }
 }
@@ -99,11 +106,21 @@ pub enum StartError {
         "the credentials have no admin token: with access control on, the admin API needs one (add admin-token = \"...\" to the credentials file)"
     )]
     NoAdminToken,
+    #[error("TLS: {0} (the server did not start)")]
+    Tls(#[from] TlsError),
+    #[error("TLS needs both --tls-cert and --tls-key")]
+    TlsIncomplete,
+    #[error(
+        "TLS in a cluster needs --tls-client-ca: the CA the other members' certificates are checked against (they connect with theirs)"
+    )]
+    ClusterTlsNeedsCa,
 }
 
 /// A running ConfigServer.
 #[derive(Debug)]
 pub struct ConfigServer {
+    /// The registry port's TLS and the admin port's, reloaded together.
+    tls: Vec<ServerTls>,
     registry: Arc<Registry>,
     governance: Arc<Governance>,
     cluster: Option<Arc<Cluster>>,
@@ -131,6 +148,27 @@ impl ConfigServer {
             return Err(StartError::NoAdminToken);
         }
         let max_connections = connection_limit(config.max_connections)?;
+        let (registry_tls, admin_tls) = match &config.tls {
+            None => (None, None),
+            Some(files) if files.cert.as_os_str().is_empty() || files.key.as_os_str().is_empty() => {
+                return Err(StartError::TlsIncomplete);
+            }
+            Some(files) => {
+                let admin = ServerTlsFiles {
+                    client_ca: None,
+                    ..files.clone()
+                };
+                (Some(ServerTls::new(files.clone())?), Some(ServerTls::new(admin)?))
+            }
+        };
+        let mut config = config;
+        if let Some(files) = &config.tls
+            && config.cluster.enabled()
+            && config.cluster.tls.is_none()
+        {
+            let ca = files.client_ca.as_ref().ok_or(StartError::ClusterTlsNeedsCa)?;
+            config.cluster.tls = Some(ClientTls::with_identity(ca, &files.cert, &files.key)?);
+        }
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -191,6 +229,7 @@ impl ConfigServer {
             max_message_bytes: config.max_message_bytes,
             grpc: to_grpc,
             peers: cluster.clone(),
+            tls: registry_tls.clone(),
         };
         tracker.spawn(crate::port::accept(
             registry_port,
@@ -223,10 +262,16 @@ impl ConfigServer {
                 .as_ref()
                 .map_or_else(|| local_addr.to_string(), |c| c.node().to_owned()),
         });
+        let tls_for_admin = admin_tls.clone();
         tracker.spawn(async move {
-            let served = axum::serve(admin, router)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
+            let served = match tls_for_admin {
+                None => axum::serve(admin, router)
+                    .with_graceful_shutdown(token.cancelled_owned())
+                    .await,
+                Some(tls) => axum::serve(crate::tls_listener::TlsListener::new(admin, tls), router)
+                    .with_graceful_shutdown(token.cancelled_owned())
+                    .await,
+            };
             if let Err(e) = served {
                 error!(error = %e, "admin endpoint failed");
             }
@@ -255,8 +300,9 @@ impl ConfigServer {
                 _ = token.cancelled() => {}
             }
         });
-        info!(%local_addr, %admin_addr, epoch = registry.epoch(), "configserver started");
+        info!(%local_addr, %admin_addr, epoch = registry.epoch(), tls = registry_tls.is_some(), mtls = registry_tls.as_ref().is_some_and(ServerTls::verifies_clients), "configserver started");
         Ok(ConfigServer {
+            tls: registry_tls.into_iter().chain(admin_tls).collect(),
             registry,
             governance,
             cluster,
@@ -265,6 +311,18 @@ impl ConfigServer {
             shutdown,
             tracker,
         })
+    }
+
+    /// Reads the TLS certificate and key files again (on SIGHUP): new
+    /// connections get the new certificate, open ones keep theirs. A file
+    /// that fails to load leaves the old one in use, and says so.
+    pub fn reload_tls(&self) {
+        for tls in &self.tls {
+            match tls.reload() {
+                Ok(()) => info!(cert = %tls.files().cert.display(), "TLS certificate reloaded"),
+                Err(e) => error!(error = %e, "TLS reload failed; the previous certificate stays in use"),
+            }
+        }
     }
 
     /// The registry port's address.

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use rpc_core::net::WriteHalf;
 use rpc_core::registry::framing;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -47,7 +47,7 @@ pub enum Refused {
 /// ConfigServer's, one per session.
 #[derive(Debug)]
 pub struct SessionOutbox {
-    socket: OwnedWriteHalf,
+    socket: WriteHalf,
     state: Mutex<State>,
     /// Wakes [`SessionOutbox::drain`]: bytes are waiting.
     waiting: Notify,
@@ -74,7 +74,7 @@ enum Offer {
 
 impl SessionOutbox {
     /// An empty outbox over `socket`.
-    pub fn new(socket: OwnedWriteHalf) -> SessionOutbox {
+    pub fn new(socket: WriteHalf) -> SessionOutbox {
         SessionOutbox {
             socket,
             state: Mutex::new(State::default()),
@@ -109,7 +109,8 @@ impl SessionOutbox {
     }
 
     /// Writes what the socket takes of the waiting bytes; whether none are
-    /// left (or the socket failed, and none will be written).
+    /// left, none waiting in TLS's buffer either (or the socket failed, and
+    /// none will be written).
     fn write_some(&self, state: &mut State) -> bool {
         while !state.buf.is_empty() {
             match self.socket.try_write(&state.buf) {
@@ -125,7 +126,7 @@ impl SessionOutbox {
         if state.buf.capacity() > framing::KEEP_WRITE_BUFFER {
             state.buf = BytesMut::new();
         }
-        true
+        !self.socket.has_unsent()
     }
 
     fn fail(&self, state: &mut State, e: io::Error) -> bool {
@@ -173,7 +174,7 @@ impl SessionOutbox {
             let waiting = self.waiting.notified();
             let (closed, idle) = {
                 let state = self.lock();
-                (state.closed, state.buf.is_empty())
+                (state.closed, state.buf.is_empty() && !self.socket.has_unsent())
             };
             if closed {
                 return;
@@ -213,7 +214,7 @@ impl SessionOutbox {
     /// read never lets it finish.
     pub async fn finish(&self) {
         loop {
-            let idle = self.lock().buf.is_empty();
+            let idle = self.lock().buf.is_empty() && !self.socket.has_unsent();
             if idle || !self.write_when_writable().await {
                 break;
             }
@@ -261,18 +262,18 @@ impl node_session::ToNode for Arc<SessionOutbox> {
 mod tests {
     use bytes::Bytes;
     use tokio::io::AsyncReadExt;
-    use tokio::net::tcp::OwnedReadHalf;
+    use rpc_core::net::{ReadHalf, Stream};
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
     /// An outbox on one end of a loopback connection (with that end's read
     /// half, to hold), and the other end.
-    async fn pair() -> (Arc<SessionOutbox>, OwnedReadHalf, TcpStream) {
+    async fn pair() -> (Arc<SessionOutbox>, ReadHalf, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let (read, write) = server.into_split();
+        let (read, write) = Stream::from(server).into_split();
         (Arc::new(SessionOutbox::new(write)), read, node)
     }
 

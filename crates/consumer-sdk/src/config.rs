@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use rpc_core::registry::{Role, SessionConfig};
+use rpc_core::net::ClientTls;
 use rpc_core::{ConnectionConfig, InvalidServiceKey};
 
 /// Settings shared by every reference of a consumer.
@@ -46,6 +47,20 @@ impl ConsumerConfig {
             app,
             ..ConsumerConfig::default()
         }
+    }
+}
+
+impl ConsumerConfig {
+    /// TLS to the providers and to the ConfigServers alike: the CA their
+    /// certificates come from, and (for mTLS) a certificate naming this
+    /// consumer's app ([`ClientTls::with_identity`]).
+    #[must_use]
+    pub fn tls(mut self, tls: ClientTls) -> ConsumerConfig {
+        self.connection.tls = Some(tls.clone());
+        if let Some(registry) = &mut self.registry {
+            registry.tls = Some(tls);
+        }
+        self
     }
 }
 

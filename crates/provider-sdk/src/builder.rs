@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rpc_core::net::{ClientTls, ServerTls};
 use rpc_core::registry::{RegistryError, RegistrySession, Role, SessionConfig};
 use rpc_core::server::{Dispatch, Server, ServerConfig, Service};
 use rpc_core::{InvalidServiceKey, ServiceKey};
@@ -49,6 +50,7 @@ pub struct ProviderBuilder {
     pub(crate) zone: String,
     pub(crate) metadata: HashMap<String, String>,
     pub(crate) unregister_grace: Duration,
+    pub(crate) registry_tls: Option<ClientTls>,
 }
 
 impl ProviderBuilder {
@@ -122,6 +124,22 @@ impl ProviderBuilder {
         self
     }
 
+    /// TLS on this provider's port (plain TCP by default). With a client
+    /// CA (mTLS), every consumer must present a certificate from it, and
+    /// the app it names is the caller's app for access rules. Set after
+    /// [`Self::server_config`], which replaces it.
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+
+    /// TLS to the ConfigServers; with a certificate naming this provider's
+    /// app where they verify clients (mTLS).
+    pub fn registry_tls(mut self, tls: ClientTls) -> Self {
+        self.registry_tls = Some(tls);
+        self
+    }
+
     /// All server settings at once (dispatch, limits, grace period).
     pub fn server_config(mut self, config: ServerConfig) -> Self {
         self.config = config;
@@ -182,6 +200,9 @@ impl ProviderBuilder {
             config.role = Role::Provider;
             config.app = self.app.clone();
             config.host = host.clone();
+            if let Some(tls) = &self.registry_tls {
+                config.tls = Some(tls.clone());
+            }
             if config.zone.is_empty() {
                 config.zone = self.zone.clone();
             }

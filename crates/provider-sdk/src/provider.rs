@@ -46,6 +46,7 @@ impl Provider {
             zone: String::new(),
             metadata: HashMap::new(),
             unregister_grace: Duration::from_millis(300),
+            registry_tls: None,
         }
     }
 

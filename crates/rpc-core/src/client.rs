@@ -37,7 +37,6 @@ use prost::Message;
 use tern_proto::rpc::ResponseBody;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -46,6 +45,7 @@ use tracing::{debug, trace};
 use crate::backoff::Backoff;
 use crate::codec::{FrameCodec, FrameReader};
 use crate::frame::{self, Frame, Kind, RequestHead};
+use crate::net::{ClientTls, ReadHalf, Stream, WriteHalf};
 use crate::outbox::Outbox;
 use crate::{Code, Error};
 
@@ -63,6 +63,9 @@ pub struct ConnectionConfig {
     pub heartbeat_timeout: Duration,
     /// Delays between reconnect attempts (see [`crate::Endpoint`]).
     pub backoff: Backoff,
+    /// TLS to the provider (`None`: plain TCP). The handshake counts
+    /// toward `connect_timeout`.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ConnectionConfig {
@@ -75,6 +78,7 @@ impl Default for ConnectionConfig {
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(15),
             backoff: Backoff::default(),
+            tls: None,
         }
     }
 }
@@ -119,19 +123,28 @@ impl Connection {
     ///
     /// # Errors
     ///
-    /// [`Error::Connect`] if the TCP connection cannot be made within
-    /// `connect_timeout`.
+    /// [`Error::Connect`] if the TCP connection (and the TLS handshake,
+    /// with `tls`) cannot be made within `connect_timeout`.
     pub async fn connect(addr: SocketAddr, config: &ConnectionConfig) -> Result<Connection, Error> {
         let connect_err = |reason: String| Error::Connect { addr, reason };
-        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr))
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.map_err(|e| connect_err(e.to_string()))?;
+            tcp.set_nodelay(true).map_err(|e| connect_err(e.to_string()))?;
+            match &config.tls {
+                None => Ok(Stream::from(tcp)),
+                Some(tls) => tls
+                    .connect(tcp, &addr.ip().to_string())
+                    .await
+                    .map_err(|e| connect_err(format!("TLS: {e}"))),
+            }
+        };
+        let stream = tokio::time::timeout(config.connect_timeout, connect)
             .await
-            .map_err(|_| connect_err(format!("no answer within {:?}", config.connect_timeout)))?
-            .map_err(|e| connect_err(e.to_string()))?;
-        stream.set_nodelay(true).map_err(|e| connect_err(e.to_string()))?;
+            .map_err(|_| connect_err(format!("no answer within {:?}", config.connect_timeout)))??;
         Ok(Connection::from_stream(stream, addr, config))
     }
 
-    fn from_stream(stream: TcpStream, peer: SocketAddr, config: &ConnectionConfig) -> Connection {
+    fn from_stream(stream: Stream, peer: SocketAddr, config: &ConnectionConfig) -> Connection {
         let (rd, wr) = stream.into_split();
         let shared = Arc::new(Shared {
             peer,
@@ -282,7 +295,7 @@ impl Shared {
 
 // === tasks ===
 
-async fn read_loop(shared: Arc<Shared>, rd: OwnedReadHalf, config: ConnectionConfig) {
+async fn read_loop(shared: Arc<Shared>, rd: ReadHalf, config: ConnectionConfig) {
     let mut frames = FrameReader::new(rd, FrameCodec::new(config.max_frame_len));
     let reason = loop {
         let next = tokio::select! {
@@ -320,7 +333,7 @@ async fn read_loop(shared: Arc<Shared>, rd: OwnedReadHalf, config: ConnectionCon
     shared.close(reason);
 }
 
-async fn write_loop(shared: Arc<Shared>, mut wr: OwnedWriteHalf, config: ConnectionConfig) {
+async fn write_loop(shared: Arc<Shared>, mut wr: WriteHalf, config: ConnectionConfig) {
     let mut out = BytesMut::with_capacity(64 * 1024);
     let mut tick = tokio::time::interval(config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -344,7 +357,7 @@ async fn write_loop(shared: Arc<Shared>, mut wr: OwnedWriteHalf, config: Connect
         }
         let written = tokio::select! {
             _ = shared.closed.cancelled() => break,
-            written = wr.write_all(&out) => written,
+            written = async { wr.write_all(&out).await?; wr.flush().await } => written,
         };
         if let Err(e) = written {
             shared.close(format!("write failed: {e}"));

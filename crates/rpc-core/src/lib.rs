@@ -6,6 +6,8 @@
 //!
 //! - [`frame`]: the 18-byte header and the body encoders (see docs/PROTOCOL.md).
 //! - [`codec`]: splitting a byte stream into frames, checking before allocating.
+//! - [`net`]: a connection's stream, plain TCP or TLS (rustls), and the
+//!   app a client certificate names.
 //! - `outbox`: a connection's shared write buffer.
 //! - [`client`]: one multiplexed connection ([`Connection`]).
 //! - [`endpoint`]: a provider address whose connection comes back ([`Endpoint`]).
@@ -34,6 +36,7 @@ pub mod error;
 pub mod frame;
 pub mod governance;
 pub mod invoke;
+pub mod net;
 mod outbox;
 pub mod registry;
 pub mod retry_budget;

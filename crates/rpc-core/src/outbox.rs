@@ -21,10 +21,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+
+use crate::net::WriteHalf;
 
 /// The writer went away; nothing more can be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,21 +155,24 @@ impl Outbox {
 
 /// Writes all of `bytes`, failing if the socket takes nothing for `stall`
 /// (a peer that stopped reading).
-async fn write_making_progress(wr: &mut OwnedWriteHalf, mut bytes: &[u8], stall: Duration) -> std::io::Result<()> {
+async fn write_making_progress(wr: &mut WriteHalf, mut bytes: &[u8], stall: Duration) -> std::io::Result<()> {
     while !bytes.is_empty() {
         match tokio::time::timeout(stall, wr.write(bytes)).await {
             Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(Ok(n)) => bytes = &bytes[n..],
             Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("the peer took no answer bytes for {stall:?}"),
-                ));
-            }
+            Err(_) => return Err(stalled(stall)),
         }
     }
-    Ok(())
+    // TLS holds what it took until flushed (plain TCP: nothing to do).
+    tokio::time::timeout(stall, wr.flush()).await.map_err(|_| stalled(stall))?
+}
+
+fn stalled(stall: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the peer took no answer bytes for {stall:?}"),
+    )
 }
 
 /// A provider connection's writer: writes what the outbox holds until it
@@ -176,7 +180,7 @@ async fn write_making_progress(wr: &mut OwnedWriteHalf, mut bytes: &[u8], stall:
 /// `stall`, closes the outbox (handlers waiting for room give up) and
 /// drops the connection.
 pub(crate) async fn write_loop(
-    mut wr: OwnedWriteHalf,
+    mut wr: WriteHalf,
     outbox: Arc<Outbox>,
     force: CancellationToken,
     peer: SocketAddr,

@@ -51,8 +51,7 @@ use bytes::{Bytes, BytesMut};
 use prost::Message;
 use tern_proto::rpc::RequestBody;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +60,8 @@ use tracing::{debug, info, warn};
 
 use crate::codec::{FrameCodec, FrameReader};
 use crate::frame::{self, Frame, Kind};
+use crate::governance::ATTACH_APP;
+use crate::net::{ReadHalf, ServerTls, Stream, WriteHalf};
 use crate::outbox::{Closed, Outbox};
 use crate::{Code, ServiceKey, Status};
 
@@ -213,6 +214,12 @@ pub struct ServerConfig {
     /// During shutdown, a connection with no request for this long stops
     /// being read.
     pub drain_quiet: Duration,
+    /// TLS on every connection (`None`: plain TCP). With a client CA
+    /// (mTLS) the app a caller's certificate names is its app for access
+    /// rules, and a call whose `tern.app` says otherwise is refused.
+    pub tls: Option<ServerTls>,
+    /// How long a TLS handshake may take before the connection is closed.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -227,6 +234,8 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             grace_period: Duration::from_secs(10),
             drain_quiet: Duration::from_millis(100),
+            tls: None,
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -313,6 +322,21 @@ impl Server {
             };
             let ctx2 = ctx.clone();
             ctx.tracker.spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let stream = match &ctx2.config.tls {
+                    None => Stream::from(stream),
+                    Some(tls) => {
+                        let handshake = tokio::select! {
+                            _ = ctx2.stop.cancelled() => return,
+                            handshake = tokio::time::timeout(ctx2.config.tls_handshake_timeout, tls.accept(stream)) => handshake,
+                        };
+                        match handshake {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                        }
+                    }
+                };
                 serve_connection(ctx2, stream, peer).await;
                 drop(permit);
             });
@@ -383,13 +407,16 @@ impl DispatchState {
     }
 }
 
-async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
-    debug!(%peer, "accepted connection");
-    let _ = stream.set_nodelay(true);
+async fn serve_connection(ctx: Arc<Ctx>, stream: Stream, peer: SocketAddr) {
+    debug!(%peer, app = stream.peer_app().map(|a| &**a), "accepted connection");
+    let caller = Caller {
+        addr: peer,
+        app: stream.peer_app().cloned(),
+    };
     let (rd, wr) = stream.into_split();
     let mut frames = FrameReader::new(rd, FrameCodec::new(ctx.config.max_frame_len));
     if let DispatchState::Direct = ctx.dispatch {
-        return serve_direct(&ctx, frames, wr, peer).await;
+        return serve_direct(&ctx, frames, wr, &caller).await;
     }
 
     let outbox = Arc::new(Outbox::new(ctx.config.write_buffer));
@@ -411,10 +438,10 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
     let ordered = match ctx.dispatch {
         DispatchState::Connection { queue } => {
             let (otx, mut orx) = mpsc::channel::<Frame>(queue);
-            let (ctx2, answers2) = (ctx.clone(), answers.clone());
+            let (ctx2, answers2, caller) = (ctx.clone(), answers.clone(), caller.clone());
             ctx.tracker.spawn(async move {
                 while let Some(frame) = orx.recv().await {
-                    let answer = handle(&ctx2, peer, frame).await;
+                    let answer = handle(&ctx2, &caller, frame).await;
                     if answers2.send(answer).await.is_err() {
                         break;
                     }
@@ -442,7 +469,7 @@ async fn serve_connection(ctx: Arc<Ctx>, stream: TcpStream, peer: SocketAddr) {
                 answers.done();
                 sent
             }
-            _ => dispatch(&ctx, peer, frame, &answers, ordered.as_ref()).await,
+            _ => dispatch(&ctx, &caller, frame, &answers, ordered.as_ref()).await,
         };
         if !sent {
             break;
@@ -523,19 +550,20 @@ impl Answer {
 
 /// `direct` dispatch: run each request on this task and write the answers
 /// ourselves, one write per batch of requests that arrived together.
-async fn serve_direct(ctx: &Ctx, mut frames: FrameReader<OwnedReadHalf>, mut wr: OwnedWriteHalf, peer: SocketAddr) {
+async fn serve_direct(ctx: &Ctx, mut frames: FrameReader<ReadHalf>, mut wr: WriteHalf, caller: &Caller) {
+    let peer = caller.addr;
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Some(frame) = next_request(ctx, &mut frames, peer).await {
         match frame.header.kind {
             Kind::Heartbeat => frame::encode_heartbeat(&mut out, frame.header.request_id, true),
-            _ => handle(ctx, peer, frame).await.encode(&mut out),
+            _ => handle(ctx, caller, frame).await.encode(&mut out),
         }
         if frames.has_buffered_frame() && out.len() < ctx.config.write_buffer {
             continue;
         }
         let written = tokio::select! {
             _ = ctx.force.cancelled() => break,
-            written = wr.write_all(&out) => written,
+            written = async { wr.write_all(&out).await?; wr.flush().await } => written,
         };
         if let Err(e) = written {
             debug!(%peer, error = %e, "write failed; dropping connection");
@@ -548,7 +576,7 @@ async fn serve_direct(ctx: &Ctx, mut frames: FrameReader<OwnedReadHalf>, mut wr:
 
 /// Reads the next request or ping; `None` when the connection should close
 /// (EOF, bad frame, idle, shutting down), after logging why.
-async fn next_request(ctx: &Ctx, frames: &mut FrameReader<OwnedReadHalf>, peer: SocketAddr) -> Option<Frame> {
+async fn next_request(ctx: &Ctx, frames: &mut FrameReader<ReadHalf>, peer: SocketAddr) -> Option<Frame> {
     loop {
         let draining = ctx.stop.is_cancelled();
         let wait = if draining {
@@ -596,7 +624,7 @@ async fn next_request(ctx: &Ctx, frames: &mut FrameReader<OwnedReadHalf>, peer: 
 /// connection's writer is gone.
 async fn dispatch(
     ctx: &Arc<Ctx>,
-    peer: SocketAddr,
+    caller: &Caller,
     frame: Frame,
     answers: &Arc<Answers>,
     ordered: Option<&mpsc::Sender<Frame>>,
@@ -609,9 +637,9 @@ async fn dispatch(
                 answers.done();
                 return false;
             };
-            let (ctx2, answers2) = (ctx.clone(), answers.clone());
+            let (ctx2, answers2, caller) = (ctx.clone(), answers.clone(), caller.clone());
             ctx.tracker.spawn(async move {
-                let answer = handle(&ctx2, peer, frame).await;
+                let answer = handle(&ctx2, &caller, frame).await;
                 drop(permit);
                 // The connection's place is given back once the answer
                 // is in its outbox.
@@ -628,12 +656,13 @@ async fn dispatch(
                 return sent;
             };
             let (ctx2, answers2, running) = (ctx.clone(), answers.clone(), running.clone());
+            let caller = caller.clone();
             ctx.tracker.spawn(async move {
                 let Ok(permit) = running.acquire_owned().await else {
                     answers2.done();
                     return;
                 };
-                let answer = handle(&ctx2, peer, frame).await;
+                let answer = handle(&ctx2, &caller, frame).await;
                 drop((permit, admission));
                 let _ = answers2.send(answer).await;
                 answers2.done();
@@ -655,24 +684,48 @@ async fn dispatch(
     }
 }
 
+/// Who sent a connection's requests.
+#[derive(Debug, Clone)]
+struct Caller {
+    addr: SocketAddr,
+    /// The app its verified client certificate names (mTLS).
+    app: Option<Arc<str>>,
+}
+
 /// Runs one request.
-async fn handle(ctx: &Ctx, peer: SocketAddr, frame: Frame) -> Answer {
+async fn handle(ctx: &Ctx, caller: &Caller, frame: Frame) -> Answer {
+    let peer = caller.addr;
     let id = frame.header.request_id;
     let answer = |result| Answer { id, result };
-    let body = match RequestBody::decode(frame.body) {
+    let mut body = match RequestBody::decode(frame.body) {
         Ok(body) => body,
         Err(e) => {
             return answer(Err(Status::bad_request(format!("cannot decode request body: {e}"))));
         }
     };
     let key = ServiceKey {
-        interface: body.interface,
-        version: body.version,
-        group: body.group,
+        interface: std::mem::take(&mut body.interface),
+        version: std::mem::take(&mut body.version),
+        group: std::mem::take(&mut body.group),
     };
     let Some(service) = ctx.services.get(&key) else {
         return answer(Err(Status::new(Code::ServiceNotFound, key.to_string())));
     };
+    if let Some(app) = &caller.app {
+        // The certificate says who calls; the call may not say otherwise.
+        match body.attachments.get(ATTACH_APP) {
+            Some(claimed) if **claimed != **app => {
+                return answer(Err(Status::new(
+                    Code::Unauthenticated,
+                    format!("the call says app {claimed:?}, its client certificate names app {app:?}"),
+                )));
+            }
+            Some(_) => {}
+            None => {
+                body.attachments.insert(ATTACH_APP.to_owned(), app.to_string());
+            }
+        }
+    }
     if let Some(admission) = &ctx.admission
         && let Err(refused) = admission.admit(&key, &body.method, Some(peer), &body.attachments)
     {

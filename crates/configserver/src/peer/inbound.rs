@@ -13,7 +13,7 @@ use prost::Message;
 use rpc_core::registry::framing::{self, MessageReader};
 use tern_proto::peer::{self, PeerMessage, PeerReply, peer_message, peer_reply};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use rpc_core::net::{ReadHalf, WriteHalf};
 use tracing::{debug, info, warn};
 
 use super::{Cluster, MAX_PEER_FRAME, PROTOCOL_VERSION};
@@ -26,8 +26,8 @@ const MAX_HELLO: usize = 4 * 1024;
 /// `None` on a server without peers, which refuses every peer.
 pub(crate) async fn serve(
     cluster: Option<&Arc<Cluster>>,
-    read: OwnedReadHalf,
-    mut write: OwnedWriteHalf,
+    read: ReadHalf,
+    mut write: WriteHalf,
     from: SocketAddr,
     timeout: std::time::Duration,
 ) {
@@ -178,7 +178,7 @@ pub(crate) async fn serve(
 
 /// Answers `e` and gives the reason the link ends.
 async fn refused(
-    write: &mut OwnedWriteHalf,
+    write: &mut WriteHalf,
     out: &mut BytesMut,
     e: RequestError,
     timeout: std::time::Duration,
@@ -193,7 +193,7 @@ async fn refused(
     why
 }
 
-async fn refuse(write: &mut OwnedWriteHalf, from: SocketAddr, kind: &str, why: String, timeout: std::time::Duration) {
+async fn refuse(write: &mut WriteHalf, from: SocketAddr, kind: &str, why: String, timeout: std::time::Duration) {
     warn!(%from, kind, reason = %why, "cluster: refusing a peer");
     let _ = reply(write, &mut BytesMut::new(), error(kind, why), timeout).await;
 }
@@ -206,13 +206,17 @@ fn error(kind: &str, message: String) -> peer_reply::Body {
 }
 
 async fn reply(
-    write: &mut OwnedWriteHalf,
+    write: &mut WriteHalf,
     out: &mut BytesMut,
     body: peer_reply::Body,
     timeout: std::time::Duration,
 ) -> Result<(), String> {
     framing::put_frame(out, &PeerReply { body: Some(body) });
-    let written = tokio::time::timeout(timeout, write.write_all(out)).await;
+    let written = tokio::time::timeout(timeout, async {
+        write.write_all(out).await?;
+        write.flush().await
+    })
+    .await;
     out.clear();
     match written {
         Ok(Ok(())) => Ok(()),

@@ -16,7 +16,7 @@ use rpc_core::registry::framing::{self, MessageReader};
 use tern_proto::peer::{self, PeerMessage, PeerReply, peer_message, peer_reply};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use rpc_core::net::{Stream, WriteHalf};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -76,11 +76,20 @@ pub(crate) async fn run(
 /// One connection of the link, until it breaks; why it did.
 async fn serve(cluster: &Cluster, node: &str, status: &Mutex<LinkStatus>) -> Result<(), String> {
     let timeout = cluster.heartbeats().timeout;
-    let socket = tokio::time::timeout(timeout, TcpStream::connect(node))
+    let connect = async {
+        let tcp = TcpStream::connect(node).await.map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        match &cluster.config.tls {
+            None => Ok(Stream::from(tcp)),
+            Some(tls) => tls
+                .connect(tcp, rpc_core::net::tls::host_of(node))
+                .await
+                .map_err(|e| format!("TLS handshake: {e}")),
+        }
+    };
+    let socket = tokio::time::timeout(timeout, connect)
         .await
-        .map_err(|_| format!("connect: no answer within {timeout:?}"))?
-        .map_err(|e| format!("connect: {e}"))?;
-    let _ = socket.set_nodelay(true);
+        .map_err(|_| format!("connect: no answer within {timeout:?}"))??;
     let (read, mut write) = socket.into_split();
     let mut replies = MessageReader::new(read, MAX_REPLY, 1024, "PeerReply");
     let registry = cluster.registry();
@@ -212,7 +221,7 @@ async fn serve(cluster: &Cluster, node: &str, status: &Mutex<LinkStatus>) -> Res
 
 /// Sends `replication`'s full copy; where the link stands after it.
 async fn send_full(
-    write: &mut OwnedWriteHalf,
+    write: &mut WriteHalf,
     out: &mut BytesMut,
     replication: &Replication,
     timeout: Duration,
@@ -227,8 +236,12 @@ async fn send_full(
 }
 
 /// Writes out what `out` holds, within `timeout`.
-async fn send(write: &mut OwnedWriteHalf, out: &mut BytesMut, timeout: Duration) -> Result<(), String> {
-    let written = tokio::time::timeout(timeout, write.write_all(out)).await;
+async fn send(write: &mut WriteHalf, out: &mut BytesMut, timeout: Duration) -> Result<(), String> {
+    let written = tokio::time::timeout(timeout, async {
+        write.write_all(out).await?;
+        write.flush().await
+    })
+    .await;
     out.clear();
     match written {
         Ok(Ok(())) => Ok(()),

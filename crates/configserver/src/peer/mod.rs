@@ -79,6 +79,10 @@ pub struct ClusterConfig {
     /// Test hook: batches of changes received from peers that are dropped
     /// unseen (as if lost), to show anti-entropy repairing them.
     pub drop_changes: usize,
+    /// TLS on the links to peers (`None`: plain TCP): the CA their
+    /// certificates come from, and this server's own certificate for
+    /// peers that verify clients.
+    pub tls: Option<rpc_core::net::ClientTls>,
 }
 
 impl Default for ClusterConfig {
@@ -92,6 +96,7 @@ impl Default for ClusterConfig {
             digest_interval: Duration::from_secs(2),
             sync_timeout: Duration::from_secs(10),
             drop_changes: 0,
+            tls: None,
         }
     }
 }

@@ -58,6 +58,10 @@ pub struct SessionConfig {
     pub token: String,
     /// How the stream is carried (both reach the same port).
     pub transport: Transport,
+    /// TLS to the ConfigServers (`None`: plain TCP), on either transport.
+    /// With a client certificate, the ConfigServer takes this node's app
+    /// from it when it verifies clients (mTLS).
+    pub tls: Option<crate::net::ClientTls>,
 }
 
 /// How a node's control stream is carried to the ConfigServer. Both carry
@@ -106,6 +110,7 @@ impl SessionConfig {
             cache_file: None,
             token: String::new(),
             transport: Transport::default(),
+            tls: None,
         }
     }
 }

@@ -24,6 +24,9 @@ pub(super) enum StreamError {
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("connect: no answer within {0:?}")]
     ConnectTimeout(Duration),
+    /// The TLS handshake failed: a certificate not trusted, or none.
+    #[error("TLS handshake: {0}")]
+    Tls(String),
     #[cfg(feature = "grpc")]
     #[error("bad configserver address {addr:?}: {reason}")]
     BadAddress { addr: String, reason: String },

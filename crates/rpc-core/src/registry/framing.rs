@@ -323,7 +323,9 @@ pub async fn write_frames<T>(
             let Ok(message) = messages.try_recv() else { break };
             put(&message, &mut buf);
         }
-        if let Err(e) = socket.write_all(&buf).await {
+        // Flushing: TLS holds what it took until then (plain TCP: a no-op).
+        let written = async { socket.write_all(&buf).await?; socket.flush().await };
+        if let Err(e) = written.await {
             debug!(error = %e, "control stream write failed");
             return;
         }

@@ -34,7 +34,7 @@ pub(super) struct Stream {
 
 /// The server's messages on a stream.
 pub(super) enum Inbound {
-    Native(framing::MessageReader<tokio::net::tcp::OwnedReadHalf>),
+    Native(framing::MessageReader<crate::net::ReadHalf>),
     #[cfg(feature = "grpc")]
     Grpc(Pin<Box<dyn tokio_stream::Stream<Item = Result<ServerMessage, StreamError>> + Send>>),
 }
@@ -84,12 +84,9 @@ async fn open(config: &SessionConfig, server: &str, hello: NodeMessage) -> Resul
     let timeout = config.connect_timeout;
     match config.transport {
         Transport::Native => {
-            let connect = tokio::net::TcpStream::connect(server);
-            let socket = tokio::time::timeout(timeout, connect)
+            let socket = tokio::time::timeout(timeout, dial(server, config.tls.as_ref()))
                 .await
-                .map_err(|_| StreamError::ConnectTimeout(timeout))?
-                .map_err(|e| StreamError::Connect(e.into()))?;
-            let _ = socket.set_nodelay(true);
+                .map_err(|_| StreamError::ConnectTimeout(timeout))??;
             let (read, write) = socket.into_split();
             let inbound = framing::MessageReader::new(read, framing::MAX_SERVER_FRAME, READ_BUFFER, "ServerMessage");
             let mut preface = BytesMut::with_capacity(512);
@@ -110,7 +107,20 @@ async fn open(config: &SessionConfig, server: &str, hello: NodeMessage) -> Resul
                 })?
                 .connect_timeout(timeout)
                 .tcp_nodelay(true);
-            let channel = endpoint.connect().await.map_err(|e| StreamError::Connect(e.into()))?;
+            let channel = match &config.tls {
+                None => endpoint.connect().await,
+                // The same TLS as the native transport: the server decrypts
+                // first and tells the two apart after.
+                Some(tls) => {
+                    let dialer = Dialer {
+                        server: server.to_owned(),
+                        tls: tls.clone(),
+                        timeout,
+                    };
+                    endpoint.connect_with_connector(dialer).await
+                }
+            }
+            .map_err(|e| StreamError::Connect(e.into()))?;
             let mut client = RegistryClient::new(channel);
             let response = tokio::time::timeout(
                 timeout,
@@ -128,6 +138,51 @@ async fn open(config: &SessionConfig, server: &str, hello: NodeMessage) -> Resul
                 _writer: None,
             })
         }
+    }
+}
+
+/// A connection to `server`, with TLS if `tls`.
+async fn dial(server: &str, tls: Option<&crate::net::ClientTls>) -> Result<crate::net::Stream, StreamError> {
+    let tcp = tokio::net::TcpStream::connect(server)
+        .await
+        .map_err(|e| StreamError::Connect(e.into()))?;
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => Ok(tcp.into()),
+        Some(tls) => tls
+            .connect(tcp, crate::net::tls::host_of(server))
+            .await
+            .map_err(|e| StreamError::Tls(e.to_string())),
+    }
+}
+
+/// Dials a ConfigServer with TLS for tonic.
+#[cfg(feature = "grpc")]
+#[derive(Clone)]
+struct Dialer {
+    server: String,
+    tls: crate::net::ClientTls,
+    timeout: Duration,
+}
+
+#[cfg(feature = "grpc")]
+impl tower_service::Service<tonic::codegen::http::Uri> for Dialer {
+    type Response = hyper_util::rt::TokioIo<crate::net::Stream>;
+    type Error = StreamError;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, StreamError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), StreamError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let stream = tokio::time::timeout(this.timeout, dial(&this.server, Some(&this.tls)))
+                .await
+                .map_err(|_| StreamError::ConnectTimeout(this.timeout))??;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
     }
 }
 
