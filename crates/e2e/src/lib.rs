@@ -4,10 +4,12 @@
 //! # Layout
 //!
 //! - [`demo`]: generated stubs of `proto/demo.proto` (`demo.Greeter`, `demo.Echo`).
+//! - [`certs`]: test certificates made fresh in each run (rcgen).
 //! - [`process`]: a child process owned by its handle ([`Process`]).
 //! - `src/bin/tern-node.rs`: the test node binary (a ConfigServer or a demo provider).
 //! - `tests/`: end-to-end tests across processes.
 
+pub mod certs;
 pub mod process;
 
 pub use process::{Process, Signal};

@@ -4,7 +4,8 @@
 //! - `tern-node configserver [configserver flags]`: the ConfigServer, same
 //!   code as the `configserver` binary.
 //! - `tern-node provider [--bind ADDR] [--registry ADDR,...] [--name NAME]
-//!   [--app APP] [--zone ZONE] [--label K=V]... [--token TOKEN]`:
+//!   [--app APP] [--zone ZONE] [--label K=V]... [--token TOKEN]
+//!   [--tls-cert FILE --tls-key FILE --tls-ca FILE [--tls-verify-clients]]`:
 //!   prints `listening <addr>` once serving (and registered, with a
 //!   registry), and `begin <id>` when a call with a non-zero `delay_ms` starts
 //!   waiting, so a test can act while calls are in flight. Stops gracefully
@@ -14,6 +15,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use provider_sdk::Provider;
+use rpc_core::net::tls::ServerTlsFiles;
+use rpc_core::net::{ClientTls, ServerTls};
 use rpc_core::registry::{Role, SessionConfig};
 use rpc_core::{Request, Status};
 use tern_e2e::demo::{Echo, EchoReply, EchoRequest, EchoServer, Greeter, GreeterServer, HelloReply, HelloRequest};
@@ -59,6 +62,20 @@ struct ProviderArgs {
     /// The app's credential, when the ConfigServer requires one.
     #[arg(long, default_value = "")]
     token: String,
+    /// TLS: this provider's certificate (its CN is its app), served on its
+    /// port and presented to the ConfigServer.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA the ConfigServer's certificate comes from (and, with
+    /// --tls-verify-clients, the consumers').
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// mTLS on the provider's port: consumers must present a certificate
+    /// from --tls-ca.
+    #[arg(long, requires = "tls_cert")]
+    tls_verify_clients: bool,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -119,6 +136,15 @@ async fn provider(args: ProviderArgs) -> Result<(), Box<dyn std::error::Error>> 
         .service_with(GreeterServer::new(Service { name }), &args.version, "");
     for (key, value) in args.labels {
         builder = builder.metadata(key, value);
+    }
+    if let (Some(cert), Some(key), Some(ca)) = (args.tls_cert, args.tls_key, args.tls_ca) {
+        builder = builder
+            .tls(ServerTls::new(ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_verify_clients.then(|| ca.clone()),
+            })?)
+            .registry_tls(ClientTls::with_identity(ca, cert, key)?);
     }
     if !args.registry.is_empty() {
         let mut session = SessionConfig::new(args.registry, args.app, Role::Provider);

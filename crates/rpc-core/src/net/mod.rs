@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-pub use tls::{ClientTls, ServerTls, TlsError};
+pub use tls::{ClientTls, ServerTls, ServerTlsFiles, TlsError};
 
 type Tls = tokio_rustls::TlsStream<TcpStream>;
 

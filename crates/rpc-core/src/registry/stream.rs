@@ -226,6 +226,12 @@ pub(super) async fn connect(config: &SessionConfig, server: &str) -> Result<(Str
         }
         Err(_) => return Err(StreamError::NoWelcome(timeout)),
         Ok(None) => return Err(StreamError::ClosedBeforeWelcome),
+        // Under TLS 1.3 a server that refuses this node's certificate (or
+        // its lack of one) says so after the client's side of the
+        // handshake is done: on the first read.
+        Ok(Some(Err(StreamError::Broken(e)))) if config.tls.is_some() => {
+            return Err(StreamError::Tls(format!("the server ended the connection before its Welcome: {e}")));
+        }
         Ok(Some(Err(e))) => return Err(e),
         Ok(Some(Ok(other))) => return Err(StreamError::NotWelcome(format!("{other:?}"))),
     };

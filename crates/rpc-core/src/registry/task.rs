@@ -125,6 +125,10 @@ impl SessionTask {
                     warn!(%server, %reason, "configserver refused this node's session; check its app name and token");
                     *self.refusal.lock().expect("refusal lock") = Some(reason.to_string());
                 }
+                (Attempt::Failed(reason @ StreamError::Tls(_)), _) => {
+                    warn!(%server, %reason, "TLS with the configserver failed; check the certificates and the CA");
+                    *self.refusal.lock().expect("refusal lock") = Some(reason.to_string());
+                }
                 (Attempt::Failed(reason), _) if reason.is_unreachable() => {
                     debug!(%server, %reason, failures, "cannot reach configserver");
                 }
