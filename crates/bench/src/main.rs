@@ -28,6 +28,7 @@ mod registry;
 mod rpc;
 mod rules;
 mod systems;
+mod tls;
 mod wire;
 
 use clap::{Parser, Subcommand};

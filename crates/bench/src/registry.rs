@@ -21,6 +21,7 @@
 //!
 //! Last line:
 //! `RESULT registry push_p99_ms=<n> storm_converge_ms=<n> bytes_per_change=<n> rss_kb_per_session=<n> registrations_per_s=<n>`
+//! (with ` tls=on` when `--tls` ran every session over TLS).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,10 +32,12 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use prost::Message;
 use rpc_core::ServiceKey;
+use rpc_core::net::ClientTls;
 use rpc_core::registry::{RegistrySession, Role, SessionConfig};
 use tern_e2e::Process;
 use tern_proto::registry::Instance;
 
+use crate::tls::Pki;
 use crate::convergence::{AddressSet, Arrivals, follow};
 use tokio::task::JoinSet;
 
@@ -57,6 +60,10 @@ pub struct RegistryArgs {
     storm_providers: usize,
     #[arg(long, default_value_t = 100)]
     storm_subscribers: usize,
+    /// Every session over TLS (the server's certificate only: the sessions
+    /// are of a thousand apps, and mTLS would need a certificate each).
+    #[arg(long)]
+    tls: bool,
 }
 
 /// The ConfigServer child process (rules in memory), killed when dropped.
@@ -147,8 +154,14 @@ impl Server {
 }
 
 pub fn session(server: SocketAddr, app: &str, role: Role) -> RegistrySession {
+    session_with(server, app, role, None)
+}
+
+/// A session, over TLS if `tls`.
+pub fn session_with(server: SocketAddr, app: &str, role: Role, tls: Option<&ClientTls>) -> RegistrySession {
     let mut config = SessionConfig::new([server.to_string()], app, role);
     config.request_timeout = Duration::from_secs(30);
+    config.tls = tls.cloned();
     RegistrySession::start(config)
 }
 
@@ -196,9 +209,16 @@ pub async fn register_all(
 }
 
 pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
-    let server = Server::start()?;
+    let pki = args.tls.then(|| Pki::new("registry")).transpose()?;
+    let server = match &pki {
+        Some(pki) => Server::start_with(&pki.server_args_one_way())?,
+        None => Server::start()?,
+    };
+    let tls = pki.as_ref().map(Pki::anonymous_client).transpose()?;
+    let session = |addr, app: &str, role| session_with(addr, app, role, tls.as_ref());
     println!(
-        "registry benchmark: {} services x {} instances over {} provider sessions, {} subscribers, storm of {} providers / {} subscribers",
+        "registry benchmark{}: {} services x {} instances over {} provider sessions, {} subscribers, storm of {} providers / {} subscribers",
+        if args.tls { " over TLS" } else { "" },
         args.services,
         args.instances_per_service,
         args.providers,
@@ -344,8 +364,9 @@ pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
     );
 
     println!(
-        "RESULT registry push_p99_ms={push_p99:.1} storm_converge_ms={storm_ms:.0} bytes_per_change={bytes_per_change:.0} rss_kb_per_session={rss_per_session:.1} registrations_per_s={:.0}",
-        registrations_per_s
+        "RESULT registry push_p99_ms={push_p99:.1} storm_converge_ms={storm_ms:.0} bytes_per_change={bytes_per_change:.0} rss_kb_per_session={rss_per_session:.1} registrations_per_s={:.0}{}",
+        registrations_per_s,
+        if args.tls { " tls=on" } else { "" }
     );
     Ok(())
 }

@@ -6,6 +6,9 @@
 //! a fixed-rate run (`--rate` calls/s). The last line is
 //! `RESULT rpc qps_vs_tonic=<x> qps_vs_raw=<y> p99_vs_tonic=<z> serial_p50_us=<n>`:
 //! closed-loop QPS and fixed-rate p99 as ratios this framework / peer.
+//! With `--tls`, this framework runs again over mTLS (certificates made
+//! for the run) and the line adds `tls_qps_ratio=<x>`: closed-loop QPS
+//! over TLS / plain, measured in the same run.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -18,6 +21,7 @@ use tern_e2e::Process;
 
 use crate::load::{self, Outcome, Window};
 use crate::systems::{Clients, System};
+use crate::tls::Pki;
 
 #[derive(Debug, clap::Args)]
 pub struct RpcArgs {
@@ -45,6 +49,9 @@ pub struct RpcArgs {
     /// Systems to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tern,tonic,raw")]
     systems: Vec<System>,
+    /// Also measure this framework over TLS (mTLS), after its plain run.
+    #[arg(long)]
+    tls: bool,
     /// Write PNG plots of the latency distributions into this directory.
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
@@ -64,9 +71,12 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    fn start(system: System, dispatch: &str) -> anyhow::Result<ServerProcess> {
+    fn start(system: System, dispatch: &str, tls: Option<&Pki>) -> anyhow::Result<ServerProcess> {
         let mut command = Command::new(std::env::current_exe()?);
         command.args(["serve", "--system", system.name_arg(), "--dispatch", dispatch]);
+        if let Some(pki) = tls {
+            command.args(pki.server_args());
+        }
         let (process, words) = Process::spawn_ready(&mut command).context("starting the server process")?;
         let addr = match words.as_slice() {
             [listening, addr] if listening == "listening" => addr.parse()?,
@@ -80,6 +90,7 @@ impl System {
     fn name_arg(self) -> &'static str {
         match self {
             System::Tern => "tern",
+            System::TernTls => "tern-tls",
             System::Tonic => "tonic",
             System::Raw => "raw",
         }
@@ -96,11 +107,24 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
         "rpc benchmark: {} connection(s), concurrency {}, payload {} B, warm-up {:?}, measured {:?}, fixed rate {}/s, dispatch {}",
         args.connections, args.concurrency, args.payload, window.warmup, window.duration, args.rate, args.dispatch
     );
+    let mut systems = args.systems.clone();
+    let pki = if args.tls || systems.contains(&System::TernTls) {
+        if !systems.contains(&System::TernTls) {
+            // Right after the plain run: the ratio compares neighbours in time.
+            let at = systems.iter().position(|s| *s == System::Tern).map_or(0, |i| i + 1);
+            systems.insert(at, System::TernTls);
+        }
+        Some(Pki::new("rpc")?)
+    } else {
+        None
+    };
     let mut reports = Vec::new();
-    for &system in &args.systems {
-        let server = ServerProcess::start(system, &args.dispatch)?;
+    for &system in &systems {
+        let tls = pki.as_ref().filter(|_| system == System::TernTls);
+        let server = ServerProcess::start(system, &args.dispatch, tls)?;
         let pids = [server.process.pid(), std::process::id()];
-        let clients = Arc::new(Clients::connect(system, server.addr, args.connections).await?);
+        let client_tls = tls.map(Pki::client).transpose()?;
+        let clients = Arc::new(Clients::connect(system, server.addr, args.connections, client_tls.as_ref()).await?);
         eprintln!("measuring {} ...", system.name());
         let closed = load::closed_loop(clients.clone(), args.concurrency, payload.clone(), &window, &pids).await?;
         let serial = load::closed_loop(clients.clone(), 1, payload.clone(), &window, &pids).await?;
@@ -130,8 +154,12 @@ pub async fn run(args: RpcArgs) -> anyhow::Result<()> {
     let (tern, tonic, raw) = (find(System::Tern), find(System::Tonic), find(System::Raw));
     let tern_qps = tern.map_or(0.0, |r| r.closed.qps());
     let tern_p99 = tern.map_or(0.0, |r| r.fixed.quantile_us(0.99));
+    let tls = match find(System::TernTls) {
+        Some(over_tls) => format!(" tls_qps_ratio={}", ratio(over_tls.closed.qps(), tern_qps)),
+        None => String::new(),
+    };
     println!(
-        "RESULT rpc qps_vs_tonic={} qps_vs_raw={} p99_vs_tonic={} serial_p50_us={:.0}",
+        "RESULT rpc qps_vs_tonic={} qps_vs_raw={} p99_vs_tonic={} serial_p50_us={:.0}{tls}",
         ratio(tern_qps, tonic.map_or(0.0, |r| r.closed.qps())),
         ratio(tern_qps, raw.map_or(0.0, |r| r.closed.qps())),
         ratio(tern_p99, tonic.map_or(0.0, |r| r.fixed.quantile_us(0.99))),

@@ -15,6 +15,8 @@ use crate::raw::{self, RawClient};
 pub enum System {
     /// This framework (provider-sdk / consumer-sdk).
     Tern,
+    /// This framework over TLS, both ends with certificates (mTLS).
+    TernTls,
     /// tonic (gRPC over HTTP/2).
     Tonic,
     /// Raw length-prefixed echo over tokio TCP.
@@ -25,6 +27,7 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Tern => "tern",
+            System::TernTls => "tern-tls",
             System::Tonic => "tonic",
             System::Raw => "raw-tcp",
         }
@@ -49,6 +52,14 @@ pub struct ServeArgs {
     /// Time each call takes (this framework only).
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// TLS (tern-tls): the server's certificate, key, and the CA its
+    /// clients' certificates come from.
+    #[arg(long, requires_all = ["tls_key", "tls_client_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long)]
+    tls_key: Option<std::path::PathBuf>,
+    #[arg(long)]
+    tls_client_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -92,7 +103,7 @@ impl proto::echo_server::Echo for EchoService {
 /// Runs one system's echo server; prints `listening <addr>` when ready.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     match args.system {
-        System::Tern => {
+        System::Tern | System::TernTls => {
             let dispatch: Dispatch = args.dispatch.parse().map_err(anyhow::Error::msg)?;
             let service = EchoService {
                 name: args.name.clone(),
@@ -103,6 +114,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .bind(args.addr.to_string())
                 .dispatch(dispatch)
                 .service(proto::EchoServer::new(service));
+            if let (Some(cert), Some(key), Some(client_ca)) = (args.tls_cert, args.tls_key, args.tls_client_ca) {
+                builder = builder.tls(rpc_core::net::ServerTls::new(rpc_core::net::ServerTlsFiles {
+                    cert,
+                    key,
+                    client_ca: Some(client_ca),
+                })?);
+            }
             if let Some(registry) = args.registry {
                 let session =
                     rpc_core::registry::SessionConfig::new([registry], "bench", rpc_core::registry::Role::Provider);
@@ -140,15 +158,25 @@ pub enum Clients {
 }
 
 impl Clients {
-    pub async fn connect(system: System, addr: SocketAddr, connections: usize) -> anyhow::Result<Clients> {
+    /// `tls`: for [`System::TernTls`].
+    pub async fn connect(
+        system: System,
+        addr: SocketAddr,
+        connections: usize,
+        tls: Option<&rpc_core::net::ClientTls>,
+    ) -> anyhow::Result<Clients> {
         let connections = connections.max(1);
         Ok(match system {
-            System::Tern => {
+            System::Tern | System::TernTls => {
                 let mut clients = Vec::new();
                 for _ in 0..connections {
                     // One consumer per connection: a consumer shares one
                     // connection per provider among its references.
-                    let client = Consumer::new(ConsumerConfig::default())
+                    let mut config = ConsumerConfig::default();
+                    if let Some(tls) = tls {
+                        config = config.tls(tls.clone());
+                    }
+                    let client = Consumer::new(config)
                         .reference::<proto::EchoClient<_>>()
                         .direct([addr])
                         .build()?;

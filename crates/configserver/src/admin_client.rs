@@ -24,9 +24,12 @@ use hyper_util::rt::TokioExecutor;
 
 #[derive(Debug, clap::Args)]
 pub struct RulesCli {
-    /// Admin API of the server.
+    /// Admin API of the server (`https://...` when it serves TLS).
     #[arg(long, env = "CONFIGSERVER_ADMIN_URL", default_value = "http://127.0.0.1:9601")]
     pub admin: String,
+    /// With an `https://` admin URL: the CA its certificate comes from.
+    #[arg(long, env = "CONFIGSERVER_ADMIN_CA")]
+    pub admin_ca: Option<std::path::PathBuf>,
     /// Admin token, when the server requires one.
     #[arg(long, env = "CONFIGSERVER_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -159,7 +162,14 @@ async fn call(cli: &RulesCli) -> anyhow::Result<String> {
         ),
     };
     let actor = cli.actor.clone().or_else(|| std::env::var("USER").ok());
-    let client = AdminClient::new(&cli.admin, cli.token.clone(), actor);
+    let mut client = AdminClient::new(&cli.admin, cli.token.clone(), actor);
+    if cli.admin.starts_with("https://") {
+        let ca = cli
+            .admin_ca
+            .as_ref()
+            .context("an https:// admin URL needs --admin-ca (the CA its certificate comes from)")?;
+        client = client.with_tls(rpc_core::net::ClientTls::new(ca)?);
+    }
     let (status, bytes) = client.send(method, &path, body.unwrap_or_default()).await?;
     let text = String::from_utf8_lossy(&bytes);
     let pretty = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -182,6 +192,8 @@ pub struct AdminClient {
     token: Option<String>,
     actor: Option<String>,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    /// For `https://` URLs: a connection per request over this TLS.
+    tls: Option<rpc_core::net::ClientTls>,
 }
 
 /// Longest wait for an admin answer.
@@ -195,7 +207,52 @@ impl AdminClient {
             token,
             actor,
             client: Client::builder(TokioExecutor::new()).build_http(),
+            tls: None,
         }
+    }
+
+    /// Reaches an `https://` admin API whose certificate `tls`'s CA issued.
+    #[must_use]
+    pub fn with_tls(mut self, tls: rpc_core::net::ClientTls) -> AdminClient {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// One exchange over a TLS connection of its own.
+    async fn send_tls(
+        tls: &rpc_core::net::ClientTls,
+        url: &str,
+        request: Request<Full<Bytes>>,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        let authority = request
+            .uri()
+            .authority()
+            .with_context(|| format!("no host in {url:?}"))?
+            .clone();
+        let port = authority.port_u16().unwrap_or(443);
+        let tcp = tokio::net::TcpStream::connect((authority.host(), port))
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let stream = tls
+            .connect(tcp, authority.host())
+            .await
+            .with_context(|| format!("TLS with {url}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let connection = tokio::spawn(connection);
+        let (mut parts, body) = request.into_parts();
+        parts.headers.insert(hyper::header::HOST, authority.as_str().parse()?);
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse()?;
+        let response = sender.send_request(Request::from_parts(parts, body)).await;
+        drop(sender);
+        let response = response?;
+        // The connection ends once the body is read (its task then ends).
+        drop(connection);
+        Ok(response)
     }
 
     /// Sends one request; the status and body.
@@ -217,11 +274,15 @@ impl AdminClient {
             .body(Full::new(Bytes::from(body)))
             .with_context(|| format!("bad admin URL {url:?}"))?;
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .with_context(|| format!("cannot reach {url}"))?;
+            let response = match &self.tls {
+                Some(tls) if url.starts_with("https://") => Self::send_tls(tls, &url, request).await?,
+                None if url.starts_with("https://") => bail!("{url}: https needs the CA of its certificate"),
+                _ => self
+                    .client
+                    .request(request)
+                    .await
+                    .with_context(|| format!("cannot reach {url}"))?,
+            };
             let status = response.status();
             let bytes = response.into_body().collect().await?.to_bytes();
             anyhow::Ok((status, bytes))

@@ -302,3 +302,51 @@ async fn without_a_certificate_with_another_cas_or_naming_another_app_a_node_is_
     provider.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Whether a TLS handshake with `addr`, trusting `ca`, succeeds.
+async fn handshake(addr: std::net::SocketAddr, ca: &std::path::Path) -> Result<(), String> {
+    let tls = ClientTls::new(ca).map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tls.connect(tcp, "127.0.0.1").await.map(drop).map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_and_the_rules_cli_reaches_an_https_admin_port() {
+    let dir = cert_dir("reload");
+    let (old_ca, new_ca) = (Ca::new(&dir, "old"), Ca::new(&dir, "new"));
+    let (live_cert, live_key) = (dir.join("live.crt"), dir.join("live.key"));
+    let install = |issued: &Issued| {
+        std::fs::copy(&issued.cert, &live_cert).unwrap();
+        std::fs::copy(&issued.key, &live_key).unwrap();
+    };
+    install(&old_ca.issue("configserver"));
+    let (cert, key) = (path(&live_cert), path(&live_key));
+    let (node, registry, admin) = Node::configserver("127.0.0.1:0", &["--tls-cert", &cert, "--tls-key", &key]);
+    handshake(registry, &old_ca.cert).await.expect("the first certificate");
+    let refused = handshake(registry, &new_ca.cert).await.expect_err("not yet the new one");
+    assert!(refused.contains("UnknownIssuer"), "{refused}");
+
+    install(&new_ca.issue("configserver"));
+    node.signal(tern_e2e::Signal::HUP);
+    // The reload runs on the server's signal task: new handshakes switch
+    // over once it has run (bounded wait).
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while handshake(registry, &new_ca.cert).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the new certificate is not served after SIGHUP");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(handshake(registry, &old_ca.cert).await.is_err(), "the old certificate is gone");
+    assert!(handshake(admin, &new_ca.cert).await.is_ok(), "the admin port reloads too");
+
+    // The rules CLI over https, with the CA of the admin port's certificate.
+    let url = format!("https://127.0.0.1:{}", admin.port());
+    let ca = path(&new_ca.cert);
+    let (status, stderr) = Node::run_to_end(
+        &["configserver", "rules", "--admin", &url, "--admin-ca", &ca, "list"],
+        LIMIT,
+    );
+    assert!(status.success(), "rules list over https: {stderr}");
+    let (status, stderr) = Node::run_to_end(&["configserver", "rules", "--admin", &url, "list"], LIMIT);
+    assert!(!status.success() && stderr.contains("--admin-ca"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
