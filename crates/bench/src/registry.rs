@@ -37,8 +37,8 @@ use rpc_core::registry::{RegistrySession, Role, SessionConfig};
 use tern_e2e::Process;
 use tern_proto::registry::Instance;
 
-use crate::tls::Pki;
 use crate::convergence::{AddressSet, Arrivals, follow};
+use crate::tls::Pki;
 use tokio::task::JoinSet;
 
 #[derive(Debug, clap::Args)]
@@ -71,6 +71,8 @@ pub struct Server {
     process: Process,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// How its admin port is reached when it serves TLS.
+    pub admin_tls: Option<ClientTls>,
 }
 
 impl Server {
@@ -103,6 +105,7 @@ impl Server {
         Ok(Server {
             addr: words[2].parse()?,
             admin: words[4].parse()?,
+            admin_tls: None,
             process,
         })
     }
@@ -119,12 +122,22 @@ impl Server {
     /// `GET path` on its admin port: `(status, body)`.
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.admin).await?;
+        let tcp = tokio::net::TcpStream::connect(self.admin).await?;
+        let mut stream = match &self.admin_tls {
+            Some(tls) => tls.connect(tcp, "127.0.0.1").await?,
+            None => rpc_core::net::Stream::from(tcp),
+        };
         stream
             .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
             .await?;
+        stream.flush().await?;
         let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
+        // A TLS peer may close without its close_notify once it has answered.
+        if let Err(e) = stream.read_to_string(&mut response).await
+            && response.is_empty()
+        {
+            return Err(e.into());
+        }
         let status = response
             .split_whitespace()
             .nth(1)
@@ -210,11 +223,12 @@ pub async fn register_all(
 
 pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
     let pki = args.tls.then(|| Pki::new("registry")).transpose()?;
-    let server = match &pki {
+    let mut server = match &pki {
         Some(pki) => Server::start_with(&pki.server_args_one_way())?,
         None => Server::start()?,
     };
     let tls = pki.as_ref().map(Pki::anonymous_client).transpose()?;
+    server.admin_tls = tls.clone();
     let session = |addr, app: &str, role| session_with(addr, app, role, tls.as_ref());
     println!(
         "registry benchmark{}: {} services x {} instances over {} provider sessions, {} subscribers, storm of {} providers / {} subscribers",

@@ -174,6 +174,9 @@ impl Clients {
                     // connection per provider among its references.
                     let mut config = ConsumerConfig::default();
                     if let Some(tls) = tls {
+                        // The app its certificate names (a call saying
+                        // otherwise is refused).
+                        config.app = "bench".into();
                         config = config.tls(tls.clone());
                     }
                     let client = Consumer::new(config)

@@ -242,11 +242,7 @@ impl AdminClient {
         let connection = tokio::spawn(connection);
         let (mut parts, body) = request.into_parts();
         parts.headers.insert(hyper::header::HOST, authority.as_str().parse()?);
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()?;
+        parts.uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse()?;
         let response = sender.send_request(Request::from_parts(parts, body)).await;
         drop(sender);
         let response = response?;

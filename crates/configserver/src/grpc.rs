@@ -122,9 +122,11 @@ fn open_session(service: &RegistryService, request: Request<Streaming<NodeMessag
         .map(|message| message.map_err(|status| format!("stream error: {}", status.message())));
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
     let session = service.clone();
-    service
-        .tracker()
-        .spawn(async move { session.until_shutdown(session.run(inbound, tx, peer, verified_app)).await });
+    service.tracker().spawn(async move {
+        session
+            .until_shutdown(session.run(inbound, tx, peer, verified_app))
+            .await
+    });
     Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)))
 }
 

@@ -265,12 +265,16 @@ impl ConfigServer {
         let tls_for_admin = admin_tls.clone();
         tracker.spawn(async move {
             let served = match tls_for_admin {
-                None => axum::serve(admin, router)
-                    .with_graceful_shutdown(token.cancelled_owned())
-                    .await,
-                Some(tls) => axum::serve(crate::tls_listener::TlsListener::new(admin, tls), router)
-                    .with_graceful_shutdown(token.cancelled_owned())
-                    .await,
+                None => {
+                    axum::serve(admin, router)
+                        .with_graceful_shutdown(token.cancelled_owned())
+                        .await
+                }
+                Some(tls) => {
+                    axum::serve(crate::tls_listener::TlsListener::new(admin, tls), router)
+                        .with_graceful_shutdown(token.cancelled_owned())
+                        .await
+                }
             };
             if let Err(e) = served {
                 error!(error = %e, "admin endpoint failed");

@@ -261,8 +261,8 @@ impl node_session::ToNode for Arc<SessionOutbox> {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use tokio::io::AsyncReadExt;
     use rpc_core::net::{ReadHalf, Stream};
+    use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use rpc_core::registry::{Role, SessionConfig};
 use rpc_core::net::ClientTls;
+use rpc_core::registry::{Role, SessionConfig};
 use rpc_core::{ConnectionConfig, InvalidServiceKey};
 
 /// Settings shared by every reference of a consumer.

@@ -25,7 +25,10 @@ pub struct Ca {
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").field("name", &self.name).field("cert", &self.cert).finish()
+        f.debug_struct("Ca")
+            .field("name", &self.name)
+            .field("cert", &self.cert)
+            .finish()
     }
 }
 
@@ -39,7 +42,9 @@ impl Ca {
         std::fs::create_dir_all(dir).expect("certificate directory");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("no names");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate().expect("key");
         let cert = params.self_signed(&key).expect("CA certificate");

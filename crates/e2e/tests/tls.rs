@@ -28,14 +28,7 @@ fn cert_dir(test: &str) -> PathBuf {
 fn configserver(ca: &Ca) -> (Node, std::net::SocketAddr, std::net::SocketAddr) {
     let server = ca.issue("configserver");
     let (cert, key, client_ca) = (path(&server.cert), path(&server.key), path(&ca.cert));
-    let mut flags = vec![
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--tls-client-ca",
-        &client_ca,
-    ];
+    let mut flags = vec!["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &client_ca];
     flags.extend_from_slice(&FAST_HEARTBEAT);
     Node::configserver("127.0.0.1:0", &flags)
 }
@@ -192,7 +185,11 @@ async fn refusal(session: &rpc_core::registry::RegistrySession) -> String {
             }
         })
         .await;
-        assert!(woke.is_ok(), "no refusal within {LIMIT:?}; connected: {:?}", *connected.borrow());
+        assert!(
+            woke.is_ok(),
+            "no refusal within {LIMIT:?}; connected: {:?}",
+            *connected.borrow()
+        );
         assert!(connected.borrow().is_none(), "the session was accepted");
     }
 }
@@ -234,7 +231,10 @@ async fn without_a_certificate_with_another_cas_or_naming_another_app_a_node_is_
     let (_configserver, registry, _) = configserver(&ca);
 
     let no_cert = provider_start_error(registry, "greeter-app", ClientTls::new(&ca.cert).unwrap()).await;
-    assert!(no_cert.contains("TLS") && no_cert.contains("CertificateRequired"), "{no_cert}");
+    assert!(
+        no_cert.contains("TLS") && no_cert.contains("CertificateRequired"),
+        "{no_cert}"
+    );
 
     let foreign: Issued = other_ca.issue("greeter-app");
     let other = provider_start_error(
@@ -266,7 +266,10 @@ async fn without_a_certificate_with_another_cas_or_naming_another_app_a_node_is_
         ClientTls::with_identity(&ca.cert, &mine.cert, &mine.key).unwrap(),
     )
     .await;
-    assert!(stranger.contains("TLS") && stranger.contains("UnknownIssuer"), "{stranger}");
+    assert!(
+        stranger.contains("TLS") && stranger.contains("UnknownIssuer"),
+        "{stranger}"
+    );
 
     // The data plane: a consumer with no certificate cannot call a
     // provider that verifies clients.
@@ -323,7 +326,9 @@ async fn sighup_reloads_the_certificate_and_the_rules_cli_reaches_an_https_admin
     let (cert, key) = (path(&live_cert), path(&live_key));
     let (node, registry, admin) = Node::configserver("127.0.0.1:0", &["--tls-cert", &cert, "--tls-key", &key]);
     handshake(registry, &old_ca.cert).await.expect("the first certificate");
-    let refused = handshake(registry, &new_ca.cert).await.expect_err("not yet the new one");
+    let refused = handshake(registry, &new_ca.cert)
+        .await
+        .expect_err("not yet the new one");
     assert!(refused.contains("UnknownIssuer"), "{refused}");
 
     install(&new_ca.issue("configserver"));
@@ -332,11 +337,20 @@ async fn sighup_reloads_the_certificate_and_the_rules_cli_reaches_an_https_admin
     // over once it has run (bounded wait).
     let deadline = tokio::time::Instant::now() + LIMIT;
     while handshake(registry, &new_ca.cert).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "the new certificate is not served after SIGHUP");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate is not served after SIGHUP"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(handshake(registry, &old_ca.cert).await.is_err(), "the old certificate is gone");
-    assert!(handshake(admin, &new_ca.cert).await.is_ok(), "the admin port reloads too");
+    assert!(
+        handshake(registry, &old_ca.cert).await.is_err(),
+        "the old certificate is gone"
+    );
+    assert!(
+        handshake(admin, &new_ca.cert).await.is_ok(),
+        "the admin port reloads too"
+    );
 
     // The rules CLI over https, with the CA of the admin port's certificate.
     let url = format!("https://127.0.0.1:{}", admin.port());

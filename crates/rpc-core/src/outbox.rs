@@ -165,7 +165,9 @@ async fn write_making_progress(wr: &mut WriteHalf, mut bytes: &[u8], stall: Dura
         }
     }
     // TLS holds what it took until flushed (plain TCP: nothing to do).
-    tokio::time::timeout(stall, wr.flush()).await.map_err(|_| stalled(stall))?
+    tokio::time::timeout(stall, wr.flush())
+        .await
+        .map_err(|_| stalled(stall))?
 }
 
 fn stalled(stall: Duration) -> std::io::Error {
@@ -257,5 +259,30 @@ mod tests {
         assert!(outbox.take(&mut out).await);
         out.clear();
         assert!(!outbox.take(&mut out).await);
+    }
+
+    #[tokio::test]
+    async fn a_write_the_peer_takes_nothing_of_for_the_stall_limit_closes_the_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, from) = listener.accept().await.unwrap();
+        let (_read, write) = crate::net::Stream::from(ours).into_split();
+        let outbox = Arc::new(Outbox::new(64 * 1024 * 1024));
+        // More than the socket buffers of both ends hold; the peer never reads.
+        outbox.push(|b| b.put_bytes(0, 32 * 1024 * 1024)).await.unwrap();
+        let stall = std::time::Duration::from_millis(200);
+        let writer = tokio::spawn(write_loop(write, outbox.clone(), CancellationToken::new(), from, stall));
+        tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+            .await
+            .expect("the writer gives up once nothing moves for the stall limit")
+            .unwrap();
+        assert_eq!(
+            outbox.push(|b| b.put_slice(b"x")).await,
+            Err(Closed),
+            "the outbox is closed: handlers waiting for room give up"
+        );
+        drop(peer);
     }
 }

@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use prost::Message;
+use rpc_core::net::{ReadHalf, WriteHalf};
 use rpc_core::registry::framing::{self, MessageReader};
 use tern_proto::peer::{self, PeerMessage, PeerReply, peer_message, peer_reply};
 use tokio::io::AsyncWriteExt;
-use rpc_core::net::{ReadHalf, WriteHalf};
 use tracing::{debug, info, warn};
 
 use super::{Cluster, MAX_PEER_FRAME, PROTOCOL_VERSION};
@@ -177,12 +177,7 @@ pub(crate) async fn serve(
 }
 
 /// Answers `e` and gives the reason the link ends.
-async fn refused(
-    write: &mut WriteHalf,
-    out: &mut BytesMut,
-    e: RequestError,
-    timeout: std::time::Duration,
-) -> String {
+async fn refused(write: &mut WriteHalf, out: &mut BytesMut, e: RequestError, timeout: std::time::Duration) -> String {
     let kind = match &e {
         RequestError::Forbidden(_) => "not_owner",
         _ => "invalid",

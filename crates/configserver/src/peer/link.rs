@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use prost::Message;
+use rpc_core::net::{Stream, WriteHalf};
 use rpc_core::registry::framing::{self, MessageReader};
 use tern_proto::peer::{self, PeerMessage, PeerReply, peer_message, peer_reply};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use rpc_core::net::{Stream, WriteHalf};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};

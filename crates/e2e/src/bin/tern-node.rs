@@ -34,7 +34,7 @@ enum NodeRole {
     /// Run the ConfigServer.
     Configserver(Box<configserver::config::Cli>),
     /// Run a provider of demo.Echo and demo.Greeter.
-    Provider(ProviderArgs),
+    Provider(Box<ProviderArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,7 +119,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     match cli.role {
         NodeRole::Configserver(args) => Ok(configserver::config::run(*args)?),
-        NodeRole::Provider(args) => tokio::runtime::Runtime::new()?.block_on(provider(args)),
+        NodeRole::Provider(args) => tokio::runtime::Runtime::new()?.block_on(provider(*args)),
     }
 }
 

@@ -324,7 +324,10 @@ pub async fn write_frames<T>(
             put(&message, &mut buf);
         }
         // Flushing: TLS holds what it took until then (plain TCP: a no-op).
-        let written = async { socket.write_all(&buf).await?; socket.flush().await };
+        let written = async {
+            socket.write_all(&buf).await?;
+            socket.flush().await
+        };
         if let Err(e) = written.await {
             debug!(error = %e, "control stream write failed");
             return;

@@ -230,7 +230,9 @@ pub(super) async fn connect(config: &SessionConfig, server: &str) -> Result<(Str
         // its lack of one) says so after the client's side of the
         // handshake is done: on the first read.
         Ok(Some(Err(StreamError::Broken(e)))) if config.tls.is_some() => {
-            return Err(StreamError::Tls(format!("the server ended the connection before its Welcome: {e}")));
+            return Err(StreamError::Tls(format!(
+                "the server ended the connection before its Welcome: {e}"
+            )));
         }
         Ok(Some(Err(e))) => return Err(e),
         Ok(Some(Ok(other))) => return Err(StreamError::NotWelcome(format!("{other:?}"))),
